@@ -1,0 +1,78 @@
+"""Benchmark: the whole 21-point backfill curve on 10,000 x 10,000 at d = 128 (CIFAR-100's
+test set size, leave-one-out), against the per-query reference loop of tests/reference.py.
+
+The reference loop is timed on a subset of queries and extrapolated linearly (it is
+per-query by construction); its results on that subset are checked against rmlib's.
+
+    python benchmarks/bench_backfill.py [--n 10000] [--dim 128] [--ref-queries 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rmlib.backfill import simulate_backfill  # noqa: E402
+from rmlib.retrieval import Protocol  # noqa: E402
+from tests.reference import reference_curve  # noqa: E402
+
+
+def synthetic(n: int, dim: int, classes: int = 100, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), n // classes)
+    def system(noise):
+        centres = rng.normal(size=(classes, dim))
+        x = centres[labels] + noise * rng.normal(size=(n, dim))
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return labels, system(2.0), system(1.5)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--ref-queries", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    labels, old, new = synthetic(args.n, args.dim)
+    protocol = Protocol.leave_one_out(labels)
+    simulate_backfill(old[:500], old[:500], new[:500], new[:500],
+                      Protocol.leave_one_out(labels[:500]))  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        curve = simulate_backfill(old, old, new, new, protocol)
+        times.append(time.perf_counter() - t0)
+    fast = min(times)
+
+    # Reference: the same curve restricted to the first q queries (the gallery stays all n).
+    q = args.ref_queries
+    t0 = time.perf_counter()
+    ref = reference_curve(old[:q], old, new[:q], new, labels[:q], labels, self_excluded=True)
+    ref_time = (time.perf_counter() - t0) * args.n / q
+    mine = simulate_backfill(old[:q], old, new[:q], new,
+                             Protocol(labels[:q], labels, self_excluded=True))
+    diff = max(abs(a - b) for k in ("mAP", "top1", "top5", "nfr")
+               for a, b in zip(ref[k], getattr(mine, k), strict=True))
+    out = {
+        "n": args.n, "dim": args.dim, "points": len(curve.t),
+        "rmlib_seconds": round(fast, 2), "rmlib_all_runs": [round(t, 2) for t in times],
+        "reference_seconds_extrapolated": round(ref_time, 1),
+        "reference_queries_timed": q, "speedup": round(ref_time / fast, 1),
+        "max_abs_difference_on_subset": diff,
+        "auc_mAP": round(curve.auc("mAP"), 4), "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from rmlib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,243 @@
+"""The online-backfill simulation (the paper's Sec. 2.2): merged ranking at ratio t, curves, AUC.
+
+At ratio t the first floor(t * N) items of the backfill order carry new-model embeddings
+and are scored by the new system's query; the rest are scored by the old system's query;
+all N are ranked together by those distances (rank merge; eq. 3-4 is its top-1 case).
+
+How all 21 points come from one pass per query chunk: a relevant item r has only two
+possible rank keys, its new-system key and its old-system key. Its merged rank at ratio
+t_j is (# backfilled items whose new key is smaller) + (# not-yet-backfilled items whose
+old key is smaller). Each gallery item is backfilled from one grid step on (its segment),
+so bucketing every item's keys among the (few) keys of the relevant items and
+histogramming (segment, bucket) gives, after two prefix sums, every one of those counts
+for every t at once: O(N log R) per query instead of a full sort per query and ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from rmlib import RmlibError
+from rmlib.contract import BackfillArrays
+from rmlib.retrieval import (
+    NO_RANK,
+    Protocol,
+    euclidean_distances,
+    evaluate,
+    query_chunks,
+    rank_keys,
+    relevant_slots,
+    scores_from_ranks,
+    top1_correct,
+)
+
+T_GRID = np.round(np.linspace(0.0, 1.0, 21), 10)
+HISTOGRAM_BUDGET = 40_000_000  # histogram cells per query chunk (memory bound)
+
+
+def backfill_order(num_gallery: int, seed: int = 0) -> np.ndarray:
+    """The order in which gallery items are re-embedded: default_rng(seed).permutation(N)."""
+    return np.random.default_rng(seed).permutation(num_gallery)
+
+
+def backfilled_count(t: float, num_gallery: int) -> int:
+    """floor(t * N), robust to t's float representation (0.35 * 100 is 35, not 34)."""
+    return int(math.floor(round(t * num_gallery, 6)))
+
+
+def item_segments(order: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """For each gallery item, the first grid index j at which it is backfilled (len(ts): never)."""
+    n = len(order)
+    counts = np.array([backfilled_count(t, n) for t in ts])
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    return np.searchsorted(counts, position, side="right")
+
+
+@dataclass
+class BackfillCurve:
+    """Metrics of the merged system along the backfill, fractions in [0, 1]."""
+
+    t: list[float]
+    mAP: list[float]
+    top1: list[float]
+    top5: list[float]
+    nfr: list[float]
+    num_valid_queries: int = 0
+    extras: dict = field(default_factory=dict)
+
+    def auc(self, metric: str) -> float:
+        """Area under the curve by the trapezoid rule over the t-grid (the paper's integral)."""
+        return float(np.trapezoid(getattr(self, metric), self.t))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("extras")
+        out.update(auc_mAP=self.auc("mAP"), auc_top1=self.auc("top1"),
+                   auc_top5=self.auc("top5"), **self.extras)
+        return out
+
+
+def _merged_ranks(
+    k_old: torch.Tensor, k_new: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+    segment: torch.Tensor, num_t: int,
+) -> torch.Tensor:
+    """0-based merged ranks (C, num_t, R) of the relevant items at every grid point."""
+    c, width = index.shape
+    kn_rel = k_new.gather(1, index)
+    ko_rel = k_old.gather(1, index)
+    thresholds = torch.cat([kn_rel, ko_rel], 1)
+    thresholds = torch.where(torch.cat([valid, valid], 1), thresholds,
+                             torch.full_like(thresholds, NO_RANK))
+    sorted_thr, order = torch.sort(thresholds, dim=1)
+    where = torch.empty_like(order)
+    where.scatter_(1, order, torch.arange(2 * width, device=order.device).expand(c, -1))
+    n_bins = 2 * width + 1
+    n_seg = num_t + 1
+
+    row_cell = torch.arange(c, device=index.device) * (n_seg * n_bins)
+    cell = row_cell[:, None] + (segment * n_bins)[None, :]
+
+    def cumulative(keys: torch.Tensor) -> torch.Tensor:
+        # bucket b: the number of thresholds <= key, so the item is smaller than thresholds b..
+        bucket = torch.searchsorted(sorted_thr, keys, right=True)  # the hot spot
+        hist = torch.bincount(bucket.add_(cell).view(-1), minlength=c * n_seg * n_bins)
+        hist = hist.view(c, n_seg, n_bins).to(torch.int32).cumsum(2, dtype=torch.int32)
+        for j in range(1, n_seg):  # prefix sum over segments, slice by slice (contiguous)
+            hist[:, j] += hist[:, j - 1]
+        return hist
+
+    new_cum = cumulative(k_new)  # [q, j, m]: backfilled by step j, new key < threshold m
+    old_cum = cumulative(k_old)
+    old_total = old_cum[:, -1:, :]
+    old_not_yet = old_total - old_cum  # [q, j, m]: not backfilled at step j, old key < thr m
+
+    def counts_at(m: torch.Tensor) -> torch.Tensor:  # m: (C, R) threshold slots -> (C, T, R)
+        idx = m[:, None, :].expand(c, num_t, width)
+        return new_cum[:, :num_t].gather(2, idx) + old_not_yet[:, :num_t].gather(2, idx)
+
+    at_new = counts_at(where[:, :width])
+    at_old = counts_at(where[:, width:])
+    steps = torch.arange(num_t, device=index.device)
+    backfilled = segment[index][:, None, :] <= steps[None, :, None]
+    return torch.where(backfilled, at_new, at_old)
+
+
+def simulate_backfill(
+    old_query: np.ndarray, old_gallery: np.ndarray,
+    new_query: np.ndarray, new_gallery: np.ndarray,
+    protocol: Protocol,
+    order: np.ndarray | None = None,
+    seed: int = 0,
+    reference_query: np.ndarray | None = None,
+    ts: np.ndarray = T_GRID,
+    chunk: int | None = None,
+) -> BackfillCurve:
+    """mAP, top-1, top-5 and negative-flip rate of the rank-merged system at each t in `ts`.
+
+    `old_query` is scored against `old_gallery`, `new_query` against `new_gallery`.
+    Negative flips are counted against `reference_query` (the deployed old model's query
+    embedding; default `old_query`) on `old_gallery`.
+    """
+    n = protocol.num_gallery
+    oq, og = torch.as_tensor(old_query).float(), torch.as_tensor(old_gallery).float()
+    nq, ng = torch.as_tensor(new_query).float(), torch.as_tensor(new_gallery).float()
+    if order is None:
+        order = backfill_order(n, seed)
+    if sorted(order.tolist()) != list(range(n)):
+        raise RmlibError(f"the backfill order must be a permutation of the {n} gallery items")
+    ts = np.asarray(ts, dtype=np.float64)
+    segment = torch.as_tensor(item_segments(np.asarray(order), ts))
+    ref_correct = None
+    if reference_query is not None:
+        ref = torch.as_tensor(reference_query).float()
+        ref_correct = torch.as_tensor(top1_correct(ref, og, protocol))
+
+    num_t = len(ts)
+    ap_sum = torch.zeros(num_t, dtype=torch.float64)
+    hit_sum = {k: torch.zeros(num_t, dtype=torch.float64) for k in (1, 5)}
+    flips = torch.zeros(num_t, dtype=torch.float64)
+    n_valid = 0
+    for start, stop in _adaptive_chunks(protocol, num_t, chunk):
+        relevant, excluded = protocol.masks(start, stop)
+        index, valid = relevant_slots(relevant)
+        k_old = rank_keys(euclidean_distances(oq[start:stop], og), excluded)
+        k_new = rank_keys(euclidean_distances(nq[start:stop], ng), excluded)
+        if reference_query is None:  # the old system itself is the reference
+            chunk_ref = relevant.gather(1, k_old.argmin(1, keepdim=True))[:, 0]
+        else:
+            chunk_ref = ref_correct[start:stop]
+        ranks = _merged_ranks(k_old, k_new, index, valid, segment, num_t)
+        ap, hits = scores_from_ranks(ranks, valid[:, None, :].expand_as(ranks))
+        ok = valid.any(1)
+        n_valid += int(ok.sum())
+        ap_sum += ap[ok].sum(0)
+        for k in hit_sum:
+            hit_sum[k] += hits[k][ok].double().sum(0)
+        flips += (chunk_ref[ok, None] & ~hits[1][ok]).double().sum(0)
+    if n_valid == 0:
+        raise RmlibError("no query has a relevant gallery item: check the labels")
+    return BackfillCurve(
+        t=ts.tolist(), mAP=(ap_sum / n_valid).tolist(), top1=(hit_sum[1] / n_valid).tolist(),
+        top5=(hit_sum[5] / n_valid).tolist(), nfr=(flips / n_valid).tolist(),
+        num_valid_queries=n_valid,
+    )
+
+
+def _adaptive_chunks(protocol: Protocol, num_t: int, chunk: int | None):
+    """Query chunks sized so that the (chunk, t, 2R+1) histograms stay within budget."""
+    if chunk is not None:
+        yield from query_chunks(protocol.num_queries, chunk)
+        return
+    _, counts = np.unique(protocol.gallery_labels, return_counts=True)
+    width = 2 * int(counts.max()) + 1
+    per_query = max((num_t + 1) * width, protocol.num_gallery)
+    size = int(np.clip(HISTOGRAM_BUDGET // per_query, 1, 2048))
+    yield from query_chunks(protocol.num_queries, size)
+
+
+def check_conditions(curve: BackfillCurve, old_baseline: dict, new_baseline: dict,
+                     metrics: tuple[str, ...] = ("mAP", "top1")) -> dict:
+    """The paper's conditions (6)-(8), checked and reported, not assumed.
+
+    (6) M_0 >= the old system's metric, (7) M_1 >= the new system's, (8) M never drops as t
+    grows: reported as the largest drop between consecutive t (0 when monotone).
+    """
+    out = {}
+    for m in metrics:
+        values = np.asarray(getattr(curve, m))
+        drops = values[:-1] - values[1:]
+        out[m] = {
+            "M0": float(values[0]), "old": float(old_baseline[m]),
+            "cond6_M0_ge_old": bool(values[0] >= old_baseline[m] - 1e-12),
+            "M1": float(values[-1]), "new": float(new_baseline[m]),
+            "cond7_M1_ge_new": bool(values[-1] >= new_baseline[m] - 1e-12),
+            "max_drop": float(max(drops.max(initial=0.0), 0.0)),
+            "cond8_monotone": bool((drops <= 1e-12).all()),
+        }
+    return out
+
+
+def backfill_arrays(arrays: BackfillArrays, seed: int = 0,
+                    new_baseline: dict | None = None) -> tuple[BackfillCurve, dict]:
+    """Simulate the backfill of an evaluation file and check conditions (6)-(8).
+
+    The old baseline is the deployed old system (reference_query, else old_query, on the
+    old gallery); the new baseline defaults to the file's own new system (M_1 itself),
+    or pass the metrics of the original new model to judge a transformed one.
+    """
+    protocol = Protocol.of(arrays)
+    curve = simulate_backfill(
+        arrays.old_query, arrays.old_gallery, arrays.new_query, arrays.new_gallery, protocol,
+        seed=seed, reference_query=arrays.reference_query,
+    )
+    if arrays.reference_query is None:
+        old = {"mAP": curve.mAP[0], "top1": curve.top1[0]}
+    else:
+        old = evaluate(arrays.reference_query, arrays.old_gallery, protocol).summary()
+    new = new_baseline or {"mAP": curve.mAP[-1], "top1": curve.top1[-1]}
+    return curve, check_conditions(curve, old, new)

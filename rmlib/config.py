@@ -1,0 +1,61 @@
+"""Paths, profiles and devices: the few settings every other module reads from one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from rmlib import RmlibError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_ROOT.parent
+PROFILES = ("smoke", "cpu", "paper")
+
+
+def data_root() -> Path:
+    """`$RMLIB_DATA` if set, else the repository's `data/` (independent of the working dir)."""
+    env = os.environ.get("RMLIB_DATA")
+    return Path(env).expanduser().resolve() if env else REPO_ROOT / "data"
+
+
+def runs_root() -> Path:
+    """The run cache: under the repository's `data/runs`, never under a read-only RMLIB_DATA."""
+    env = os.environ.get("RMLIB_RUNS")
+    return Path(env).expanduser().resolve() if env else REPO_ROOT / "data" / "runs"
+
+
+def results_root() -> Path:
+    """Where results with provenance are written (committed for the cpu and paper profiles)."""
+    env = os.environ.get("RMLIB_RESULTS")
+    return Path(env).expanduser().resolve() if env else REPO_ROOT / "data" / "results"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def profile_name() -> str:
+    """`$RMLIB_PROFILE`, else `paper` on a GPU and `cpu` otherwise."""
+    name = os.environ.get("RMLIB_PROFILE") or ("paper" if torch.cuda.is_available() else "cpu")
+    if name not in PROFILES:
+        choices = ", ".join(PROFILES)
+        raise RmlibError(f"RMLIB_PROFILE={name!r} is not a profile; use one of {choices}")
+    return name
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where bf16 matmuls run on hardware units (AMX or AVX512-BF16).
+
+    Without them PyTorch emulates bf16 and it is slower than fp32, so the flag that
+    autocast accepts bf16 is not enough to choose it.
+    """
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if amx:
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags

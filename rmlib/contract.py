@@ -1,0 +1,132 @@
+"""The evaluation file (EMB.npz): what `rmlib.embed` writes and `python -m rmlib backfill` reads.
+
+Required float arrays old_query (Q, d_old), old_gallery (N, d_old), new_query (Q, d_new),
+new_gallery (N, d_new) and int query_labels (Q,). Optional: gallery_labels (N,) (absent:
+leave-one-out, the gallery is the query set and query i is gallery item i); query_cams and
+gallery_cams (present: Market-1501's camera protocol); reference_query (Q, d_old), the
+deployed old model's query embedding that defines negative flips (default old_query).
+Every problem is reported as one line that names the array and what to do.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rmlib import RmlibError
+
+REQUIRED = ("old_query", "old_gallery", "new_query", "new_gallery", "query_labels")
+OPTIONAL = ("gallery_labels", "query_cams", "gallery_cams", "reference_query")
+
+
+@dataclass(frozen=True)
+class BackfillArrays:
+    """Two retrieval systems over one gallery, with the labels that define relevance."""
+
+    old_query: np.ndarray
+    old_gallery: np.ndarray
+    new_query: np.ndarray
+    new_gallery: np.ndarray
+    query_labels: np.ndarray
+    gallery_labels: np.ndarray | None = None
+    query_cams: np.ndarray | None = None
+    gallery_cams: np.ndarray | None = None
+    reference_query: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def leave_one_out(self) -> bool:
+        return self.gallery_labels is None
+
+    def save(self, path: Path | str) -> Path:
+        arrays = {k: v for k, v in self.__dict__.items() if v is not None}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **arrays)
+        return path
+
+
+def _embedding(name: str, a: np.ndarray) -> np.ndarray:
+    if a.ndim != 2:
+        raise RmlibError(f"{name} must be 2-D (items x dimensions), got shape {a.shape}")
+    if a.shape[0] == 0:
+        raise RmlibError(f"{name} is empty: it needs at least one row")
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise RmlibError(f"{name} must hold numbers, got dtype {a.dtype}")
+    if not np.isfinite(a).all():
+        rows = int((~np.isfinite(a)).any(1).sum())
+        raise RmlibError(f"{name} has NaN or inf in {rows} row(s); re-extract those embeddings")
+    return a.astype(np.float32, copy=False)
+
+
+def _ints(name: str, a: np.ndarray, length: int, what: str) -> np.ndarray:
+    if a.ndim != 1 or len(a) != length:
+        raise RmlibError(f"{name} has shape {a.shape}; expected ({length},), one per {what}")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise RmlibError(f"{name} must hold integers, got dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
+def validate(arrays: BackfillArrays) -> None:
+    """Check shapes, dtypes and values; normalise dtypes in place (float32, int64)."""
+    set_ = object.__setattr__
+    for name in ("old_query", "old_gallery", "new_query", "new_gallery", "reference_query"):
+        value = getattr(arrays, name)
+        if value is not None:
+            set_(arrays, name, _embedding(name, np.asarray(value)))
+    q, n = len(arrays.old_query), len(arrays.old_gallery)
+    pairs = [("new_query", arrays.new_query, q, "old_query"),
+             ("new_gallery", arrays.new_gallery, n, "old_gallery")]
+    for name, value, rows, other in pairs:
+        if len(value) != rows:
+            raise RmlibError(f"{name} has {len(value)} rows but {other} has {rows}; "
+                             "both systems must embed the same items in the same order")
+    dims = [("old_gallery", arrays.old_gallery, "old_query", arrays.old_query),
+            ("new_gallery", arrays.new_gallery, "new_query", arrays.new_query)]
+    if arrays.reference_query is not None:
+        dims.append(("reference_query", arrays.reference_query, "old_gallery", arrays.old_gallery))
+        if len(arrays.reference_query) != q:
+            raise RmlibError(f"reference_query has {len(arrays.reference_query)} rows; "
+                             f"expected {q}, one per query")
+    for a_name, a, b_name, b in dims:
+        if a.shape[1] != b.shape[1]:
+            raise RmlibError(f"{a_name} has dimension {a.shape[1]} but {b_name} has {b.shape[1]}; "
+                             "a query and the gallery it searches must come from one model")
+    set_(arrays, "query_labels", _ints("query_labels", np.asarray(arrays.query_labels), q, "query"))
+    if arrays.gallery_labels is None:
+        if n != q:
+            raise RmlibError("without gallery_labels the gallery is the query set (leave-one-out), "
+                             f"but there are {q} queries and {n} gallery rows; add gallery_labels")
+        if arrays.query_cams is not None or arrays.gallery_cams is not None:
+            raise RmlibError("query_cams/gallery_cams need gallery_labels (camera protocol)")
+    else:
+        set_(arrays, "gallery_labels",
+             _ints("gallery_labels", np.asarray(arrays.gallery_labels), n, "gallery row"))
+    if (arrays.query_cams is None) != (arrays.gallery_cams is None):
+        raise RmlibError("give both query_cams and gallery_cams, or neither")
+    if arrays.query_cams is not None:
+        set_(arrays, "query_cams", _ints("query_cams", np.asarray(arrays.query_cams), q, "query"))
+        set_(arrays, "gallery_cams",
+             _ints("gallery_cams", np.asarray(arrays.gallery_cams), n, "gallery row"))
+
+
+def load_backfill_arrays(path: Path | str) -> BackfillArrays:
+    """Read and validate an evaluation file; every failure is one clear RmlibError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RmlibError(f"{path} does not exist; give the path of an .npz evaluation file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            found = {k: f[k] for k in f.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise RmlibError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez"
+                         ) from exc
+    missing = [k for k in REQUIRED if k not in found]
+    if missing:
+        raise RmlibError(f"{path} lacks {', '.join(missing)}; it needs {', '.join(REQUIRED)}")
+    return BackfillArrays(**{k: found[k] for k in REQUIRED + OPTIONAL if k in found})

@@ -1,0 +1,126 @@
+"""CIFAR-100 in the official python layout, read from its pickles, and the old/new protocol.
+
+The pickles are read directly (shapes and counts checked, not md5): copies whose
+placeholder file names differ from the official tarball are still the official pixels,
+labels, split and order. torchvision is used only to download the archive when the folder
+is missing and a network is there.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rmlib import RmlibError
+from rmlib.config import data_root
+
+CIFAR100_DIRNAME = "cifar-100-python"
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+NUM_CLASSES = 100
+OLD_CLASSES = 50  # the old model sees fine classes 0-49
+_SPLIT_SIZES = {"train": 50_000, "test": 10_000}
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images as uint8 (N, 3, H, W) in memory with int64 labels: what the training loop eats."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index])
+
+
+def cifar100_dir(root: Path | str | None = None) -> Path:
+    return Path(root if root is not None else data_root()) / CIFAR100_DIRNAME
+
+
+def _download_allowed(download: bool | None) -> bool:
+    if download is not None:
+        return download
+    return os.environ.get("RMLIB_DOWNLOAD", "1") not in ("0", "false", "no")
+
+
+def _fetch(folder: Path) -> None:
+    try:
+        from torchvision.datasets import CIFAR100
+
+        CIFAR100(str(folder.parent), train=True, download=True)
+    except Exception as exc:  # no network, disk full, ...: one line, with what to do
+        raise RmlibError(
+            f"CIFAR-100 is not at {folder} and could not be downloaded ({type(exc).__name__}); "
+            "set RMLIB_DATA to a folder that holds cifar-100-python/"
+        ) from exc
+
+
+def load_cifar100(
+    split: str, root: Path | str | None = None, download: bool | None = None
+) -> ImageSet:
+    """Read the `train` or `test` split; download only if the folder is missing (and allowed)."""
+    if split not in _SPLIT_SIZES:
+        raise RmlibError(f"CIFAR-100 split {split!r} does not exist; use 'train' or 'test'")
+    folder = cifar100_dir(root)
+    if not folder.is_dir():
+        if not _download_allowed(download):
+            raise RmlibError(
+                f"CIFAR-100 is not at {folder}; set RMLIB_DATA to a folder that holds "
+                "cifar-100-python/ (or allow the download with RMLIB_DOWNLOAD=1)"
+            )
+        _fetch(folder)
+    path = folder / split
+    if not path.is_file():
+        raise RmlibError(f"{path} is missing: the CIFAR-100 folder is incomplete; re-download it")
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data = np.asarray(entry["data"])
+        labels = np.asarray(entry["fine_labels"], dtype=np.int64)
+    except Exception as exc:
+        raise RmlibError(
+            f"{path} is not a CIFAR-100 python pickle ({type(exc).__name__}: {exc}); re-download it"
+        ) from exc
+    n = _SPLIT_SIZES[split]
+    if data.dtype != np.uint8 or data.shape != (n, 3072) or labels.shape != (n,):
+        raise RmlibError(
+            f"{path} holds data {data.dtype}{data.shape} and {labels.shape[0]} labels; "
+            f"expected uint8({n}, 3072) and {n} labels: the file is damaged, re-download it"
+        )
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
+    if labels.min() < 0 or len(counts) != NUM_CLASSES or (counts != n // NUM_CLASSES).any():
+        per_class = n // NUM_CLASSES
+        raise RmlibError(f"{path}: fine labels are not {per_class} per class 0-99; re-download")
+    return ImageSet(data.reshape(n, 3, 32, 32), labels)
+
+
+def old_class_mask(labels: np.ndarray, n_old_classes: int = OLD_CLASSES) -> np.ndarray:
+    """The old model's training items: fine classes 0 .. n_old_classes-1."""
+    return np.asarray(labels) < n_old_classes
+
+
+def train_val_split(
+    labels: np.ndarray, per_class: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified hold-out of `per_class` items per class, for choosing hyper-parameters.
+
+    Returns sorted (fit_index, val_index). The test set is never used for choices.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) <= per_class:
+            raise RmlibError(f"class {c} has {len(idx)} items; cannot hold out {per_class}")
+        val.append(rng.choice(idx, per_class, replace=False))
+    val_index = np.sort(np.concatenate(val))
+    fit_index = np.setdiff1d(np.arange(len(labels)), val_index)
+    return fit_index, val_index

@@ -1,0 +1,149 @@
+"""Market-1501: the official folder layout and file naming, and a synthetic look-alike.
+
+Every protocol rule of the data set that is a property of a file lives here, in one place:
+  - names are `PPPP_cCsS_FFFFFF_NN.jpg` (person id, camera, sequence, frame, box);
+  - person id -1 is junk and is dropped on reading;
+  - person id 0 is a distractor: kept in the gallery, never relevant to a query;
+  - the old model trains on the first half of the sorted training ids.
+The per-query rule (same id and same camera removed) is the evaluator's
+(`rmlib.retrieval.Protocol.camera`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rmlib import RmlibError
+from rmlib.config import data_root
+
+MARKET_DIRNAME = "Market-1501-v15.09.15"
+SPLIT_FOLDERS = {"train": "bounding_box_train", "gallery": "bounding_box_test", "query": "query"}
+JUNK_ID = -1
+DISTRACTOR_ID = 0
+_NAME = re.compile(r"^(-1|\d{4})_c(\d)s(\d)_(\d{6})_(\d{2})\.jpg$")
+
+
+@dataclass(frozen=True)
+class MarketSplit:
+    """One folder of Market-1501: image paths with their person ids and cameras (1-6)."""
+
+    paths: list[Path]
+    pids: np.ndarray
+    cams: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def parse_market_name(name: str) -> tuple[int, int]:
+    """(person id, camera) of a Market-1501 file name; a clear error for any other name."""
+    match = _NAME.match(name)
+    if not match:
+        raise RmlibError(
+            f"{name!r} is not a Market-1501 image name (PPPP_cCsS_FFFFFF_NN.jpg); "
+            "remove the file or fix the folder"
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def _read_split(folder: Path, keep_distractors: bool) -> MarketSplit:
+    if not folder.is_dir():
+        raise RmlibError(
+            f"Market-1501 folder {folder} is missing; put the official "
+            f"{MARKET_DIRNAME}/ under RMLIB_DATA (it cannot be downloaded: its licence)"
+        )
+    paths, pids, cams = [], [], []
+    for path in sorted(folder.glob("*.jpg")):
+        pid, cam = parse_market_name(path.name)
+        if pid == JUNK_ID or (pid == DISTRACTOR_ID and not keep_distractors):
+            continue
+        paths.append(path)
+        pids.append(pid)
+        cams.append(cam)
+    if not paths:
+        raise RmlibError(f"{folder} holds no Market-1501 images; check the folder")
+    return MarketSplit(paths, np.asarray(pids, dtype=np.int64), np.asarray(cams, dtype=np.int64))
+
+
+def load_market1501(root: Path | str | None = None) -> dict[str, MarketSplit]:
+    """The three splits, `train`, `query` and `gallery`, with junk dropped."""
+    base = Path(root if root is not None else data_root()) / MARKET_DIRNAME
+    if not base.is_dir():
+        raise RmlibError(
+            f"Market-1501 is not at {base}; put the official {MARKET_DIRNAME}/ there "
+            "(or set RMLIB_DATA); it cannot be downloaded automatically (its licence)"
+        )
+    splits = {
+        "train": _read_split(base / SPLIT_FOLDERS["train"], keep_distractors=False),
+        "query": _read_split(base / SPLIT_FOLDERS["query"], keep_distractors=False),
+        "gallery": _read_split(base / SPLIT_FOLDERS["gallery"], keep_distractors=True),
+    }
+    return splits
+
+
+def market_old_ids(train_pids: np.ndarray) -> np.ndarray:
+    """The old model's identities: the first half (rounded down) of the sorted training ids."""
+    ids = np.unique(train_pids)
+    return ids[: len(ids) // 2]
+
+
+def make_synthetic_market(
+    root: Path | str,
+    n_train_ids: int = 8,
+    n_test_ids: int = 6,
+    n_cams: int = 3,
+    per_cam: int = 2,
+    n_distractors: int = 3,
+    n_junk: int = 2,
+    size: tuple[int, int] = (64, 32),
+    seed: int = 0,
+) -> Path:
+    """Write a small folder in Market-1501's layout and naming, for tests and the smoke profile.
+
+    Each identity is a colour pattern with noise, so a model can learn it. Test ids
+    follow the train ids (as in the real set); the query holds one image per test id and
+    camera, the gallery the rest plus distractors (id 0) and junk (id -1).
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = Path(root) / MARKET_DIRNAME
+    for folder in SPLIT_FOLDERS.values():
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    h, w = size
+    palette = rng.integers(0, 256, size=(n_train_ids + n_test_ids + 1, 3, 3))
+
+    def write(folder: str, pid: int, cam: int, frame: int) -> None:
+        colours = palette[pid if pid > 0 else 0]
+        img = np.empty((h, w, 3), dtype=np.float64)
+        for band, colour in enumerate(colours):  # head, torso, legs
+            img[band * h // 3 : (band + 1) * h // 3] = colour
+        img += rng.normal(0, 20 + 10 * cam, size=img.shape)
+        name = f"{pid:04d}" if pid >= 0 else "-1"
+        name += f"_c{cam}s1_{frame:06d}_00.jpg"
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(base / folder / name)
+
+    frame = 0
+    for pid in range(1, n_train_ids + 1):
+        for cam in range(1, n_cams + 1):
+            for _ in range(per_cam):
+                frame += 1
+                write(SPLIT_FOLDERS["train"], pid, cam, frame)
+    for pid in range(n_train_ids + 1, n_train_ids + n_test_ids + 1):
+        for cam in range(1, n_cams + 1):
+            frame += 1
+            write(SPLIT_FOLDERS["query"], pid, cam, frame)
+            for _ in range(per_cam):
+                frame += 1
+                write(SPLIT_FOLDERS["gallery"], pid, cam, frame)
+    for i in range(n_distractors):
+        frame += 1
+        write(SPLIT_FOLDERS["gallery"], DISTRACTOR_ID, 1 + i % n_cams, frame)
+    for i in range(n_junk):
+        frame += 1
+        write(SPLIT_FOLDERS["gallery"], JUNK_ID, 1 + i % n_cams, frame)
+    return base.parent

@@ -1,0 +1,48 @@
+"""Provenance of a result: which code, profile, config and machine made it, and how long."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import subprocess
+from typing import Any
+
+import torch
+
+from rmlib import __version__
+from rmlib.config import REPO_ROOT
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit, with '+dirty' when the tree has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def machine() -> dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.processor() or "unknown",
+            "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def provenance(config: dict, wall_time_s: float, profile: str | None = None) -> dict:
+    return {"git_commit": git_commit(), "rmlib": __version__, "profile": profile,
+            "config": config, "machine": machine(), "wall_time_s": round(wall_time_s, 2),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

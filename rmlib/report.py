@@ -1,0 +1,63 @@
+"""Tables and figures: the terminal summary of a backfill, curves, Table 1 beside the paper."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from rmlib.backfill import BackfillCurve
+
+
+def curve_table(curve: BackfillCurve, every: int = 2) -> str:
+    """A compact fixed-width table of the curve (every `every`-th point, and the last), in %."""
+    rows = [f"{'t':>5} {'mAP':>7} {'top-1':>7} {'top-5':>7} {'NFR':>6}"]
+    picks = list(range(0, len(curve.t), every))
+    if picks[-1] != len(curve.t) - 1:
+        picks.append(len(curve.t) - 1)
+    for i in picks:
+        rows.append(f"{curve.t[i]:5.2f} {100 * curve.mAP[i]:7.2f} {100 * curve.top1[i]:7.2f} "
+                    f"{100 * curve.top5[i]:7.2f} {100 * curve.nfr[i]:6.2f}")
+    return "\n".join(rows)
+
+
+def summary_text(curve: BackfillCurve, conditions: Mapping | None = None) -> str:
+    lines = [curve_table(curve), "",
+             f"AUC mAP {100 * curve.auc('mAP'):.2f}   AUC top-1 {100 * curve.auc('top1'):.2f}   "
+             f"AUC top-5 {100 * curve.auc('top5'):.2f}   ({curve.num_valid_queries} valid queries)"]
+    if conditions:
+        for metric, c in conditions.items():
+            lines.append(
+                f"{metric}: (6) M0 {100 * c['M0']:.2f} vs old {100 * c['old']:.2f} "
+                f"{'ok' if c['cond6_M0_ge_old'] else 'VIOLATED'}; "
+                f"(7) M1 {100 * c['M1']:.2f} vs new {100 * c['new']:.2f} "
+                f"{'ok' if c['cond7_M1_ge_new'] else 'VIOLATED'}; "
+                f"(8) largest drop {100 * c['max_drop']:.2f} pts "
+                f"{'ok' if c['cond8_monotone'] else 'VIOLATED'}")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: Mapping[str, BackfillCurve], path: Path | str | None = None,
+                title: str = ""):
+    """mAP, top-1 and negative-flip curves of one or more systems against t; saved if path."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    for name, curve in curves.items():
+        for ax, metric in zip(axes, ("mAP", "top1", "nfr"), strict=True):
+            ax.plot(curve.t, [100 * v for v in getattr(curve, metric)], marker=".", label=name)
+    for ax, label in zip(axes, ("mAP (%)", "top-1 (%)", "negative flips (%)"), strict=True):
+        ax.set_xlabel("backfilled fraction t")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig

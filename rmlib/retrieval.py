@@ -1,0 +1,193 @@
+"""Single-system retrieval: Euclidean distances, the evaluation protocols, rank-based metrics.
+
+Conventions (one evaluator for every row of Table 1):
+  - distances are Euclidean on the rows as given;
+  - ties are broken by gallery index, as a stable sort would: every (distance, index) pair
+    is packed into one int64 *rank key* (float32 bits above, gallery index below), so a
+    strict comparison of keys is the full ranking order and a rank is a count of smaller keys;
+  - AP is non-interpolated and rank-based over all relevant gallery items, CMC top-k is the
+    share of valid queries with a relevant item among the first k, and a query with no
+    relevant item is not valid (it is skipped, as in Market-1501's protocol).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rmlib.contract import BackfillArrays
+
+INDEX_BITS = 32
+NO_RANK = torch.iinfo(torch.int64).max  # padding for "no relevant item in this slot"
+
+
+def euclidean_distances(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """(Q, N) float32 Euclidean distances: |q|^2 + |g|^2 - 2 q.g in one fused matmul."""
+    q = query.float()
+    g = gallery.float()
+    sq = torch.addmm((g * g).sum(1)[None, :], q, g.T, alpha=-2.0)
+    return sq.add_((q * q).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_()
+
+
+def rank_keys(distances: torch.Tensor, excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """Pack (distance, gallery index) into sortable int64 keys; excluded items rank last.
+
+    Non-negative float32 values order like their bit patterns, so the high 32 bits carry
+    the distance and the low 32 bits the gallery index that breaks ties.
+    """
+    d = distances.float().abs()  # abs turns -0.0 into +0.0, whose bits sort first
+    if excluded is not None:
+        d.masked_fill_(excluded, float("inf"))
+    keys = d.view(torch.int32).to(torch.int64).bitwise_left_shift_(INDEX_BITS)
+    return keys.bitwise_or_(torch.arange(d.shape[1], dtype=torch.int64, device=d.device))
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Which gallery items are relevant to, or removed for, each query.
+
+    - plain: relevant = same label;
+    - leave-one-out (`self_excluded`): the gallery is the query set, item i removed for query i;
+    - camera (Market-1501): gallery items of the same label and the same camera are removed.
+    """
+
+    query_labels: np.ndarray
+    gallery_labels: np.ndarray
+    query_cams: np.ndarray | None = None
+    gallery_cams: np.ndarray | None = None
+    self_excluded: bool = False
+
+    @classmethod
+    def leave_one_out(cls, labels: np.ndarray) -> Protocol:
+        labels = np.asarray(labels)
+        return cls(labels, labels, self_excluded=True)
+
+    @classmethod
+    def camera(
+        cls, query_labels: np.ndarray, gallery_labels: np.ndarray,
+        query_cams: np.ndarray, gallery_cams: np.ndarray,
+    ) -> Protocol:
+        return cls(np.asarray(query_labels), np.asarray(gallery_labels),
+                   np.asarray(query_cams), np.asarray(gallery_cams))
+
+    @classmethod
+    def of(cls, arrays: BackfillArrays) -> Protocol:
+        """The protocol an evaluation file implies: leave-one-out, camera, or plain."""
+        if arrays.leave_one_out:
+            return cls.leave_one_out(arrays.query_labels)
+        if arrays.query_cams is not None:
+            return cls.camera(arrays.query_labels, arrays.gallery_labels,
+                              arrays.query_cams, arrays.gallery_cams)
+        return cls(arrays.query_labels, arrays.gallery_labels)
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.query_labels)
+
+    @property
+    def num_gallery(self) -> int:
+        return len(self.gallery_labels)
+
+    def masks(self, start: int, stop: int, device: torch.device | str = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(relevant, excluded) boolean masks of shape (stop - start, N) for queries start:stop."""
+        ql = torch.as_tensor(self.query_labels[start:stop], device=device)
+        gl = torch.as_tensor(self.gallery_labels, device=device)
+        same = ql[:, None] == gl[None, :]
+        excluded = torch.zeros_like(same)
+        if self.self_excluded:
+            rows = torch.arange(stop - start, device=device)
+            excluded[rows, rows + start] = True
+        if self.query_cams is not None:
+            qc = torch.as_tensor(self.query_cams[start:stop], device=device)
+            gc = torch.as_tensor(self.gallery_cams, device=device)
+            excluded |= same & (qc[:, None] == gc[None, :])
+        return same & ~excluded, excluded
+
+
+def query_chunks(num_queries: int, chunk: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, num_queries, chunk):
+        yield start, min(start + chunk, num_queries)
+
+
+def relevant_slots(relevant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gallery indices of each query's relevant items, padded: (index (C, R), valid (C, R))."""
+    rows, cols = relevant.nonzero(as_tuple=True)  # row-major, so each row's items in order
+    counts = relevant.sum(1)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(rows), device=relevant.device) - first[rows]
+    index = torch.zeros(relevant.shape[0], width, dtype=torch.int64, device=relevant.device)
+    index[rows, slot] = cols
+    valid = torch.arange(width, device=relevant.device)[None, :] < counts[:, None]
+    return index, valid
+
+
+@dataclass
+class QueryScores:
+    """Per-query results: average precision, top-k hits, and whether the query is valid."""
+
+    ap: np.ndarray
+    hits: dict[int, np.ndarray]
+    valid: np.ndarray
+
+    def summary(self) -> dict[str, float]:
+        v = self.valid
+        out = {"mAP": float(self.ap[v].mean()) if v.any() else float("nan")}
+        for k, hit in self.hits.items():
+            out[f"top{k}"] = float(hit[v].mean()) if v.any() else float("nan")
+        return out
+
+
+def scores_from_ranks(ranks: torch.Tensor, valid: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+                      ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """AP and top-k hits from the 0-based ranks of relevant items (..., R); padding = invalid.
+
+    AP = mean over relevant items of (its position among the relevant) / (its rank + 1).
+    """
+    r = ranks.masked_fill(~valid, torch.iinfo(ranks.dtype).max)
+    r = torch.sort(r, dim=-1).values
+    n_rel = valid.sum(-1)
+    position = torch.arange(1, r.shape[-1] + 1, device=r.device, dtype=torch.float64)
+    inside = position <= n_rel[..., None]
+    precision = (position / (r.double() + 1.0)) * inside
+    ap = precision.sum(-1) / n_rel.clamp_min(1)
+    first = r[..., 0]
+    hits = {k: (first < k) & (n_rel > 0) for k in ks}
+    return ap, hits
+
+
+def evaluate(query: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray,
+             protocol: Protocol, ks: tuple[int, ...] = (1, 5), chunk: int = 1024) -> QueryScores:
+    """mAP and CMC top-k of one retrieval system {query, gallery} under a protocol."""
+    q = torch.as_tensor(np.asarray(query), dtype=torch.float32)
+    g = torch.as_tensor(np.asarray(gallery), dtype=torch.float32)
+    ap, hits, valid = [], {k: [] for k in ks}, []
+    for start, stop in query_chunks(len(q), chunk):
+        relevant, excluded = protocol.masks(start, stop)
+        keys = rank_keys(euclidean_distances(q[start:stop], g), excluded)
+        index, ok = relevant_slots(relevant)
+        ranks = torch.searchsorted(torch.sort(keys, dim=1).values, keys.gather(1, index))
+        a, h = scores_from_ranks(ranks, ok, ks)
+        ap.append(a)
+        valid.append(ok.any(1))
+        for k in ks:
+            hits[k].append(h[k])
+    return QueryScores(
+        torch.cat(ap).numpy(), {k: torch.cat(v).numpy() for k, v in hits.items()},
+        torch.cat(valid).numpy(),
+    )
+
+
+def top1_correct(query: torch.Tensor, gallery: torch.Tensor, protocol: Protocol,
+                 chunk: int = 1024) -> np.ndarray:
+    """Whether each query's first result is relevant (the basis of negative flips)."""
+    out = []
+    for start, stop in query_chunks(len(query), chunk):
+        relevant, excluded = protocol.masks(start, stop)
+        keys = rank_keys(euclidean_distances(query[start:stop], gallery), excluded)
+        out.append(relevant.gather(1, keys.argmin(1, keepdim=True))[:, 0])
+    return torch.cat(out).numpy()

@@ -1,0 +1,45 @@
+"""Shared fixtures. Tests never download: RMLIB_DOWNLOAD=0, and caches go to a temp folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RMLIB_DOWNLOAD", "0")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def real_data_root() -> Path | None:
+    """The folder holding real CIFAR-100: RMLIB_DATA, else ../shared/data, else none."""
+    env = os.environ.get("RMLIB_DATA")
+    for root in ([Path(env)] if env else []) + [SHARED_DATA]:
+        if (root / "cifar-100-python" / "test").is_file():
+            return root
+    return None
+
+
+@pytest.fixture
+def cifar_root() -> Path:
+    root = real_data_root()
+    if root is None:
+        pytest.skip("real CIFAR-100 not available (set RMLIB_DATA)")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("RMLIB_RESULTS", str(tmp_path / "results"))
+
+
+def clustered(n: int, dim: int, classes: int, noise: float, seed: int, scale: float = 1.0):
+    """Labels and embeddings with class structure, for evaluator tests."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    centres = rng.normal(size=(classes, dim))
+    x = scale * (centres[labels] + noise * rng.normal(size=(n, dim)))
+    return labels, x.astype(np.float32)

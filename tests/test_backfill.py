@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+
+from rmlib import RmlibError
+from rmlib.backfill import (
+    T_GRID,
+    backfill_order,
+    backfilled_count,
+    check_conditions,
+    item_segments,
+    simulate_backfill,
+)
+from rmlib.retrieval import Protocol, evaluate
+from tests.conftest import clustered
+from tests.reference import reference_curve
+
+KEYS = ("mAP", "top1", "top5", "nfr")
+
+
+def assert_matches(curve, ref):
+    for k in KEYS:
+        np.testing.assert_allclose(getattr(curve, k), ref[k], atol=1e-9, err_msg=k)
+
+
+def two_systems(n=240, seed=0):
+    labels, old = clustered(n, 6, 9, 1.3, seed=seed)
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(9, 6)) * 1.7  # a differently scaled space: calibration matters
+    new = (centres[labels] + 0.8 * rng.normal(size=(n, 6))).astype(np.float32)
+    return labels, old, new
+
+
+def test_grid_and_counts():
+    assert len(T_GRID) == 21 and T_GRID[0] == 0 and T_GRID[-1] == 1
+    assert [backfilled_count(t, 100) for t in T_GRID] == list(range(0, 101, 5))
+    assert backfilled_count(0.35, 100) == 35
+    order = backfill_order(10, seed=3)
+    assert sorted(order) == list(range(10))
+    seg = item_segments(order, np.array([0.0, 0.5, 1.0]))
+    assert (seg[order[:5]] == 1).all() and (seg[order[5:]] == 2).all()
+
+
+def test_leave_one_out_curve_matches_reference():
+    labels, old, new = two_systems()
+    curve = simulate_backfill(old, old, new, new, Protocol.leave_one_out(labels), chunk=50)
+    assert_matches(curve, reference_curve(old, old, new, new, labels))
+
+
+def test_market_style_curve_with_reverse_query_matches_reference():
+    rng = np.random.default_rng(5)
+    ql, _ = clustered(60, 6, 9, 1.0, seed=5)
+    gl, og = clustered(150, 6, 10, 1.2, seed=6)
+    centres = rng.normal(size=(10, 6))
+    ng = (centres[gl] + 0.7 * rng.normal(size=(150, 6))).astype(np.float32)
+    nq = (centres[ql] + 0.7 * rng.normal(size=(60, 6))).astype(np.float32)
+    rev_q = (nq + 0.3 * rng.normal(size=nq.shape)).astype(np.float32)  # psi(new query)
+    ref_q = (og[:60] + 0.5).astype(np.float32)  # the deployed old model's queries
+    qc, gc = rng.integers(1, 4, 60), rng.integers(1, 4, 150)
+    protocol = Protocol.camera(ql, gl, qc, gc)
+    curve = simulate_backfill(rev_q, og, nq, ng, protocol, seed=4, reference_query=ref_q)
+    ref = reference_curve(rev_q, og, nq, ng, ql, gl, qc, gc, ref_q=ref_q, seed=4)
+    assert_matches(curve, ref)
+
+
+def test_endpoints_equal_the_single_systems():
+    labels, old, new = two_systems(seed=1)
+    protocol = Protocol.leave_one_out(labels)
+    curve = simulate_backfill(old, old, new, new, protocol, seed=7)
+    o = evaluate(old, old, protocol).summary()
+    n = evaluate(new, new, protocol).summary()
+    for k in ("mAP", "top1", "top5"):
+        assert getattr(curve, k)[0] == pytest.approx(o[k], abs=1e-12)
+        assert getattr(curve, k)[-1] == pytest.approx(n[k], abs=1e-12)
+    assert curve.nfr[0] == 0.0
+
+
+def test_identical_systems_give_a_flat_curve_and_ties_across_systems():
+    labels, x = clustered(120, 4, 6, 1.0, seed=2)
+    curve = simulate_backfill(x, x, x.copy(), x.copy(), Protocol.leave_one_out(labels))
+    assert np.ptp(curve.mAP) < 1e-12 and np.ptp(curve.top1) == 0 and max(curve.nfr) == 0
+    assert curve.auc("mAP") == pytest.approx(curve.mAP[0])
+
+
+def test_a_custom_order_and_grid():
+    labels, old, new = two_systems(seed=3)
+    order = np.arange(len(labels))[::-1].copy()
+    ts = np.array([0.0, 0.3, 1.0])
+    curve = simulate_backfill(old, old, new, new, Protocol.leave_one_out(labels),
+                              order=order, ts=ts)
+    assert_matches(curve, reference_curve(old, old, new, new, labels, order=order, ts=ts))
+    with pytest.raises(RmlibError, match="permutation"):
+        simulate_backfill(old, old, new, new, Protocol.leave_one_out(labels),
+                          order=np.zeros(len(labels), int))
+
+
+def test_auc_is_the_trapezoid_rule_and_conditions():
+    labels, old, new = two_systems(seed=4)
+    curve = simulate_backfill(old, old, new, new, Protocol.leave_one_out(labels))
+    t, m = np.array(curve.t), np.array(curve.mAP)
+    assert curve.auc("mAP") == pytest.approx(((m[1:] + m[:-1]) / 2 * np.diff(t)).sum())
+    cond = check_conditions(curve, {"mAP": curve.mAP[0], "top1": curve.top1[0]},
+                            {"mAP": curve.mAP[-1] + 0.1, "top1": curve.top1[-1]})
+    assert cond["mAP"]["cond6_M0_ge_old"] and not cond["mAP"]["cond7_M1_ge_new"]
+    drops = m[:-1] - m[1:]
+    assert cond["mAP"]["max_drop"] == pytest.approx(max(drops.max(), 0))
