@@ -40,6 +40,21 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from rmlib.methods import ROLES, train_backbones
+
+    roles = ROLES if args.which == "both" else (args.which,)
+    result = train_backbones(roles, profile=args.profile, progress=not args.quiet)
+    print(f"CIFAR-100 backbones, profile {result['provenance']['profile']} "
+          f"(leave-one-out on {result[roles[0]]['test_images']} test images):")
+    for role in roles:
+        r = result[role]
+        print(f"  {role}/{role}: mAP {100 * r['mAP']:.2f}  top-1 {100 * r['top1']:.2f}  "
+              f"top-5 {100 * r['top5']:.2f}  ({r['parameters']:,} parameters, "
+              f"trained in {r['train_wall_time_s'] / 60:.1f} min)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rmlib",
@@ -58,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="OUT", help="write the curves and AUCs as JSON")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="save the curves as a figure")
     p.set_defaults(func=_cmd_backfill)
+
+    p = sub.add_parser(
+        "train", help="train (or reuse from the cache) the old and new backbones",
+        description="Train the old (classes 0-49) and/or new (all 100) CIFAR-100 backbones of "
+                    "a profile, evaluate them leave-one-out on the test set and write "
+                    "data/results/cifar100/<profile>/backbones.json. Interrupted runs resume.")
+    p.add_argument("dataset", choices=["cifar100"])
+    p.add_argument("which", choices=["old", "new", "both"])
+    p.add_argument("--profile", choices=["smoke", "cpu", "paper"],
+                   help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -14,6 +14,22 @@ REPO_ROOT = PACKAGE_ROOT.parent
 PROFILES = ("smoke", "cpu", "paper")
 
 
+# What each profile trains. `smoke` proves every line runs on a small real subset; `cpu`
+# fits a 2-core CPU (fp32 unless the CPU has bf16 units); `paper` is ResNet-18 on one GPU.
+PROFILE_SETTINGS: dict[str, dict] = {
+    "smoke": {"arch": "fast", "widths": (16, 32, 64), "epochs_old": 1, "epochs_new": 1,
+              "batch_size": 128, "lr": 0.1, "train_per_class": 20, "test_per_class": 10},
+    "cpu": {"arch": "fast", "widths": (32, 64, 128), "epochs_old": 8, "epochs_new": 8,
+            "batch_size": 256, "lr": 0.2, "train_per_class": None, "test_per_class": None},
+    "paper": {"arch": "resnet18", "widths": None, "epochs_old": 30, "epochs_new": 30,
+              "batch_size": 256, "lr": 0.2, "train_per_class": None, "test_per_class": None},
+}
+
+
+def profile_settings(name: str | None = None) -> dict:
+    return dict(PROFILE_SETTINGS[name or profile_name()])
+
+
 def data_root() -> Path:
     """`$RMLIB_DATA` if set, else the repository's `data/` (independent of the working dir)."""
     env = os.environ.get("RMLIB_DATA")

@@ -1,0 +1,124 @@
+"""The paper's objectives and the baselines', as functions of embeddings and labels.
+
+- eq. 9, RQT: dist(psi(phi_new(x)), phi_old(x)), pulling each reverse-transformed query onto
+  the old embedding of the same image;
+- eq. 10, CL: supervised contrastive loss of the backward system {phi_rev, phi_old} with
+  hard mining (footnote 2: per anchor, the harder half of its positives and of its
+  negatives);
+- eq. 11, MCL: CL of both systems where each also counts the *other* system's negatives in
+  its denominator, so that distances of the two systems become comparable;
+- eq. 12-13: the same with rho_new = rho(phi_new) and rho_rev = psi(rho(phi_new));
+- BCT's influence loss and FCT's old-to-new regression.
+
+Similarities are s = exp(-dist / tau); the sums of eq. 10-11 are computed as logsumexp
+over masked logits (the plain sums underflow). Distances go through a clamped square root:
+the gradient of sqrt at 0 is infinite, and a system's own diagonal is exactly 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+def pairwise_distances(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Euclidean distances (A, B) with a finite gradient everywhere (clamp before the root)."""
+    sq = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return sq.clamp_min(eps).sqrt()
+
+
+def rqt_loss(rev: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """eq. 9: the mean distance between psi(phi_new(x)) and phi_old(x)."""
+    return (rev - old).pow(2).sum(1).clamp_min(1e-12).sqrt().mean()
+
+
+def hardest_half(dist: torch.Tensor, mask: torch.Tensor, hardest: str) -> torch.Tensor:
+    """Keep, in each row, the harder half (rounded up) of the items in `mask`.
+
+    Hard positives are the farthest (`hardest="far"`), hard negatives the closest ("near").
+    """
+    count = mask.sum(1, keepdim=True)
+    keep = (count + 1) // 2
+    fill = float("-inf") if hardest == "far" else float("inf")
+    score = dist.masked_fill(~mask, fill)
+    order = torch.argsort(score, dim=1, descending=(hardest == "far"), stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(dist.shape[1], device=dist.device).expand_as(order))
+    return mask & (rank < keep)
+
+
+def _masked_lse(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.masked_fill(~mask, NEG_INF), dim=1)
+
+
+def contrastive_terms(dist: torch.Tensor, labels: torch.Tensor, tau: float, mine: bool,
+                      exclude_self: bool, extra_neg: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Per-anchor -log(sum_pos s / (sum_pos s + sum_neg s [+ sum_extra_neg s])).
+
+    `dist` (B, B): anchors x items of one system; `extra_neg`: (B, B) distances of the
+    other system whose different-label entries join the denominator (eq. 11).
+    """
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=dist.device)
+    pos = same & ~eye if exclude_self else same
+    neg = ~same
+    if mine:
+        pos = hardest_half(dist.detach(), pos, "far")
+        neg = hardest_half(dist.detach(), neg, "near")
+    logits = -dist / tau
+    terms = [logits.masked_fill(~pos, NEG_INF), logits.masked_fill(~neg, NEG_INF)]
+    if extra_neg is not None:
+        other_neg = ~same
+        if mine:
+            other_neg = hardest_half(extra_neg.detach(), other_neg, "near")
+        terms.append((-extra_neg / tau).masked_fill(~other_neg, NEG_INF))
+    numerator = _masked_lse(logits, pos)
+    denominator = torch.logsumexp(torch.cat(terms, 1), dim=1)
+    valid = pos.any(1)
+    return (denominator - numerator)[valid]
+
+
+def cl_loss(rev: torch.Tensor, old: torch.Tensor, labels: torch.Tensor, tau: float = 1.0,
+            mine: bool = True) -> torch.Tensor:
+    """eq. 10: supervised contrastive loss of the backward system {rev, old}.
+
+    The anchor is rev(x_i); its positives are old(x_k) with y_k = y_i, including k = i
+    (the image's own old embedding, the pair that eq. 9 pulls together).
+    """
+    return contrastive_terms(pairwise_distances(rev, old), labels, tau, mine,
+                             exclude_self=False).mean()
+
+
+def mcl_loss(rev: torch.Tensor, old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor,
+             tau: float = 1.0, mine: bool = True) -> torch.Tensor:
+    """eq. 11 (and eq. 12-13 when `new` is rho(phi_new) and `rev` is psi(rho(phi_new))).
+
+    Term 1: backward system {rev, old}, with the new system's negatives added to its
+    denominator; term 2: new system {new, new} (self pairs excluded), with the backward
+    system's negatives added.
+    """
+    d_old = pairwise_distances(rev, old)
+    d_new = pairwise_distances(new, new)
+    backward = contrastive_terms(d_old, labels, tau, mine, exclude_self=False, extra_neg=d_new)
+    forward = contrastive_terms(d_new, labels, tau, mine, exclude_self=True, extra_neg=d_old)
+    return backward.mean() + forward.mean()
+
+
+def bct_influence_loss(new_embedding: torch.Tensor, labels: torch.Tensor,
+                       old_classifier: torch.nn.Module, num_old_classes: int,
+                       label_smoothing: float = 0.0) -> torch.Tensor:
+    """BCT (Shen et al. 2020): new embeddings through the frozen old classifier, on the
+    items of the old classes."""
+    keep = labels < num_old_classes
+    if not keep.any():
+        return new_embedding.sum() * 0.0
+    logits = old_classifier(new_embedding[keep])
+    return F.cross_entropy(logits, labels[keep], label_smoothing=label_smoothing)
+
+
+def fct_regression_loss(transformed_old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """FCT (Ramanujan et al. 2022): the l2 distance between h(phi_old(x)) and phi_new(x)."""
+    return (transformed_old - new).pow(2).sum(1).clamp_min(1e-12).sqrt().mean()

@@ -1,0 +1,126 @@
+"""Backbones, the L2-normalised embedding head, the cosine classifier, and psi / rho.
+
+- `FastResNet`: an airbench-style net for 32x32 inputs, fast on a CPU (the cpu profile);
+- `resnet18_cifar`: torchvision's ResNet-18 with a CIFAR stem (3x3 conv, no max-pool);
+- `RetrievalModel`: backbone -> linear -> L2-normalised 128-d embedding -> cosine classifier.
+  The cosine classifier scores normalised embeddings, so training shapes the very space
+  that retrieval searches with Euclidean distance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(c_out), nn.GELU())
+
+
+class _PoolBlock(nn.Module):
+    """conv -> max-pool -> BN -> GELU -> conv-BN-GELU, with a residual over the second conv."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.res = _conv_bn(c_out, c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.bn(F.max_pool2d(self.conv(x), 2)))
+        return x + self.res(x)
+
+
+class FastResNet(nn.Module):
+    """A small residual net for 32x32 images (after Keller Jordan's airbench)."""
+
+    def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), stem: int = 24):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(stem), nn.GELU())
+        blocks, c = [], stem
+        for w in widths:
+            blocks.append(_PoolBlock(c, w))
+            c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.out_features = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return torch.amax(x, dim=(2, 3))
+
+
+def resnet18_cifar() -> nn.Module:
+    """ResNet-18 with a CIFAR stem (3x3 stride-1 first conv, no max-pool), 512-d features."""
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=None)
+    net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    net.out_features = 512
+    return net
+
+
+def build_backbone(arch: str, widths: tuple[int, ...] | None = None) -> nn.Module:
+    if arch == "fast":
+        return FastResNet(tuple(widths) if widths else (32, 64, 128))
+    if arch == "resnet18":
+        return resnet18_cifar()
+    raise ValueError(f"unknown backbone {arch!r}; use 'fast' or 'resnet18'")
+
+
+class CosineClassifier(nn.Module):
+    """logits = scale * cos(embedding, class weight): a classifier for normalised embeddings."""
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 16.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, dim) * 0.01)
+        self.scale = scale
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.linear(F.normalize(embedding, dim=1), F.normalize(self.weight, dim=1))
+
+
+class RetrievalModel(nn.Module):
+    """Backbone + linear head whose output is L2-normalised, + a cosine classifier."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dim: int = 128,
+                 scale: float = 16.0):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.out_features, dim)
+        self.classifier = CosineClassifier(dim, num_classes, scale)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(x)).float(), dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.embed(x)
+        return z, self.classifier(z)
+
+
+class EmbeddingTransform(nn.Module):
+    """A small MLP between embedding spaces with an L2-normalised output.
+
+    psi (new -> old, the reverse query transform), rho (new -> new, the learnable new
+    embedding; `residual=True` starts it at the identity) and FCT's h (old -> new).
+    """
+
+    def __init__(self, d_in: int, d_out: int, hidden: int = 512, residual: bool = False):
+        super().__init__()
+        if residual and d_in != d_out:
+            raise ValueError("a residual transform needs d_in == d_out")
+        self.d_in, self.d_out, self.hidden, self.residual = d_in, d_out, hidden, residual
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                 nn.Linear(hidden, d_out))
+        if residual:  # start as the identity map
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return F.normalize(x + y if self.residual else y, dim=1)

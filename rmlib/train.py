@@ -1,0 +1,233 @@
+"""One training loop for every backbone; the objective plugs in (plain, BCT, BiCT).
+
+Every run is a function of its config: it lives in
+`runs/<dataset>/<profile>/<role>-<config hash>/`, writes a checkpoint every epoch, resumes
+from it after an interruption, and is reused only when the hash matches. Checkpoints hold
+tensors and plain numbers only, so they load with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rmlib import RmlibError
+from rmlib.config import cpu_has_fast_bf16, default_device, runs_root
+from rmlib.data import CIFAR100_MEAN, CIFAR100_STD, ImageSet
+from rmlib.data.augment import random_crop_flip
+from rmlib.models import RetrievalModel, build_backbone
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Everything that determines a trained backbone (and so its cache key)."""
+
+    dataset: str = "cifar100"
+    profile: str = "cpu"
+    role: str = "new"
+    num_classes: int = 100
+    arch: str = "fast"
+    widths: tuple[int, ...] = (32, 64, 128)
+    dim: int = 128
+    scale: float = 16.0
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.2
+    warmup: float = 0.2  # fraction of steps with a rising learning rate
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    padding: int = 4
+    seed: int = 0
+    mean: tuple[float, ...] = CIFAR100_MEAN
+    std: tuple[float, ...] = CIFAR100_STD
+    objective: dict = field(default_factory=lambda: {"name": "ce"})
+
+    def key(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True, default=list)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+    def run_dir(self) -> Path:
+        return runs_root() / self.dataset / self.profile / f"{self.role}-{self.key()}"
+
+
+class Objective:
+    """The loss of a training step. Subclasses (BCT, BiCT) add terms; `spec` enters the hash."""
+
+    spec: dict = {"name": "ce"}
+
+    def __call__(self, model: RetrievalModel, embedding: torch.Tensor, logits: torch.Tensor,
+                 labels: torch.Tensor, config: BackboneConfig) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+
+
+def precision_mode(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for this device: fp16/bf16 on CUDA, bf16 on CPUs with bf16 units,
+    else None (fp32; emulated bf16 is slower than fp32)."""
+    override = os.environ.get("RMLIB_PRECISION")
+    if override == "fp32":
+        return None
+    if override == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def normalise(images_uint8: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    m = torch.tensor(mean, device=images_uint8.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images_uint8.device).view(1, -1, 1, 1)
+    return ((images_uint8.float() / 255.0) - m) / s
+
+
+def build_model(config: BackboneConfig) -> RetrievalModel:
+    torch.manual_seed(config.seed)
+    backbone = build_backbone(config.arch, config.widths)
+    return RetrievalModel(backbone, config.num_classes, config.dim, config.scale)
+
+
+def _lr_lambda(total_steps: int, warmup: float) -> Callable[[int], float]:
+    peak = max(1, int(total_steps * warmup))
+
+    def factor(step: int) -> float:  # linear up to the peak, then linear down to zero
+        if step < peak:
+            return (step + 1) / peak
+        return max(0.0, (total_steps - step) / max(1, total_steps - peak))
+
+    return factor
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+@dataclass
+class TrainedModel:
+    model: RetrievalModel
+    config: BackboneConfig
+    history: list[dict]
+    run_dir: Path
+    reused: bool = False
+
+    @property
+    def wall_time_s(self) -> float:
+        return float(sum(h["seconds"] for h in self.history))
+
+
+def train_backbone(
+    config: BackboneConfig, train: ImageSet, objective: Objective | None = None,
+    device: torch.device | None = None, progress: bool = True,
+    stop_after_epochs: int | None = None,
+) -> TrainedModel:
+    """Train (or load from the cache, or resume) a backbone on `train` with `objective`.
+
+    `stop_after_epochs` ends the call early, leaving a checkpoint behind: it simulates an
+    interruption (tests) and lets long runs be done in pieces.
+    """
+    objective = objective or Objective()
+    if objective.spec != config.objective:
+        config = replace(config, objective=objective.spec)
+    device = device or default_device()
+    run_dir = config.run_dir()
+    final = run_dir / "model.pt"
+    model = build_model(config)
+    if final.exists():
+        model.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
+        history = json.loads((run_dir / "history.json").read_text())
+        return TrainedModel(model.to(device).eval(), config, history, run_dir, reused=True)
+    if int(train.labels.max()) >= config.num_classes:
+        raise RmlibError(f"labels go up to {int(train.labels.max())} but the model has "
+                         f"{config.num_classes} classes; filter the training set first")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=list))
+
+    model = model.to(device).to(memory_format=torch.channels_last)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": config.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, momentum=config.momentum, nesterov=True)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(steps_per_epoch * config.epochs, config.warmup))
+    history: list[dict] = []
+    start_epoch = 0
+    checkpoint = run_dir / "checkpoint.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, start_epoch = state["history"], int(state["epoch"])
+
+    images = torch.from_numpy(np.ascontiguousarray(train.images)).to(device)
+    labels = torch.from_numpy(train.labels).to(device)
+    dtype = precision_mode(device)
+    from tqdm.auto import tqdm
+
+    last_epoch = config.epochs if stop_after_epochs is None else min(
+        config.epochs, start_epoch + stop_after_epochs)
+    for epoch in range(start_epoch, last_epoch):
+        model.train()
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(train), generator=gen).to(device)
+        t0 = time.time()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"{config.role} epoch {epoch + 1}/{config.epochs}",
+                   disable=not progress, leave=False, mininterval=2.0)
+        for step in bar:
+            idx = perm[step * config.batch_size:(step + 1) * config.batch_size]
+            batch = random_crop_flip(images[idx], config.padding, gen)
+            x = normalise(batch, config.mean, config.std).contiguous(
+                memory_format=torch.channels_last)
+            y = labels[idx]
+            with torch.autocast(device.type, dtype=dtype or torch.float32,
+                                enabled=dtype is not None):
+                embedding, logits = model(x)
+                loss = objective(model, embedding, logits.float(), y, config)
+            if not torch.isfinite(loss):
+                raise RmlibError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); "
+                                 "lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
+                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0,
+                        "images_per_s": seen / (time.time() - t0)})
+        if progress:
+            h = history[-1]
+            print(f"{config.role} epoch {epoch + 1}/{config.epochs}: loss {h['loss']:.3f} "
+                  f"train acc {h['train_acc']:.3f} ({h['images_per_s']:.0f} img/s)", flush=True)
+        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "history": history,
+                      "epoch": epoch + 1}, checkpoint)
+    model.eval()
+    if len(history) == config.epochs:
+        _save_atomic(model.state_dict(), final)
+        (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+        checkpoint.unlink(missing_ok=True)
+    return TrainedModel(model, config, history, run_dir)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

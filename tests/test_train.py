@@ -1,0 +1,116 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rmlib.data import ImageSet
+from rmlib.data.augment import random_crop_flip, random_erase
+from rmlib.models import FastResNet, RetrievalModel, resnet18_cifar
+from rmlib.train import BackboneConfig, train_backbone
+
+
+def tiny_images(n=64, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    base = rng.integers(0, 256, size=(classes, 3, 32, 32))
+    images = np.clip(base[labels] + rng.normal(0, 30, size=(n, 3, 32, 32)), 0, 255)
+    return ImageSet(images.astype(np.uint8), labels.astype(np.int64))
+
+
+def tiny_config(**kw):
+    base = dict(dataset="unit", profile="test", role="new", num_classes=4, widths=(8, 8, 16),
+                dim=16, epochs=2, batch_size=16, lr=0.05)
+    return BackboneConfig(**{**base, **kw})
+
+
+def test_model_shapes_and_normalised_embeddings():
+    model = RetrievalModel(FastResNet((8, 16, 16)), num_classes=10, dim=128).eval()
+    z, logits = model(torch.randn(5, 3, 32, 32))
+    assert z.shape == (5, 128) and logits.shape == (5, 10)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
+    assert logits.abs().max() <= model.classifier.scale + 1e-4
+    assert resnet18_cifar()(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_crop_flip_geometry():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    out = random_crop_flip(x, padding=0, generator=gen)
+    for i in range(2):  # without padding, each image is itself or its mirror
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(2))
+    padded = random_crop_flip(x.to(torch.uint8), padding=2, generator=gen)
+    assert padded.shape == x.shape and padded.dtype == torch.uint8
+    erased = random_erase(torch.zeros(8, 3, 16, 8), gen, p=1.0)
+    assert (erased != 0).any(dim=(1, 2, 3)).all()
+
+
+def test_same_seed_same_losses(tmp_path, monkeypatch):
+    data = tiny_images()
+    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "a"))
+    a = train_backbone(tiny_config(epochs=1), data, progress=False)
+    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "b"))
+    b = train_backbone(tiny_config(epochs=1), data, progress=False)
+    assert a.history[0]["loss"] == b.history[0]["loss"]
+    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "c"))
+    c = train_backbone(tiny_config(epochs=1, seed=5), data, progress=False)
+    assert c.history[0]["loss"] != a.history[0]["loss"]
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+    data = tiny_images()
+    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "whole"))
+    whole = train_backbone(tiny_config(), data, progress=False)
+    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "pieces"))
+    first = train_backbone(tiny_config(), data, progress=False, stop_after_epochs=1)
+    assert (first.run_dir / "checkpoint.pt").exists() and not (first.run_dir / "model.pt").exists()
+    resumed = train_backbone(tiny_config(), data, progress=False)
+    assert not resumed.reused and len(resumed.history) == 2
+    for (name, p), q in zip(whole.model.state_dict().items(),
+                            resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+    # the finished run is a plain state dict that loads with weights_only=True
+    state = torch.load(resumed.run_dir / "model.pt", weights_only=True)
+    assert set(state) == set(whole.model.state_dict())
+
+
+def test_cache_reused_only_when_config_matches():
+    data = tiny_images()
+    first = train_backbone(tiny_config(epochs=1), data, progress=False)
+    again = train_backbone(tiny_config(epochs=1), data, progress=False)
+    assert again.reused and again.run_dir == first.run_dir
+    changed = train_backbone(tiny_config(epochs=1, lr=0.01), data, progress=False)
+    assert not changed.reused and changed.run_dir != first.run_dir
+    assert json.loads((changed.run_dir / "config.json").read_text())["lr"] == 0.01
+
+
+def test_labels_beyond_the_classifier_are_an_error():
+    from rmlib import RmlibError
+
+    with pytest.raises(RmlibError, match="filter the training set"):
+        train_backbone(tiny_config(num_classes=2), tiny_images(), progress=False)
+
+
+def test_train_command_without_data_is_a_clear_error(tmp_path):
+    env = {"RMLIB_DATA": str(tmp_path), "RMLIB_DOWNLOAD": "0", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "rmlib", "train", "cifar100", "new",
+                           "--profile", "smoke"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert "CIFAR-100 is not at" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_smoke_profile_trains_both_on_real_data(cifar_root, monkeypatch, tmp_path):
+    from rmlib.methods import train_backbones
+
+    monkeypatch.setenv("RMLIB_DATA", str(cifar_root))
+    out = tmp_path / "backbones.json"
+    result = train_backbones(profile="smoke", progress=False, out=out)
+    saved = json.loads(out.read_text())
+    for role in ("old", "new"):
+        assert 0 < saved[role]["mAP"] < 1 and saved[role]["test_images"] == 1000
+        assert saved[role]["history"][0]["epoch"] == 1
+    assert saved["old"]["train_images"] == 1000 and saved["new"]["train_images"] == 2000
+    assert result["provenance"]["profile"] == "smoke"
+    assert result["provenance"]["git_commit"]
