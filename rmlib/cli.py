@@ -55,6 +55,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from rmlib.methods import reproduce_cifar100
+    from rmlib.report import table1_text
+
+    tables = reproduce_cifar100(profile=args.profile, progress=not args.quiet)
+    prov = tables["table1"]["provenance"]
+    print(f"Table 1, CIFAR-100, profile {prov['profile']} ({prov['wall_time_s'] / 60:.1f} min; "
+          f"FCT without side-information)")
+    print(table1_text(tables["table1"]["rows"], tables["table1"]["paper"]))
+    print("\nAblation")
+    print(table1_text(tables["ablation"]["rows"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rmlib",
@@ -85,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "reproduce", help="run whatever is missing and write Table 1 and the ablation",
+        description="Train or reuse every backbone and transform of a profile, evaluate each "
+                    "Table 1 row (Old, New, RM_naive, BCT, FCT, BiCT, RM) and the ablation "
+                    "(RM_naive, +RQT, +CL, +MCL, +rho) along the backfill, and write "
+                    "data/results/cifar100/<profile>/table1.json and ablation.json.")
+    p.add_argument("dataset", choices=["cifar100"])
+    p.add_argument("--profile", choices=["smoke", "cpu", "paper"],
+                   help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_reproduce)
     return parser
 
 

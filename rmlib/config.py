@@ -18,11 +18,14 @@ PROFILES = ("smoke", "cpu", "paper")
 # fits a 2-core CPU (fp32 unless the CPU has bf16 units); `paper` is ResNet-18 on one GPU.
 PROFILE_SETTINGS: dict[str, dict] = {
     "smoke": {"arch": "fast", "widths": (16, 32, 64), "epochs_old": 1, "epochs_new": 1,
-              "batch_size": 128, "lr": 0.1, "train_per_class": 20, "test_per_class": 10},
-    "cpu": {"arch": "fast", "widths": (32, 64, 128), "epochs_old": 8, "epochs_new": 8,
-            "batch_size": 256, "lr": 0.2, "train_per_class": None, "test_per_class": None},
+              "batch_size": 128, "lr": 0.1, "train_per_class": 20, "test_per_class": 10,
+              "transform_epochs": 2, "transform_hidden": 128, "tau_epochs": 1},
+    "cpu": {"arch": "fast", "widths": (32, 64, 128), "epochs_old": 6, "epochs_new": 7,
+            "batch_size": 256, "lr": 0.2, "train_per_class": None, "test_per_class": None,
+            "transform_epochs": 6, "transform_hidden": 512, "tau_epochs": 3},
     "paper": {"arch": "resnet18", "widths": None, "epochs_old": 30, "epochs_new": 30,
-              "batch_size": 256, "lr": 0.2, "train_per_class": None, "test_per_class": None},
+              "batch_size": 256, "lr": 0.2, "train_per_class": None, "test_per_class": None,
+              "transform_epochs": 20, "transform_hidden": 512, "tau_epochs": 10},
 }
 
 

@@ -38,15 +38,15 @@ def hardest_half(dist: torch.Tensor, mask: torch.Tensor, hardest: str) -> torch.
     """Keep, in each row, the harder half (rounded up) of the items in `mask`.
 
     Hard positives are the farthest (`hardest="far"`), hard negatives the closest ("near").
+    One sort of the masked distances gives each row's cut-off distance.
     """
-    count = mask.sum(1, keepdim=True)
-    keep = (count + 1) // 2
-    fill = float("-inf") if hardest == "far" else float("inf")
-    score = dist.masked_fill(~mask, fill)
-    order = torch.argsort(score, dim=1, descending=(hardest == "far"), stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(dist.shape[1], device=dist.device).expand_as(order))
-    return mask & (rank < keep)
+    far = hardest == "far"
+    keep = (mask.sum(1, keepdim=True) + 1) // 2
+    score = dist.masked_fill(~mask, float("-inf") if far else float("inf"))
+    ordered = torch.sort(score, dim=1, descending=far).values
+    cut = ordered.gather(1, (keep - 1).clamp_min(0))
+    chosen = dist >= cut if far else dist <= cut
+    return mask & chosen & (keep > 0)
 
 
 def _masked_lse(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -61,3 +61,21 @@ def plot_curves(curves: Mapping[str, BackfillCurve], path: Path | str | None = N
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return fig
+
+
+def table1_text(rows: Mapping[str, Mapping], paper: Mapping | None = None) -> str:
+    """Table 1 as fixed-width text: ours (AUC_mAP, AUC_CMC top-1, Gain) beside the paper's."""
+    head = f"{'':10} {'AUC_mAP':>8} {'AUC_CMC':>8} {'Gain':>6}"
+    if paper:
+        head += f"   | paper: {'AUC_mAP':>7} {'AUC_CMC':>7} {'Gain':>5}"
+    lines = [head + f"  {'max mAP drop':>12}"]
+    for name, r in rows.items():
+        line = (f"{name:10} {100 * r['auc_mAP']:8.2f} {100 * r['auc_top1']:8.2f} "
+                f"{100 * r['gain']:5.0f}%")
+        if paper:
+            p = paper.get(name)
+            line += (f"   |        {p[0]:7.1f} {p[1]:7.1f} {p[2]:4.0f}%" if p else
+                     "   |" + " " * 28)
+        drop = r["conditions"]["mAP"]["max_drop"]
+        lines.append(line + f"  {100 * drop:10.2f} pt")
+    return "\n".join(lines)

@@ -37,7 +37,8 @@ class TransformConfig:
     tau: float = 0.1
     hidden: int = 512
     epochs: int = 20
-    batch_size: int = 1024
+    classes_per_batch: int = 32  # P x K batches: P classes, K items each
+    per_class: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
     mine: bool = True
@@ -129,6 +130,20 @@ def _loss(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor) -> t
     return mcl_loss(rev, o, new, y, c.tau, c.mine)
 
 
+def pk_batches(labels: torch.Tensor, classes: int, per_class: int, generator: torch.Generator
+               ) -> list[torch.Tensor]:
+    """One epoch of class-balanced batches: each item once, in groups of `per_class` items
+    of one class, `classes` groups a batch, so every anchor has positives in its batch."""
+    groups = []
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c)[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        groups.extend(idx.split(per_class))
+    order = torch.randperm(len(groups), generator=generator).tolist()
+    groups = [groups[i] for i in order]
+    return [torch.cat(groups[i:i + classes]) for i in range(0, len(groups), classes)]
+
+
 def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
                    labels: np.ndarray, progress: bool = True) -> Transforms:
     """Train the transforms of `config` on paired embeddings of the same labelled items."""
@@ -149,11 +164,13 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
     t = Transforms(config, psi, rho, classifier)
     params = [p for m in (psi, rho, classifier) if m is not None for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps = math.ceil(len(y_all) / config.batch_size)
+    gen = torch.Generator().manual_seed(config.seed)
+    counts = torch.unique(y_all, return_counts=True)[1].tolist()
+    groups = sum(math.ceil(n / config.per_class) for n in counts)
+    steps = math.ceil(groups / config.classes_per_batch)
     total = steps * config.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=total,
                                                     pct_start=0.1)
-    gen = torch.Generator().manual_seed(config.seed)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=f"fit {config.name}", disable=not progress, leave=False,
@@ -163,9 +180,7 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
             module.train()
     for epoch in range(config.epochs):
         t0, total_loss, seen = time.time(), 0.0, 0
-        perm = torch.randperm(len(y_all), generator=gen)
-        for s in range(steps):
-            idx = perm[s * config.batch_size:(s + 1) * config.batch_size]
+        for idx in pk_batches(y_all, config.classes_per_batch, config.per_class, gen):
             if len(idx) < 2:
                 continue
             loss = _loss(t, o_all[idx], n_all[idx], y_all[idx])
