@@ -241,3 +241,22 @@ def backfill_arrays(arrays: BackfillArrays, seed: int = 0,
         old = evaluate(arrays.reference_query, arrays.old_gallery, protocol).summary()
     new = new_baseline or {"mAP": curve.mAP[-1], "top1": curve.top1[-1]}
     return curve, check_conditions(curve, old, new)
+
+
+def merged_top_k(arrays: BackfillArrays, query: int, t: float, k: int = 8, seed: int = 0
+                 ) -> list[tuple[int, float, str, bool]]:
+    """One query's merged top-k at ratio t: (gallery index, distance, 'old'|'new', relevant)."""
+    protocol = Protocol.of(arrays)
+    relevant, excluded = protocol.masks(query, query + 1)
+    n = protocol.num_gallery
+    is_new = torch.zeros(n, dtype=torch.bool)
+    is_new[torch.as_tensor(backfill_order(n, seed)[: backfilled_count(t, n)])] = True
+    row = slice(query, query + 1)
+    d_old = euclidean_distances(torch.as_tensor(arrays.old_query[row]),
+                                torch.as_tensor(arrays.old_gallery))
+    d_new = euclidean_distances(torch.as_tensor(arrays.new_query[row]),
+                                torch.as_tensor(arrays.new_gallery))
+    dist = torch.where(is_new, d_new, d_old)
+    top = torch.argsort(rank_keys(dist, excluded), dim=1)[0, :k]
+    return [(int(i), float(dist[0, i]), "new" if is_new[i] else "old", bool(relevant[0, i]))
+            for i in top]

@@ -33,22 +33,30 @@ def profile_settings(name: str | None = None) -> dict:
     return dict(PROFILE_SETTINGS[name or profile_name()])
 
 
+def _home() -> Path:
+    """The repository's `data/` in a checkout; `~/.rmlib` when rmlib is installed as a package
+    (e.g. on Colab), whose site-packages is no place for data."""
+    if (REPO_ROOT / "pyproject.toml").exists():
+        return REPO_ROOT / "data"
+    return Path.home() / ".rmlib"
+
+
 def data_root() -> Path:
     """`$RMLIB_DATA` if set, else the repository's `data/` (independent of the working dir)."""
     env = os.environ.get("RMLIB_DATA")
-    return Path(env).expanduser().resolve() if env else REPO_ROOT / "data"
+    return Path(env).expanduser().resolve() if env else _home()
 
 
 def runs_root() -> Path:
     """The run cache: under the repository's `data/runs`, never under a read-only RMLIB_DATA."""
     env = os.environ.get("RMLIB_RUNS")
-    return Path(env).expanduser().resolve() if env else REPO_ROOT / "data" / "runs"
+    return Path(env).expanduser().resolve() if env else _home() / "runs"
 
 
 def results_root() -> Path:
     """Where results with provenance are written (committed for the cpu and paper profiles)."""
     env = os.environ.get("RMLIB_RESULTS")
-    return Path(env).expanduser().resolve() if env else REPO_ROOT / "data" / "results"
+    return Path(env).expanduser().resolve() if env else _home() / "results"
 
 
 def default_device() -> torch.device:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmlib.backfill import backfill_arrays
+from rmlib.backfill import BackfillCurve, backfill_arrays
 from rmlib.config import profile_name, profile_settings, results_root
 from rmlib.contract import BackfillArrays
 from rmlib.data import ImageSet, load_cifar100, old_class_mask, train_val_split
@@ -376,3 +376,20 @@ def reproduce_cifar100(profile: str | None = None, progress: bool = True) -> dic
         body["provenance"] = prov
         (folder / f"{name}.json").write_text(json.dumps(body, indent=2, default=list))
     return tables
+
+
+def cifar100_results(profile: str | None = None, progress: bool = False) -> dict:
+    """Table 1 and ablation results of a profile: read from data/results if there, else run."""
+    profile = profile or profile_name()
+    folder = results_root() / "cifar100" / profile
+    if (folder / "table1.json").exists() and (folder / "ablation.json").exists():
+        return {name: json.loads((folder / f"{name}.json").read_text())
+                for name in ("table1", "ablation")}
+    return reproduce_cifar100(profile, progress)
+
+
+def curve_of(result_row: dict) -> BackfillCurve:
+    """A BackfillCurve back from a results-file row."""
+    keys = ("t", "mAP", "top1", "top5", "nfr")
+    return BackfillCurve(**{k: result_row[k] for k in keys},
+                         num_valid_queries=result_row.get("num_valid_queries", 0))

@@ -79,3 +79,85 @@ def table1_text(rows: Mapping[str, Mapping], paper: Mapping | None = None) -> st
         drop = r["conditions"]["mAP"]["max_drop"]
         lines.append(line + f"  {100 * drop:10.2f} pt")
     return "\n".join(lines)
+
+
+def provenance_line(prov: Mapping) -> str:
+    """One sentence a results page prints: which run made these numbers."""
+    m = prov.get("machine", {})
+    hw = m.get("gpu") or m.get("cpu") or m.get("processor", "unknown CPU")
+    total = prov.get("wall_time_s", 0) + sum(prov.get("backbone_train_seconds", {}).values())
+    return (f"Profile `{prov.get('profile')}`, commit `{str(prov.get('git_commit'))[:12]}`, "
+            f"{hw} ({m.get('threads', '?')} threads), run on {prov.get('date', '?')[:10]}; "
+            f"wall time {prov.get('wall_time_s', 0) / 60:.1f} min for this step"
+            + (f", {total / 60:.1f} min with backbone training." if total else "."))
+
+
+def nearest_distances(query, gallery, protocol, positive: bool, limit: int = 2000):
+    """Each query's distance to its nearest relevant (positive=True) or irrelevant gallery item.
+
+    Distances of two systems are comparable only if these distributions line up: rank
+    merge compares an old-system distance with a new-system one.
+    """
+    import numpy as np
+    import torch
+
+    from rmlib.retrieval import euclidean_distances
+
+    n = min(limit, len(query))
+    relevant, excluded = protocol.masks(0, n)
+    d = euclidean_distances(torch.as_tensor(query[:n]), torch.as_tensor(gallery))
+    mask = relevant if positive else (~relevant & ~excluded)
+    d = d.masked_fill(~mask, float("inf")).min(1).values
+    return d[torch.isfinite(d)].numpy().astype(np.float64)
+
+
+def plot_distance_calibration(systems: Mapping[str, tuple], protocol, path=None, title=""):
+    """Histograms of nearest-positive and nearest-negative distances for each system.
+
+    systems: name -> (query, gallery). Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(systems), figsize=(4.2 * len(systems), 3.3),
+                             constrained_layout=True, squeeze=False)
+    for ax, (name, (q, g)) in zip(axes[0], systems.items(), strict=True):
+        pos = nearest_distances(q, g, protocol, True)
+        neg = nearest_distances(q, g, protocol, False)
+        bins = 40
+        ax.hist(pos, bins=bins, alpha=0.6, density=True, label="nearest relevant")
+        ax.hist(neg, bins=bins, alpha=0.6, density=True, label="nearest irrelevant")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("Euclidean distance")
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_retrieval_examples(images, rows: Mapping[str, list], query_image, title: str = ""):
+    """A query image and, per system, its merged top-k; frame colour = correct (green) or
+    not (red), caption = the system that scored the item (old/new) and its distance."""
+    import matplotlib.pyplot as plt
+
+    k = max(len(r) for r in rows.values())
+    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.35 * (k + 1), 1.6 * len(rows)),
+                             constrained_layout=True, squeeze=False)
+    for r, (name, items) in enumerate(rows.items()):
+        axes[r][0].imshow(query_image.transpose(1, 2, 0))
+        axes[r][0].set_title("query", fontsize=8)
+        axes[r][0].set_ylabel(name, fontsize=8)
+        for c, (idx, dist, side, ok) in enumerate(items, start=1):
+            ax = axes[r][c]
+            ax.imshow(images[idx].transpose(1, 2, 0))
+            ax.set_title(f"{side} {dist:.2f}", fontsize=7)
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:green" if ok else "tab:red")
+                spine.set_linewidth(3)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig

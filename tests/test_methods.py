@@ -1,0 +1,95 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rmlib import RmlibError
+from rmlib.methods import ABLATION_ROWS, TABLE1_ROWS, gain, rm_arrays
+from rmlib.retrieval import Protocol, evaluate
+from rmlib.transforms import TransformConfig, Transforms, fit_transforms, pk_batches
+from tests.conftest import clustered
+
+
+def paired_embeddings(n=600, classes=12, seed=0):
+    """Old and new embeddings of the same items in unrelated, differently scaled spaces."""
+    labels, old = clustered(n, 16, classes, 0.9, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    new = rng.normal(size=(classes, 24))[labels] + 0.5 * rng.normal(size=(n, 24))
+    norm = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    return labels, norm(old), norm(new)
+
+
+def test_pk_batches_cover_every_item_once():
+    labels = torch.tensor([0] * 10 + [1] * 7 + [2] * 3)
+    batches = pk_batches(labels, classes=2, per_class=4, generator=torch.Generator())
+    seen = torch.cat(batches).sort().values
+    assert torch.equal(seen, torch.arange(20))
+
+
+@pytest.mark.parametrize("objective,rho", [("rqt", False), ("mcl", True), ("fct", False)])
+def test_transforms_learn_and_round_trip(objective, rho, tmp_path):
+    labels, old, new = paired_embeddings()
+    cfg = TransformConfig(objective=objective, rho=rho, tau=0.2, hidden=64, epochs=15,
+                          classes_per_batch=6, per_class=8)
+    t = fit_transforms(cfg, old, new, labels, progress=False)
+    assert t.history[-1]["loss"] < t.history[0]["loss"]
+    path = tmp_path / "t.pt"
+    torch.save(t.state(), path)
+    back = Transforms.from_state(torch.load(path, weights_only=True))
+    if objective == "fct":
+        np.testing.assert_allclose(back.forward(old), t.forward(old), atol=1e-6)
+    else:
+        np.testing.assert_allclose(back.reverse(new), t.reverse(new), atol=1e-6)
+        out = t.reverse(new)
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+def test_rqt_brings_reverse_queries_into_the_old_space():
+    labels, old, new = paired_embeddings(seed=3)
+    cfg = TransformConfig(objective="rqt", hidden=64, epochs=30, classes_per_batch=6)
+    t = fit_transforms(cfg, old, new, labels, progress=False)
+    protocol = Protocol.leave_one_out(labels)
+    # a new query, reverse-transformed, searches the old gallery better than an old query
+    # (the new model is the better one), and far above chance (1/12)
+    rev = evaluate(t.reverse(new), old, protocol).summary()["mAP"]
+    assert rev > evaluate(old, old, protocol).summary()["mAP"] > 0.3
+    arrays = rm_arrays(t, old, new, labels)
+    assert arrays.old_query.shape == old.shape and arrays.new_query.shape == new.shape
+
+
+def test_bad_transform_configs():
+    with pytest.raises(RmlibError, match="unknown objective"):
+        TransformConfig(objective="nope")
+    with pytest.raises(RmlibError, match="rho is trained with MCL"):
+        TransformConfig(objective="rqt", rho=True)
+
+
+def test_gain():
+    assert gain(0.3, 0.2, 0.4) == pytest.approx(0.5)
+    assert gain(0.2, 0.2, 0.4) == 0.0
+
+
+def test_smoke_reproduce_writes_every_row(cifar_root, monkeypatch, tmp_path):
+    from rmlib.methods import reproduce_cifar100
+
+    monkeypatch.setenv("RMLIB_DATA", str(cifar_root))
+    tables = reproduce_cifar100("smoke", progress=False)
+    folder = tmp_path / "results" / "cifar100" / "smoke"
+    table = json.loads((folder / "table1.json").read_text())
+    ablation = json.loads((folder / "ablation.json").read_text())
+    assert list(table["rows"]) == list(TABLE1_ROWS)
+    assert list(ablation["rows"]) == list(ABLATION_ROWS)
+    rows = table["rows"]
+    assert rows["Old"]["gain"] == 0 and rows["New"]["gain"] == pytest.approx(1)
+    assert np.ptp(rows["Old"]["mAP"]) == 0  # no backfill: a flat curve
+    for row in rows.values():
+        assert len(row["t"]) == 21 and len(row["nfr"]) == 21
+        assert set(row["conditions"]["mAP"]) >= {"cond6_M0_ge_old", "cond7_M1_ge_new",
+                                                 "max_drop"}
+    # RM_naive ends where New ends and starts where Old starts
+    assert rows["RM_naive"]["mAP"][0] == pytest.approx(rows["Old"]["mAP"][0])
+    assert rows["RM_naive"]["mAP"][-1] == pytest.approx(rows["New"]["mAP"][-1])
+    assert table["provenance"]["config"]["tau_selection"]["tau"] in (0.05, 0.1, 0.2, 1.0)
+    assert table["paper"]["RM"] == [41.4, 60.7, 78]
+    assert tables["table1"]["rows"].keys() == rows.keys()
