@@ -69,6 +69,35 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from rmlib.upgrade import fit_command
+
+    if args.tau is not None and args.tau <= 0:
+        raise RmlibError(f"--tau must be positive, got {args.tau}")
+    if args.epochs < 1:
+        raise RmlibError(f"--epochs must be at least 1, got {args.epochs}")
+    info = fit_command(args.train, args.out, rho=args.rho, tau=args.tau, epochs=args.epochs,
+                       progress=not args.quiet)
+    if info["selection"]:
+        scores = ", ".join(f"{k}: {100 * v:.2f}"
+                           for k, v in info["selection"]["val_auc_mAP"].items())
+        print(f"tau chosen on {info['selection']['val_items']} held-out items by validation "
+              f"AUC_mAP (%): {scores}")
+    print(f"fitted psi{' and rho' if args.rho else ''} (MCL, tau {info['tau']}) on "
+          f"{info['items']:,} items in {info['seconds']:.0f} s; wrote {args.out}")
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from rmlib.contract import load_backfill_arrays
+    from rmlib.upgrade import apply_compat
+
+    arrays = apply_compat(args.compat, load_backfill_arrays(args.emb), force=args.force)
+    arrays.save(args.out)
+    print(f"wrote {args.out}: the RM systems; evaluate with `python -m rmlib backfill {args.out}`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rmlib",
@@ -111,11 +140,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser(
+        "fit", help="fit psi (and rho) with MCL on your own old and new embeddings",
+        description="Train the reverse query transform psi (and the new embedding rho) with "
+                    "metric-compatible contrastive learning on old and new embeddings of the "
+                    "same labelled training items. tau is chosen on a held-out split unless "
+                    "given.")
+    p.add_argument("train", type=Path, metavar="TRAIN.npz",
+                   help="arrays old (N, d_old), new (N, d_new), labels (N,)")
+    p.add_argument("--out", type=Path, required=True, metavar="COMPAT.pt")
+    p.add_argument("--rho", action=argparse.BooleanOptionalAction, default=True,
+                   help="also learn rho, the new embedding (default: yes)")
+    p.add_argument("--tau", type=float, help="temperature; default: chosen on validation")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser(
+        "apply", help="turn an evaluation file into the RM system's arrays",
+        description="Apply fitted transforms to EMB.npz: the old side becomes "
+                    "psi(rho(new_query)) against old_gallery, the new side rho(new_query) "
+                    "against rho(new_gallery).")
+    p.add_argument("compat", type=Path, metavar="COMPAT.pt")
+    p.add_argument("emb", type=Path, metavar="EMB.npz")
+    p.add_argument("--out", type=Path, required=True, metavar="EMB_RM.npz")
+    p.add_argument("--force", action="store_true",
+                   help="skip the check that the embeddings come from the fitted model pair")
+    p.set_defaults(func=_cmd_apply)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from rmlib.provenance import commit_at_start
+
+    commit_at_start()  # results record the code this command started with
     try:
         return args.func(args)
     except RmlibError as exc:

@@ -115,18 +115,24 @@ def validate(arrays: BackfillArrays) -> None:
              _ints("gallery_cams", np.asarray(arrays.gallery_cams), n, "gallery row"))
 
 
-def load_backfill_arrays(path: Path | str) -> BackfillArrays:
-    """Read and validate an evaluation file; every failure is one clear RmlibError."""
+def load_npz(path: Path | str, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file that must hold `required`; one clear RmlibError otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise RmlibError(f"{path} does not exist; give the path of an .npz evaluation file")
+        raise RmlibError(f"{path} does not exist; give the path of an .npz file")
     try:
         with np.load(path, allow_pickle=False) as f:
             found = {k: f[k] for k in f.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise RmlibError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez"
                          ) from exc
-    missing = [k for k in REQUIRED if k not in found]
+    missing = [k for k in required if k not in found]
     if missing:
-        raise RmlibError(f"{path} lacks {', '.join(missing)}; it needs {', '.join(REQUIRED)}")
+        raise RmlibError(f"{path} lacks {', '.join(missing)}; it needs {', '.join(required)}")
+    return found
+
+
+def load_backfill_arrays(path: Path | str) -> BackfillArrays:
+    """Read and validate an evaluation file; every failure is one clear RmlibError."""
+    found = load_npz(path, REQUIRED)
     return BackfillArrays(**{k: found[k] for k in REQUIRED + OPTIONAL if k in found})

@@ -26,6 +26,18 @@ def git_commit() -> str:
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
+_COMMIT_AT_START: str | None = None
+
+
+def commit_at_start() -> str:
+    """The commit of the code this process runs: read once, at the first call, so that a
+    long run records the code it started with even if the repository moves on."""
+    global _COMMIT_AT_START
+    if _COMMIT_AT_START is None:
+        _COMMIT_AT_START = git_commit()
+    return _COMMIT_AT_START
+
+
 def machine() -> dict[str, Any]:
     info = {"platform": platform.platform(), "processor": platform.processor() or "unknown",
             "python": platform.python_version(), "torch": torch.__version__,
@@ -43,6 +55,6 @@ def machine() -> dict[str, Any]:
 
 
 def provenance(config: dict, wall_time_s: float, profile: str | None = None) -> dict:
-    return {"git_commit": git_commit(), "rmlib": __version__, "profile": profile,
+    return {"git_commit": commit_at_start(), "rmlib": __version__, "profile": profile,
             "config": config, "machine": machine(), "wall_time_s": round(wall_time_s, 2),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

@@ -28,6 +28,7 @@ from rmlib.losses import cl_loss, fct_regression_loss, mcl_loss, rqt_loss
 from rmlib.models import CosineClassifier, EmbeddingTransform
 
 OBJECTIVES = ("rqt", "cl", "mcl", "fct", "bict")
+TAU_GRID = (0.05, 0.1, 0.2, 1.0)  # candidates for tau; 1.0 is the paper's value
 
 
 @dataclass(frozen=True)

@@ -43,3 +43,20 @@ def clustered(n: int, dim: int, classes: int, noise: float, seed: int, scale: fl
     centres = rng.normal(size=(classes, dim))
     x = scale * (centres[labels] + noise * rng.normal(size=(n, dim)))
     return labels, x.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory) -> Path:
+    """The book built once per session, strictly (-W --keep-going): its HTML folder."""
+    import shutil
+    import subprocess
+
+    if shutil.which("jupyter-book") is None:
+        pytest.skip("jupyter-book not installed")
+    out = tmp_path_factory.mktemp("book")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["jupyter-book", "build", str(root), "-W", "--keep-going", "--path-output", str(out)],
+        capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out / "_build" / "html"

@@ -1,0 +1,173 @@
+"""Your own upgrade: fit psi (and rho) with MCL on your embeddings, and apply them.
+
+`fit` trains on TRAIN.npz (arrays old, new, labels: old and new embeddings of the same
+labelled training items) exactly as the CIFAR-100 recipe does: tau chosen by the backfill
+AUC_mAP on a held-out split of those items (unless given), then the transforms retrained on
+all of them. `apply` turns an evaluation file (EMB.npz) into the RM system's arrays.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rmlib import RmlibError
+from rmlib.backfill import backfill_arrays
+from rmlib.config import profile_settings
+from rmlib.contract import BackfillArrays, load_npz
+from rmlib.data import train_val_split
+from rmlib.transforms import TAU_GRID, TransformConfig, Transforms, fit_transforms
+
+FORMAT = "rmlib-compat-1"
+DEFAULTS = profile_settings("cpu")  # the same transform settings as the CIFAR-100 recipe
+MIN_MEAN_COSINE = 0.3  # below this, embeddings look like another model's
+
+
+def _rows(name: str, a: np.ndarray) -> np.ndarray:
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise RmlibError(f"{name} must be a non-empty 2-D array (items x dimensions), "
+                         f"got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise RmlibError(f"{name} has NaN or inf in {int((~np.isfinite(a)).any(1).sum())} "
+                         "row(s); re-extract those embeddings")
+    return a.astype(np.float32, copy=False)
+
+
+def load_training_file(path: Path | str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """old, new, labels from TRAIN.npz, validated: one clear RmlibError for any problem."""
+    found = load_npz(path, required=("old", "new", "labels"))
+    old, new = _rows("old", found["old"]), _rows("new", found["new"])
+    labels = np.asarray(found["labels"])
+    if len(new) != len(old):
+        raise RmlibError(f"new has {len(new)} rows but old has {len(old)}; both must embed "
+                         "the same training items in the same order")
+    if labels.shape != (len(old),) or not np.issubdtype(labels.dtype, np.integer):
+        raise RmlibError(f"labels must be {len(old)} integers, one per item; got "
+                         f"{labels.dtype}{labels.shape}")
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise RmlibError("labels hold a single class; MCL needs at least 2 classes")
+    if (counts < 2).any():
+        raise RmlibError(f"{int((counts < 2).sum())} label(s) have a single item; MCL needs "
+                         "at least 2 items per label: drop those items or merge labels")
+    return old, new, labels.astype(np.int64)
+
+
+def select_tau(base: TransformConfig, old: np.ndarray, new: np.ndarray, labels: np.ndarray,
+               fit: np.ndarray, val: np.ndarray, grid: Sequence[float] = TAU_GRID,
+               fit_fn: Callable[..., Transforms] = fit_transforms, progress: bool = True
+               ) -> dict:
+    """tau by the backfill AUC_mAP of the RM systems on held-out items (`val`), each
+    candidate trained on `fit` with `base`'s settings. Never looks at a test set."""
+    scores = {}
+    for tau in grid:
+        t = fit_fn(replace(base, tau=tau), old[fit], new[fit], labels[fit], progress=progress)
+        new_side = t.new_side(new[val])
+        arrays = BackfillArrays(t.reverse(new[val]), old[val], new_side, new_side, labels[val])
+        scores[tau] = backfill_arrays(arrays)[0].auc("mAP")
+    return {"tau": max(scores, key=scores.get), "val_auc_mAP": scores,
+            "val_items": len(val), "fit_items": len(fit), "epochs": base.epochs}
+
+
+def holdout(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified hold-out of 10% of each label (at least 1 item) for choosing tau."""
+    counts = np.bincount(np.unique(labels, return_inverse=True)[1])
+    return train_val_split(labels, max(1, int(counts.min()) // 10), seed=seed)
+
+
+def fit_compat(old: np.ndarray, new: np.ndarray, labels: np.ndarray, rho: bool = True,
+               tau: float | None = None, epochs: int = DEFAULTS["transform_epochs"],
+               hidden: int = DEFAULTS["transform_hidden"], progress: bool = True
+               ) -> tuple[Transforms, dict]:
+    base = TransformConfig(objective="mcl", rho=rho, epochs=epochs, hidden=hidden,
+                           sources=("user",))
+    selection = None
+    if tau is None:
+        fit, val = holdout(labels)
+        selection = select_tau(replace(base, epochs=DEFAULTS["tau_epochs"]), old, new, labels,
+                               fit, val, progress=progress)
+        tau = selection["tau"]
+    t = fit_transforms(replace(base, tau=tau), old, new, labels, progress)
+    return t, {"tau": tau, "selection": selection}
+
+
+def save_compat(path: Path | str, t: Transforms, old: np.ndarray, new: np.ndarray,
+                info: dict) -> Path:
+    """A weights_only-loadable file: the transforms, their config, the dimensions, and the
+    mean direction of each space (to recognise embeddings of another model pair)."""
+    state = t.state()
+    state.update(format=FORMAT, old_dim=int(old.shape[1]), new_dim=int(new.shape[1]),
+                 old_mean=torch.as_tensor(old.mean(0)), new_mean=torch.as_tensor(new.mean(0)),
+                 tau=float(info["tau"]),
+                 val_auc_mAP={str(k): float(v) for k, v in
+                              ((info["selection"] or {}).get("val_auc_mAP") or {}).items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def load_compat(path: Path | str) -> tuple[Transforms, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise RmlibError(f"{path} does not exist; make it with `python -m rmlib fit`")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RmlibError(f"{path} is not a file written by `python -m rmlib fit` "
+                         f"({type(exc).__name__})") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise RmlibError(f"{path} is not a file written by `python -m rmlib fit`")
+    return Transforms.from_state(state), state
+
+
+def _mean_cosine(a: np.ndarray, mean: torch.Tensor) -> float:
+    m = a.mean(0)
+    return float(m @ mean.numpy() / (np.linalg.norm(m) * float(mean.norm()) + 1e-12))
+
+
+def apply_compat(path: Path | str, arrays: BackfillArrays, force: bool = False
+                 ) -> BackfillArrays:
+    """The RM systems of an evaluation file: {psi(rho(new_q)), old_g} and {rho(new_q), rho(new_g)}.
+
+    Negative flips stay defined against the deployed old queries (reference_query, else the
+    file's old_query).
+    """
+    t, state = load_compat(path)
+    for name, a, dim in (("old_gallery", arrays.old_gallery, state["old_dim"]),
+                         ("new_query", arrays.new_query, state["new_dim"]),
+                         ("new_gallery", arrays.new_gallery, state["new_dim"])):
+        if a.shape[1] != dim:
+            raise RmlibError(f"{name} has dimension {a.shape[1]} but {path} was fitted for "
+                             f"{dim}; use the file fitted for this model pair")
+    if not force:
+        for name, a, key in (("old_gallery", arrays.old_gallery, "old_mean"),
+                             ("new_gallery", arrays.new_gallery, "new_mean")):
+            cos = _mean_cosine(a, state[key])
+            if cos < MIN_MEAN_COSINE:
+                raise RmlibError(
+                    f"{name} does not look like the embeddings {path} was fitted on (mean "
+                    f"direction cosine {cos:.2f} < {MIN_MEAN_COSINE}); use the file fitted "
+                    "for this model pair, or pass --force")
+    new_side_q = t.new_side(arrays.new_query)
+    reference = arrays.reference_query if arrays.reference_query is not None else arrays.old_query
+    return BackfillArrays(
+        old_query=t.reverse(arrays.new_query), old_gallery=arrays.old_gallery,
+        new_query=new_side_q, new_gallery=t.new_side(arrays.new_gallery),
+        query_labels=arrays.query_labels, gallery_labels=arrays.gallery_labels,
+        query_cams=arrays.query_cams, gallery_cams=arrays.gallery_cams,
+        reference_query=reference)
+
+
+def fit_command(train: Path, out: Path, rho: bool, tau: float | None, epochs: int,
+                progress: bool = True) -> dict:
+    start = time.time()
+    old, new, labels = load_training_file(train)
+    t, info = fit_compat(old, new, labels, rho=rho, tau=tau, epochs=epochs, progress=progress)
+    save_compat(out, t, old, new, info)
+    return {**info, "seconds": time.time() - start, "items": len(labels)}
