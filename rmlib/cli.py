@@ -44,9 +44,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from rmlib.methods import ROLES, train_backbones
 
     roles = ROLES if args.which == "both" else (args.which,)
-    result = train_backbones(roles, profile=args.profile, progress=not args.quiet)
-    print(f"CIFAR-100 backbones, profile {result['provenance']['profile']} "
-          f"(leave-one-out on {result[roles[0]]['test_images']} test images):")
+    result = train_backbones(roles, profile=args.profile, progress=not args.quiet,
+                             dataset=args.dataset)
+    print(f"{args.dataset} backbones, profile {result['provenance']['profile']} "
+          f"(evaluated on {result[roles[0]]['test_images']} queries):")
     for role in roles:
         r = result[role]
         print(f"  {role}/{role}: mAP {100 * r['mAP']:.2f}  top-1 {100 * r['top1']:.2f}  "
@@ -56,13 +57,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from rmlib.methods import reproduce_cifar100
+    from rmlib.methods import reproduce
     from rmlib.report import table1_text
 
-    tables = reproduce_cifar100(profile=args.profile, progress=not args.quiet)
+    tables = reproduce(args.dataset, profile=args.profile, progress=not args.quiet)
     prov = tables["table1"]["provenance"]
-    print(f"Table 1, CIFAR-100, profile {prov['profile']} ({prov['wall_time_s'] / 60:.1f} min; "
-          f"FCT without side-information)")
+    print(f"Table 1, {args.dataset}, profile {prov['profile']} "
+          f"({prov['wall_time_s'] / 60:.1f} min; FCT without side-information)")
     print(table1_text(tables["table1"]["rows"], tables["table1"]["paper"]))
     print("\nAblation")
     print(table1_text(tables["ablation"]["rows"]))
@@ -119,10 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train", help="train (or reuse from the cache) the old and new backbones",
-        description="Train the old (classes 0-49) and/or new (all 100) CIFAR-100 backbones of "
-                    "a profile, evaluate them leave-one-out on the test set and write "
-                    "data/results/cifar100/<profile>/backbones.json. Interrupted runs resume.")
-    p.add_argument("dataset", choices=["cifar100"])
+        description="Train the old and/or new backbones of a profile (CIFAR-100: classes "
+                    "0-49 / all 100; Market-1501: the first half of the training identities / "
+                    "all), evaluate them and write data/results/<dataset>/<profile>/"
+                    "backbones.json. Interrupted runs resume.")
+    p.add_argument("dataset", choices=["cifar100", "market1501"])
     p.add_argument("which", choices=["old", "new", "both"])
     p.add_argument("--profile", choices=["smoke", "cpu", "paper"],
                    help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")
@@ -134,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train or reuse every backbone and transform of a profile, evaluate each "
                     "Table 1 row (Old, New, RM_naive, BCT, FCT, BiCT, RM) and the ablation "
                     "(RM_naive, +RQT, +CL, +MCL, +rho) along the backfill, and write "
-                    "data/results/cifar100/<profile>/table1.json and ablation.json.")
-    p.add_argument("dataset", choices=["cifar100"])
+                    "data/results/<dataset>/<profile>/table1.json and ablation.json.")
+    p.add_argument("dataset", choices=["cifar100", "market1501"])
     p.add_argument("--profile", choices=["smoke", "cpu", "paper"],
                    help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

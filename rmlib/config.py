@@ -29,6 +29,21 @@ PROFILE_SETTINGS: dict[str, dict] = {
 }
 
 
+# Market-1501 (person crops, re-id backbone). Time per epoch is measured by
+# benchmarks/bench_train.py at each resolution; smoke runs on synthetic folders in tests.
+MARKET_SETTINGS: dict[str, dict] = {
+    "smoke": {"arch": "reid18", "image_size": (64, 32), "epochs_old": 1, "epochs_new": 1,
+              "sampler": (4, 4), "lr": 0.05, "padding": 4, "erase": 0.5,
+              "triplet_margin": 0.3},
+    "cpu": {"arch": "reid18", "image_size": (128, 64), "epochs_old": 10, "epochs_new": 10,
+            "sampler": (16, 4), "lr": 0.05, "padding": 8, "erase": 0.5,
+            "triplet_margin": 0.3},
+    "paper": {"arch": "reid50", "image_size": (256, 128), "epochs_old": 60, "epochs_new": 60,
+              "sampler": (16, 4), "lr": 0.05, "padding": 10, "erase": 0.5,
+              "triplet_margin": 0.3},
+}
+
+
 def profile_settings(name: str | None = None) -> dict:
     return dict(PROFILE_SETTINGS[name or profile_name()])
 

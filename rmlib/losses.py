@@ -122,3 +122,20 @@ def bct_influence_loss(new_embedding: torch.Tensor, labels: torch.Tensor,
 def fct_regression_loss(transformed_old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """FCT (Ramanujan et al. 2022): the l2 distance between h(phi_old(x)) and phi_new(x)."""
     return (transformed_old - new).pow(2).sum(1).clamp_min(1e-12).sqrt().mean()
+
+
+def batch_hard_triplet_loss(embedding: torch.Tensor, labels: torch.Tensor,
+                            margin: float = 0.3) -> torch.Tensor:
+    """Batch-hard triplet loss (Hermans et al. 2017): per anchor, its farthest positive
+    and nearest negative in the batch; anchors without either are skipped."""
+    dist = pairwise_distances(embedding, embedding)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=dist.device)
+    pos = same & ~eye
+    neg = ~same
+    valid = pos.any(1) & neg.any(1)
+    if not valid.any():
+        return embedding.sum() * 0.0
+    hardest_pos = dist.masked_fill(~pos, float("-inf")).amax(1)
+    hardest_neg = dist.masked_fill(~neg, float("inf")).amin(1)
+    return F.relu(hardest_pos - hardest_neg + margin)[valid].mean()

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,12 +66,45 @@ def resnet18_cifar() -> nn.Module:
     return net
 
 
+def _cached_imagenet_weights(name: str):
+    """torchvision's ImageNet weights if they are already on disk; never downloads."""
+    import torchvision.models as tvm
+
+    weights = {"resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
+               "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1}[name]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    return weights if path.exists() else None
+
+
+def reid_resnet(depth: int = 18) -> nn.Module:
+    """A re-id ResNet for person crops: last stage stride 1 (finer maps), global average pool.
+
+    ImageNet-initialised when torchvision's weights are cached locally, from scratch
+    otherwise; `pretrained` says which.
+    """
+    import torchvision.models as tvm
+
+    name = f"resnet{depth}"
+    weights = _cached_imagenet_weights(name)
+    net = getattr(tvm, name)(weights=weights)
+    net.layer4[0].conv1.stride = (1, 1) if depth == 18 else net.layer4[0].conv1.stride
+    if depth != 18:
+        net.layer4[0].conv2.stride = (1, 1)
+    net.layer4[0].downsample[0].stride = (1, 1)
+    net.out_features = net.fc.in_features
+    net.fc = nn.Identity()
+    net.pretrained = weights is not None
+    return net
+
+
 def build_backbone(arch: str, widths: tuple[int, ...] | None = None) -> nn.Module:
     if arch == "fast":
         return FastResNet(tuple(widths) if widths else (32, 64, 128))
     if arch == "resnet18":
         return resnet18_cifar()
-    raise ValueError(f"unknown backbone {arch!r}; use 'fast' or 'resnet18'")
+    if arch in ("reid18", "reid50"):
+        return reid_resnet(int(arch[4:]))
+    raise ValueError(f"unknown backbone {arch!r}; use 'fast', 'resnet18', 'reid18' or 'reid50'")
 
 
 class CosineClassifier(nn.Module):

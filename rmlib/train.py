@@ -25,7 +25,9 @@ from torch import nn
 from rmlib import RmlibError
 from rmlib.config import cpu_has_fast_bf16, default_device, runs_root
 from rmlib.data import CIFAR100_MEAN, CIFAR100_STD, ImageSet
-from rmlib.data.augment import random_crop_flip
+from rmlib.data.augment import random_crop_flip, random_erase
+from rmlib.data.sampling import pk_batches
+from rmlib.losses import batch_hard_triplet_loss
 from rmlib.models import RetrievalModel, build_backbone
 
 
@@ -53,9 +55,18 @@ class BackboneConfig:
     mean: tuple[float, ...] = CIFAR100_MEAN
     std: tuple[float, ...] = CIFAR100_STD
     objective: dict = field(default_factory=lambda: {"name": "ce"})
+    # Added with Market-1501; they enter the cache key only when set, so that runs made
+    # before they existed keep their keys.
+    sampler: tuple[int, int] | None = None  # (P identities, K images each) per batch
+    erase: float = 0.0  # random-erasing probability
+    image_size: tuple[int, int] | None = None
 
     def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True, default=list)
+        fields = asdict(self)
+        for name, default in (("sampler", None), ("erase", 0.0), ("image_size", None)):
+            if fields[name] == default:
+                del fields[name]
+        text = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def run_dir(self) -> Path:
@@ -70,6 +81,18 @@ class Objective:
     def __call__(self, model: RetrievalModel, embedding: torch.Tensor, logits: torch.Tensor,
                  labels: torch.Tensor, config: BackboneConfig) -> torch.Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+
+
+class TripletObjective(Objective):
+    """Cross-entropy with label smoothing plus a batch-hard triplet loss (re-id)."""
+
+    def __init__(self, margin: float = 0.3):
+        self.margin = margin
+        self.spec = {"name": "ce+triplet", "margin": margin}
+
+    def __call__(self, model, embedding, logits, labels, config):
+        ce = super().__call__(model, embedding, logits, labels, config)
+        return ce + batch_hard_triplet_loss(embedding.float(), labels, self.margin)
 
 
 def precision_mode(device: torch.device) -> torch.dtype | None:
@@ -161,7 +184,7 @@ def train_backbone(
         [{"params": decay, "weight_decay": config.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, momentum=config.momentum, nesterov=True)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    steps_per_epoch = _steps_per_epoch(config, train.labels)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(steps_per_epoch * config.epochs, config.warmup))
     history: list[dict] = []
@@ -184,16 +207,18 @@ def train_backbone(
     for epoch in range(start_epoch, last_epoch):
         model.train()
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(train), generator=gen).to(device)
+        batches = _epoch_batches(config, labels.cpu(), gen)
         t0 = time.time()
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"{config.role} epoch {epoch + 1}/{config.epochs}",
+        bar = tqdm(batches, desc=f"{config.role} epoch {epoch + 1}/{config.epochs}",
                    disable=not progress, leave=False, mininterval=2.0)
-        for step in bar:
-            idx = perm[step * config.batch_size:(step + 1) * config.batch_size]
+        for step, idx in enumerate(bar):
+            idx = idx.to(device)
             batch = random_crop_flip(images[idx], config.padding, gen)
-            x = normalise(batch, config.mean, config.std).contiguous(
-                memory_format=torch.channels_last)
+            x = normalise(batch, config.mean, config.std)
+            if config.erase > 0:
+                x = random_erase(x.cpu(), gen, p=config.erase).to(device)
+            x = x.contiguous(memory_format=torch.channels_last)
             y = labels[idx]
             with torch.autocast(device.type, dtype=dtype or torch.float32,
                                 enabled=dtype is not None):
@@ -227,6 +252,23 @@ def train_backbone(
         (run_dir / "history.json").write_text(json.dumps(history, indent=2))
         checkpoint.unlink(missing_ok=True)
     return TrainedModel(model, config, history, run_dir)
+
+
+def _steps_per_epoch(config: BackboneConfig, labels: np.ndarray) -> int:
+    if config.sampler is None:
+        return math.ceil(len(labels) / config.batch_size)
+    p, k = config.sampler
+    groups = sum(math.ceil(int(n) / k) for n in np.unique(labels, return_counts=True)[1])
+    return math.ceil(groups / p)
+
+
+def _epoch_batches(config: BackboneConfig, labels: torch.Tensor, gen: torch.Generator
+                   ) -> list[torch.Tensor]:
+    """Random batches, or P x K identity batches when the config asks for a sampler."""
+    if config.sampler is None:
+        return list(torch.randperm(len(labels), generator=gen).split(config.batch_size))
+    p, k = config.sampler
+    return pk_batches(labels, p, k, gen)
 
 
 def count_parameters(model: nn.Module) -> int:

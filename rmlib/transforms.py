@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from rmlib import RmlibError
 from rmlib.config import runs_root
+from rmlib.data.sampling import pk_batches
 from rmlib.losses import cl_loss, fct_regression_loss, mcl_loss, rqt_loss
 from rmlib.models import CosineClassifier, EmbeddingTransform
 
@@ -129,20 +130,6 @@ def _loss(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor) -> t
     if c.objective == "cl":
         return cl_loss(rev, o, y, c.tau, c.mine)
     return mcl_loss(rev, o, new, y, c.tau, c.mine)
-
-
-def pk_batches(labels: torch.Tensor, classes: int, per_class: int, generator: torch.Generator
-               ) -> list[torch.Tensor]:
-    """One epoch of class-balanced batches: each item once, in groups of `per_class` items
-    of one class, `classes` groups a batch, so every anchor has positives in its batch."""
-    groups = []
-    for c in torch.unique(labels):
-        idx = torch.nonzero(labels == c)[:, 0]
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        groups.extend(idx.split(per_class))
-    order = torch.randperm(len(groups), generator=generator).tolist()
-    groups = [groups[i] for i in order]
-    return [torch.cat(groups[i:i + classes]) for i in range(0, len(groups), classes)]
 
 
 def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,

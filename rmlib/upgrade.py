@@ -58,6 +58,21 @@ def load_training_file(path: Path | str) -> tuple[np.ndarray, np.ndarray, np.nda
     return old, new, labels.astype(np.int64)
 
 
+def rm_systems(t: Transforms, arrays: BackfillArrays) -> BackfillArrays:
+    """The RM systems from the naive ones: {psi(rho(new_q)), old_g} and {rho(new_q), rho(new_g)}.
+
+    Negative flips stay defined against the deployed old queries (reference_query, else
+    the naive file's old_query).
+    """
+    reference = arrays.reference_query if arrays.reference_query is not None else arrays.old_query
+    return BackfillArrays(
+        old_query=t.reverse(arrays.new_query), old_gallery=arrays.old_gallery,
+        new_query=t.new_side(arrays.new_query), new_gallery=t.new_side(arrays.new_gallery),
+        query_labels=arrays.query_labels, gallery_labels=arrays.gallery_labels,
+        query_cams=arrays.query_cams, gallery_cams=arrays.gallery_cams,
+        reference_query=reference)
+
+
 def select_tau(base: TransformConfig, old: np.ndarray, new: np.ndarray, labels: np.ndarray,
                fit: np.ndarray, val: np.ndarray, grid: Sequence[float] = TAU_GRID,
                fit_fn: Callable[..., Transforms] = fit_transforms, progress: bool = True
@@ -67,9 +82,8 @@ def select_tau(base: TransformConfig, old: np.ndarray, new: np.ndarray, labels: 
     scores = {}
     for tau in grid:
         t = fit_fn(replace(base, tau=tau), old[fit], new[fit], labels[fit], progress=progress)
-        new_side = t.new_side(new[val])
-        arrays = BackfillArrays(t.reverse(new[val]), old[val], new_side, new_side, labels[val])
-        scores[tau] = backfill_arrays(arrays)[0].auc("mAP")
+        naive = BackfillArrays(old[val], old[val], new[val], new[val], labels[val])
+        scores[tau] = backfill_arrays(rm_systems(t, naive))[0].auc("mAP")
     return {"tau": max(scores, key=scores.get), "val_auc_mAP": scores,
             "val_items": len(val), "fit_items": len(fit), "epochs": base.epochs}
 
@@ -133,11 +147,7 @@ def _mean_cosine(a: np.ndarray, mean: torch.Tensor) -> float:
 
 def apply_compat(path: Path | str, arrays: BackfillArrays, force: bool = False
                  ) -> BackfillArrays:
-    """The RM systems of an evaluation file: {psi(rho(new_q)), old_g} and {rho(new_q), rho(new_g)}.
-
-    Negative flips stay defined against the deployed old queries (reference_query, else the
-    file's old_query).
-    """
+    """The RM systems of an evaluation file, after checking that it fits the transforms."""
     t, state = load_compat(path)
     for name, a, dim in (("old_gallery", arrays.old_gallery, state["old_dim"]),
                          ("new_query", arrays.new_query, state["new_dim"]),
@@ -154,14 +164,7 @@ def apply_compat(path: Path | str, arrays: BackfillArrays, force: bool = False
                     f"{name} does not look like the embeddings {path} was fitted on (mean "
                     f"direction cosine {cos:.2f} < {MIN_MEAN_COSINE}); use the file fitted "
                     "for this model pair, or pass --force")
-    new_side_q = t.new_side(arrays.new_query)
-    reference = arrays.reference_query if arrays.reference_query is not None else arrays.old_query
-    return BackfillArrays(
-        old_query=t.reverse(arrays.new_query), old_gallery=arrays.old_gallery,
-        new_query=new_side_q, new_gallery=t.new_side(arrays.new_gallery),
-        query_labels=arrays.query_labels, gallery_labels=arrays.gallery_labels,
-        query_cams=arrays.query_cams, gallery_cams=arrays.gallery_cams,
-        reference_query=reference)
+    return rm_systems(t, arrays)
 
 
 def fit_command(train: Path, out: Path, rho: bool, tau: float | None, epochs: int,

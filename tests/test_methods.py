@@ -5,9 +5,12 @@ import pytest
 import torch
 
 from rmlib import RmlibError
-from rmlib.methods import ABLATION_ROWS, TABLE1_ROWS, gain, rm_arrays
+from rmlib.contract import BackfillArrays
+from rmlib.data.sampling import pk_batches
+from rmlib.methods import ABLATION_ROWS, TABLE1_ROWS, gain
 from rmlib.retrieval import Protocol, evaluate
-from rmlib.transforms import TransformConfig, Transforms, fit_transforms, pk_batches
+from rmlib.transforms import TransformConfig, Transforms, fit_transforms
+from rmlib.upgrade import rm_systems
 from tests.conftest import clustered
 
 
@@ -54,8 +57,9 @@ def test_rqt_brings_reverse_queries_into_the_old_space():
     # (the new model is the better one), and far above chance (1/12)
     rev = evaluate(t.reverse(new), old, protocol).summary()["mAP"]
     assert rev > evaluate(old, old, protocol).summary()["mAP"] > 0.3
-    arrays = rm_arrays(t, old, new, labels)
+    arrays = rm_systems(t, BackfillArrays(old, old, new, new, labels))
     assert arrays.old_query.shape == old.shape and arrays.new_query.shape == new.shape
+    np.testing.assert_array_equal(arrays.reference_query, old)
 
 
 def test_bad_transform_configs():

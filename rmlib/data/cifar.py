@@ -111,6 +111,7 @@ def train_val_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A stratified hold-out of `per_class` items per class, for choosing hyper-parameters.
 
+    A class with too few items gives what it can spare and keeps at least one for fitting.
     Returns sorted (fit_index, val_index). The test set is never used for choices.
     """
     labels = np.asarray(labels)
@@ -118,9 +119,7 @@ def train_val_split(
     val = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        if len(idx) <= per_class:
-            raise RmlibError(f"class {c} has {len(idx)} items; cannot hold out {per_class}")
-        val.append(rng.choice(idx, per_class, replace=False))
+        val.append(rng.choice(idx, min(per_class, len(idx) - 1), replace=False))
     val_index = np.sort(np.concatenate(val))
     fit_index = np.setdiff1d(np.arange(len(labels)), val_index)
     return fit_index, val_index

@@ -85,6 +85,34 @@ def load_market1501(root: Path | str | None = None) -> dict[str, MarketSplit]:
     return splits
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def read_images(split: MarketSplit, size: tuple[int, int], cache: Path | None = None
+                ) -> np.ndarray:
+    """All images of a split resized to (H, W), uint8 (N, 3, H, W); cached as .npy if asked."""
+    if cache is not None and cache.exists():
+        return np.load(cache)
+    from PIL import Image
+
+    h, w = size
+    out = np.empty((len(split), 3, h, w), dtype=np.uint8)
+    for i, path in enumerate(split.paths):
+        try:
+            with Image.open(path) as img:
+                out[i] = np.asarray(img.convert("RGB").resize((w, h), Image.BILINEAR)
+                                    ).transpose(2, 0, 1)
+        except OSError as exc:
+            raise RmlibError(f"{path} is not a readable image ({exc}); replace or remove it"
+                             ) from exc
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache.with_suffix(".tmp.npy"), out)
+        cache.with_suffix(".tmp.npy").replace(cache)
+    return out
+
+
 def market_old_ids(train_pids: np.ndarray) -> np.ndarray:
     """The old model's identities: the first half (rounded down) of the sorted training ids."""
     ids = np.unique(train_pids)
