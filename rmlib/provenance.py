@@ -14,11 +14,13 @@ from rmlib.config import REPO_ROOT
 
 
 def git_commit() -> str:
-    """The repository's HEAD commit, with '+dirty' when the tree has uncommitted changes."""
+    """The repository's HEAD commit, with '+dirty' when code has uncommitted changes
+    (results under data/results/ are outputs, not code, and do not count)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)data/results"],
                                cwd=REPO_ROOT, capture_output=True, text=True,
                                timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
