@@ -75,7 +75,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     if args.tau is not None and args.tau <= 0:
         raise RmlibError(f"--tau must be positive, got {args.tau}")
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         raise RmlibError(f"--epochs must be at least 1, got {args.epochs}")
     info = fit_command(args.train, args.out, rho=args.rho, tau=args.tau, epochs=args.epochs,
                        progress=not args.quiet)
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rho", action=argparse.BooleanOptionalAction, default=True,
                    help="also learn rho, the new embedding (default: yes)")
     p.add_argument("--tau", type=float, help="temperature; default: chosen on validation")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int,
+                   help="training epochs (default: the CIFAR-100 recipe's, 6)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_fit)
 

@@ -440,7 +440,9 @@ class CifarExperiment(Experiment):
 
 
 def gain(auc: float, auc_old: float, auc_new: float) -> float:
-    """(AUC_method - AUC_old) / (AUC_new - AUC_old), on mAP."""
+    """(AUC_method - AUC_old) / (AUC_new - AUC_old), on mAP; NaN when New equals Old."""
+    if auc_new == auc_old:
+        return float("nan")
     return (auc - auc_old) / (auc_new - auc_old)
 
 

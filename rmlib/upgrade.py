@@ -167,10 +167,11 @@ def apply_compat(path: Path | str, arrays: BackfillArrays, force: bool = False
     return rm_systems(t, arrays)
 
 
-def fit_command(train: Path, out: Path, rho: bool, tau: float | None, epochs: int,
+def fit_command(train: Path, out: Path, rho: bool, tau: float | None, epochs: int | None,
                 progress: bool = True) -> dict:
     start = time.time()
     old, new, labels = load_training_file(train)
+    epochs = DEFAULTS["transform_epochs"] if epochs is None else epochs
     t, info = fit_compat(old, new, labels, rho=rho, tau=tau, epochs=epochs, progress=progress)
     save_compat(out, t, old, new, info)
     return {**info, "seconds": time.time() - start, "items": len(labels)}
