@@ -99,6 +99,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that train: which profile, and whether to show bars."""
+    p.add_argument("--profile", choices=["smoke", "cpu", "paper"],
+                   help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rmlib",
@@ -126,9 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "backbones.json. Interrupted runs resume.")
     p.add_argument("dataset", choices=["cifar100", "market1501"])
     p.add_argument("which", choices=["old", "new", "both"])
-    p.add_argument("--profile", choices=["smoke", "cpu", "paper"],
-                   help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _run_options(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -138,9 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(RM_naive, +RQT, +CL, +MCL, +rho) along the backfill, and write "
                     "data/results/<dataset>/<profile>/table1.json and ablation.json.")
     p.add_argument("dataset", choices=["cifar100", "market1501"])
-    p.add_argument("--profile", choices=["smoke", "cpu", "paper"],
-                   help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _run_options(p)
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser(

@@ -187,10 +187,6 @@ def eval_embeddings(setup: Setup, trained: TrainedModel, split: str) -> np.ndarr
     return cached_embeddings(trained, images, f"{setup.dataset}-{split}")
 
 
-def test_embeddings(setup: Setup, trained: TrainedModel) -> np.ndarray:
-    return eval_embeddings(setup, trained, "query")
-
-
 def backbone_entry(setup: Setup, trained: TrainedModel) -> dict:
     """One model's results: metrics on the evaluation sets, training curve, config, time."""
     q = eval_embeddings(setup, trained, "query")
