@@ -148,7 +148,7 @@ def simulate_backfill(
     nq, ng = torch.as_tensor(new_query).float(), torch.as_tensor(new_gallery).float()
     if order is None:
         order = backfill_order(n, seed)
-    if sorted(order.tolist()) != list(range(n)):
+    if len(order) != n or not np.array_equal(np.sort(order), np.arange(n)):
         raise RmlibError(f"the backfill order must be a permutation of the {n} gallery items")
     ts = np.asarray(ts, dtype=np.float64)
     segment = torch.as_tensor(item_segments(np.asarray(order), ts))

@@ -131,6 +131,18 @@ def _lr_lambda(total_steps: int, warmup: float) -> Callable[[int], float]:
     return factor
 
 
+def optimisation_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scheduler: torch.optim.lr_scheduler.LRScheduler, advice: str) -> None:
+    """One step of every training loop here: refuse a non-finite loss (with `advice`),
+    then backward, optimizer and schedule."""
+    if not torch.isfinite(loss):
+        raise RmlibError(f"{advice} (loss {loss.item()})")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
 def _save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -224,13 +236,8 @@ def train_backbone(
                                 enabled=dtype is not None):
                 embedding, logits = model(x)
                 loss = objective(model, embedding, logits.float(), y, config)
-            if not torch.isfinite(loss):
-                raise RmlibError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); "
-                                 "lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            optimisation_step(loss, optimizer, scheduler,
+                              f"training diverged at epoch {epoch + 1}; lower the learning rate")
             loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)

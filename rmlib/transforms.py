@@ -27,6 +27,7 @@ from rmlib.config import runs_root
 from rmlib.data.sampling import pk_batches
 from rmlib.losses import cl_loss, fct_regression_loss, mcl_loss, rqt_loss
 from rmlib.models import CosineClassifier, EmbeddingTransform
+from rmlib.train import optimisation_step
 
 OBJECTIVES = ("rqt", "cl", "mcl", "fct", "bict")
 TAU_GRID = (0.05, 0.1, 0.2, 1.0)  # candidates for tau; 1.0 is the paper's value
@@ -172,13 +173,8 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
             if len(idx) < 2:
                 continue
             loss = _loss(t, o_all[idx], n_all[idx], y_all[idx])
-            if not torch.isfinite(loss):
-                raise RmlibError(f"{config.name} training diverged (loss {loss.item()}); "
-                                 "raise tau or lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            optimisation_step(loss, optimizer, scheduler, f"{config.name} training diverged; "
+                              "raise tau or lower the learning rate")
             total_loss += loss.item() * len(idx)
             seen += len(idx)
             bar.update(1)
