@@ -60,10 +60,15 @@ class BackboneConfig:
     sampler: tuple[int, int] | None = None  # (P identities, K images each) per batch
     erase: float = 0.0  # random-erasing probability
     image_size: tuple[int, int] | None = None
+    # Progressive resizing: the first `low_res_epochs` epochs see the images downscaled to
+    # `low_res` pixels (about half the compute of full size), the rest at full size.
+    low_res_epochs: int = 0
+    low_res: int = 24
 
     def key(self) -> str:
         fields = asdict(self)
-        for name, default in (("sampler", None), ("erase", 0.0), ("image_size", None)):
+        for name, default in (("sampler", None), ("erase", 0.0), ("image_size", None),
+                              ("low_res_epochs", 0), ("low_res", 24)):
             if fields[name] == default:
                 del fields[name]
         text = json.dumps(fields, sort_keys=True, default=list)
@@ -216,8 +221,15 @@ def train_backbone(
 
     last_epoch = config.epochs if stop_after_epochs is None else min(
         config.epochs, start_epoch + stop_after_epochs)
+    low_res_images = None
     for epoch in range(start_epoch, last_epoch):
         model.train()
+        if epoch < config.low_res_epochs:
+            if low_res_images is None:
+                low_res_images = downscale(images, config.low_res)
+            epoch_images, padding = low_res_images, _scaled_padding(config, images)
+        else:
+            epoch_images, padding = images, config.padding
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         batches = _epoch_batches(config, labels.cpu(), gen)
         t0 = time.time()
@@ -226,7 +238,7 @@ def train_backbone(
                    disable=not progress, leave=False, mininterval=2.0)
         for step, idx in enumerate(bar):
             idx = idx.to(device)
-            batch = random_crop_flip(images[idx], config.padding, gen)
+            batch = random_crop_flip(epoch_images[idx], padding, gen)
             x = normalise(batch, config.mean, config.std)
             if config.erase > 0:
                 x = random_erase(x.cpu(), gen, p=config.erase).to(device)
@@ -259,6 +271,20 @@ def train_backbone(
         (run_dir / "history.json").write_text(json.dumps(history, indent=2))
         checkpoint.unlink(missing_ok=True)
     return TrainedModel(model, config, history, run_dir)
+
+
+def downscale(images_uint8: torch.Tensor, size: int) -> torch.Tensor:
+    """The whole training set resized (antialiased) so that its shorter side is `size`."""
+    h, w = images_uint8.shape[-2:]
+    out_hw = (size, round(w * size / h)) if h <= w else (round(h * size / w), size)
+    chunks = [F.interpolate(chunk.float(), size=out_hw, mode="bilinear", antialias=True,
+                            align_corners=False).round().clamp(0, 255).to(torch.uint8)
+              for chunk in images_uint8.split(4096)]
+    return torch.cat(chunks)
+
+
+def _scaled_padding(config: BackboneConfig, images: torch.Tensor) -> int:
+    return max(1, round(config.padding * config.low_res / min(images.shape[-2:])))
 
 
 def _steps_per_epoch(config: BackboneConfig, labels: np.ndarray) -> int:
