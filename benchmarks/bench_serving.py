@@ -1,11 +1,16 @@
 """Benchmark: the merged online-backfill index against one faiss index of the same size.
 
     python benchmarks/bench_serving.py [--n 1000000] [--dim 128] [--queries 1000] [--k 10]
+    RMLIB_DATA=../shared/data python benchmarks/bench_serving.py --cifar100 cpu \
+        --nlist 100 --nprobe 8
 
-Synthetic gallery (N x d, L2-normalised), queries per second of the merged search at
-backfill ratios 0, 0.5 and 1 against a single index of N items, exact (flat) and
-approximate (IVF, recall against exact reported); memory of the parts; the cost of a
-backfill batch of 10,000 items.
+Queries per second of the merged search at backfill ratios 0, 0.5 and 1 against a single
+index of N items, exact (flat) and approximate (IVF, its recall@k against exact merged
+search reported); memory of the parts; the cost of a backfill batch (10,000 items, or a
+tenth of a smaller gallery). The gallery is synthetic (N x d, L2-normalised; the worst
+case for IVF, which relies on clusters), or the CIFAR-100 test set with the RM systems of
+a profile's experiment (real embeddings: psi(rho(q)) on the old part, rho on the new).
+Writes data/results/benchmarks/serving_<synthetic|cifar100-PROFILE>.json.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rmlib.provenance import provenance  # noqa: E402
 from rmlib.serving import OnlineBackfillIndex  # noqa: E402
 
 
@@ -37,37 +43,60 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def cifar100_systems(profile: str, queries: int):
+    """The RM systems of the CIFAR-100 experiment: (old gallery, new gallery, old-space
+    queries psi(rho(q)), new-space queries rho(q)); the first `queries` test images query."""
+    from rmlib.methods import CifarExperiment
+
+    rm = CifarExperiment(profile, progress=False).row("RM").arrays
+    return (rm.old_gallery, rm.new_gallery, rm.old_query[:queries], rm.new_query[:queries])
+
+
+def synthetic_systems(n: int, d: int, queries: int):
+    rng = np.random.default_rng(0)
+    return (unit(rng.normal(size=(n, d))), unit(rng.normal(size=(n, d))),
+            unit(rng.normal(size=(queries, d))), unit(rng.normal(size=(queries, d))))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--cifar100", metavar="PROFILE",
+                   help="use the CIFAR-100 test set and that profile's RM systems instead")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nlist", type=int, default=1024)
     p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--out", type=Path)
     args = p.parse_args()
-    rng = np.random.default_rng(0)
-    n, d = args.n, args.dim
-    old, new = unit(rng.normal(size=(n, d))), unit(rng.normal(size=(n, d)))
-    q_old = unit(rng.normal(size=(args.queries, d)))
-    q_new = unit(rng.normal(size=(args.queries, d)))
-    out = {"n": n, "dim": d, "queries": args.queries, "k": args.k,
+    start = time.time()
+    if args.cifar100:
+        old, new, q_old, q_new = cifar100_systems(args.cifar100, args.queries)
+        name = f"cifar100-{args.cifar100}"
+    else:
+        old, new, q_old, q_new = synthetic_systems(args.n, args.dim, args.queries)
+        name = "synthetic"
+    n, d = new.shape
+    batch = min(10_000, max(1, n // 10))
+    out = {"gallery": name, "n": n, "dim": d, "queries": len(q_new), "k": args.k,
+           "nlist": args.nlist, "nprobe": args.nprobe, "backfill_batch": batch,
            "threads": faiss.omp_get_max_threads(), "exact": {}, "approximate": {}}
 
     single = faiss.IndexFlatL2(d)
-    single.add(old)
-    t_single = best_of(lambda: single.search(q_old, args.k), args.repeats)
-    out["exact"]["single_index_qps"] = round(args.queries / t_single)
+    single.add(new)
+    t_single = best_of(lambda: single.search(q_new, args.k), args.repeats)
+    out["exact"]["single_index_qps"] = round(len(q_new) / t_single)
     for approximate in (False, True):
         key = "approximate" if approximate else "exact"
         if approximate:
             ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, args.nlist)
-            ivf.train(old[:100_000])
-            ivf.add(old)
+            ivf.train(new[:100_000])
+            ivf.add(new)
             ivf.nprobe = args.nprobe
-            t_single_ivf = best_of(lambda ix=ivf: ix.search(q_old, args.k), args.repeats)
-            out[key]["single_index_qps"] = round(args.queries / t_single_ivf)
+            t_single_ivf = best_of(lambda ix=ivf: ix.search(q_new, args.k), args.repeats)
+            out[key]["single_index_qps"] = round(len(q_new) / t_single_ivf)
             base = t_single_ivf
         else:
             base = t_single
@@ -79,16 +108,16 @@ def main() -> None:
             target = int(t * n)
             batch_times = []
             while done < target:
-                ids = order[done:done + 10_000]
+                ids = order[done:min(done + batch, target)]
                 t0 = time.perf_counter()
                 index.backfill(ids, new[ids])
                 batch_times.append(time.perf_counter() - t0)
                 done += len(ids)
             t_merged = best_of(lambda ix=index: ix.search(q_new, q_old, args.k), args.repeats)
-            entry = {"merged_qps": round(args.queries / t_merged),
+            entry = {"merged_qps": round(len(q_new) / t_merged),
                      "merged_over_single": round(t_merged / base, 3)}
             if batch_times:
-                entry["backfill_batch_10k_s"] = round(float(np.median(batch_times)), 3)
+                entry["backfill_batch_s"] = round(float(np.median(batch_times)), 4)
             if approximate:
                 exact_ids = _exact_merged(old, new, order[:target], q_old, q_new, args.k)
                 got = index.search(q_new, q_old, args.k).ids
@@ -97,8 +126,13 @@ def main() -> None:
                 entry["recall_at_k_vs_exact"] = round(float(np.mean(overlap)), 4)
             out[key][f"t={t}"] = entry
     out["max_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    out["gallery_bytes_per_part_gb"] = round(n * d * 4 / 2**30, 2)
-    print(json.dumps(out, indent=2))
+    out["gallery_bytes_per_part_gb"] = round(n * d * 4 / 2**30, 3)
+    out["provenance"] = provenance(config=vars(args) | {"out": None}, profile=args.cifar100,
+                                   wall_time_s=time.time() - start)
+    print(json.dumps(out, indent=2, default=str))
+    path = args.out or Path("data/results/benchmarks") / f"serving_{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str))
 
 
 def _exact_merged(old, new, backfilled, q_old, q_new, k):

@@ -15,17 +15,25 @@ PROFILES = ("smoke", "cpu", "paper")
 
 
 # What each profile trains. `smoke` proves every line runs on a small real subset; `cpu`
-# fits a 2-core CPU (fp32 unless the CPU has bf16 units); `paper` is ResNet-18 on one GPU.
+# fits a 2-core CPU (fp32 unless the CPU has bf16 units), most epochs at 24 px
+# (progressive resizing: the recipe benchmarks/backbone_recipes.py chose on a validation
+# split); `paper` is ResNet-18 on one GPU.
+# psi/rho: `transform_hidden` and `transform_epochs` are where the search starts; tau, the
+# width and the epochs are then chosen from the grids on a validation split (rmlib.upgrade).
 PROFILE_SETTINGS: dict[str, dict] = {
     "smoke": {"arch": "fast", "widths": (16, 32, 64), "epochs_old": 1, "epochs_new": 1,
               "batch_size": 128, "lr": 0.1, "train_per_class": 20, "test_per_class": 10,
-              "transform_epochs": 2, "transform_hidden": 128, "tau_epochs": 1},
-    "cpu": {"arch": "fast", "widths": (32, 64, 128), "epochs_old": 6, "epochs_new": 7,
+              "transform_epochs": 2, "transform_hidden": 128, "tau_epochs": 1,
+              "transform_hidden_grid": (64, 128), "transform_epochs_grid": (2, 3)},
+    "cpu": {"arch": "fast", "widths": (32, 64, 128), "epochs_old": 10, "epochs_new": 11,
+            "low_res_epochs_old": 8, "low_res_epochs_new": 9,
             "batch_size": 256, "lr": 0.2, "train_per_class": None, "test_per_class": None,
-            "transform_epochs": 6, "transform_hidden": 512, "tau_epochs": 3},
+            "transform_epochs": 6, "transform_hidden": 512, "tau_epochs": 3,
+            "transform_hidden_grid": (256, 512, 1024), "transform_epochs_grid": (6, 12)},
     "paper": {"arch": "resnet18", "widths": None, "epochs_old": 30, "epochs_new": 30,
               "batch_size": 256, "lr": 0.2, "train_per_class": None, "test_per_class": None,
-              "transform_epochs": 20, "transform_hidden": 512, "tau_epochs": 10},
+              "transform_epochs": 20, "transform_hidden": 512, "tau_epochs": 10,
+              "transform_hidden_grid": (256, 512, 1024), "transform_epochs_grid": (20, 40)},
 }
 
 

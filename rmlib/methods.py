@@ -46,7 +46,7 @@ from rmlib.train import (
     train_backbone,
 )
 from rmlib.transforms import TAU_GRID, TransformConfig, Transforms, cached_transforms
-from rmlib.upgrade import rm_systems, select_tau
+from rmlib.upgrade import rm_systems, select_settings
 
 ROLES = ("old", "new")
 
@@ -156,7 +156,8 @@ def backbone_config(setup: Setup, role: str) -> BackboneConfig:
             dataset="cifar100", profile=setup.profile, role=role, num_classes=num_classes,
             arch=s["arch"], widths=tuple(s["widths"]) if s["widths"] else (),
             epochs=s[f"epochs_{'old' if old else 'new'}"], batch_size=s["batch_size"],
-            lr=s["lr"], seed=0 if old else 1)
+            lr=s["lr"], seed=0 if old else 1,
+            low_res_epochs=s.get(f"low_res_epochs_{'old' if old else 'new'}", 0))
     m = MARKET_SETTINGS[setup.profile]
     p, k = m["sampler"]
     return BackboneConfig(
@@ -354,34 +355,43 @@ class Experiment:
                 "num_classes": self.setup.num_classes if objective == "bict" else 0}
         return TransformConfig(**{**base, **kw})
 
-    def select_tau(self, objective: str = "mcl", rho: bool = True) -> dict:
-        """Choose tau by the backfill AUC_mAP on held-out training items (never test)."""
+    def select_settings(self, objective: str = "mcl", rho: bool = True) -> dict:
+        """tau, then psi/rho's width, then their epochs, by the backfill AUC_mAP of the RM
+        systems on held-out training items (never test); see `rmlib.upgrade.select_settings`."""
         fit, val = self.validation_split()
-        base = self.transform_config(objective, rho,
-                                     epochs=profile_settings(self.profile)["tau_epochs"])
+        s = profile_settings(self.profile)
+        base = self.transform_config(objective, rho)
         base = replace(base, sources=base.sources + ("validation-fit-split",))
 
         def fit_cached(cfg, o, n, y, progress):
             return cached_transforms(cfg, o, n, y, self.dataset, self.profile, progress)
 
-        return select_tau(base, self.embeddings("old", "train"), self.embeddings("new", "train"),
-                          self.setup.train.labels, fit, val, TAU_GRID, fit_cached,
-                          self.progress)
+        return select_settings(base, self.embeddings("old", "train"),
+                               self.embeddings("new", "train"), self.setup.train.labels,
+                               fit, val, TAU_GRID, s["tau_epochs"], s["transform_hidden_grid"],
+                               s["transform_epochs_grid"], fit_cached, self.progress)
 
-    def tau(self) -> float:
-        """tau of CL and MCL: selected once, for the final method (MCL with rho)."""
+    def settings(self) -> dict:
+        """The chosen tau, width and epochs: selected once, for the final method (MCL with
+        rho), and used by every transform (psi, rho, and the baselines' h) alike."""
         if self.selection is None:
             t0 = time.time()
-            self.selection = self.select_tau()
-            self.timings["tau_selection"] = time.time() - t0
-        return self.selection["tau"]
+            self.selection = self.select_settings()
+            self.timings["hyperparameter_selection"] = time.time() - t0
+        return self.selection
+
+    def tau(self) -> float:
+        return self.settings()["tau"]
 
     def transform(self, name: str) -> Transforms:
         """'rqt', 'cl', 'mcl', 'mcl-rho', 'fct' or 'bict', trained on all training items."""
         if name not in self._transforms:
             t0 = time.time()
             objective, rho = name.split("-")[0], name.endswith("-rho")
-            kw = {"tau": self.tau()} if objective in ("cl", "mcl") else {}
+            chosen = self.settings()
+            kw = {"hidden": chosen["hidden"], "epochs": chosen["epochs"]}
+            if objective in ("cl", "mcl"):
+                kw["tau"] = chosen["tau"]
             cfg = self.transform_config(objective, rho, **kw)
             self._transforms[name] = cached_transforms(
                 cfg, self.embeddings("old", "train"), self.embeddings("new", "train"),
@@ -490,7 +500,7 @@ def reproduce(dataset: str = "cifar100", profile: str | None = None, progress: b
     config = {
         "backbones": {r: asdict(m.config) for r, m in exp._models.items()},
         "transforms": {n: asdict(t.config) for n, t in exp._transforms.items()},
-        "tau_selection": exp.selection,
+        "hyperparameter_selection": exp.selection,
         "protocol": PROTOCOLS[dataset],
         "fct": "without side-information",
         **(exp.setup.extra or {}),

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
+import torch
 
 from rmlib import RmlibError
+from rmlib.retrieval import Protocol, QueryScores, query_chunks, relevant_slots, scores_from_ranks
 
 
 def _as_rows(name: str, x: np.ndarray, dim: int) -> np.ndarray:
@@ -145,3 +147,31 @@ class OnlineBackfillIndex:
         rows = np.arange(len(d))[:, None]
         return SearchResult(np.sqrt(np.maximum(d[rows, order], 0)), i[rows, order],
                             part[rows, order])
+
+
+def live_scores(index: OnlineBackfillIndex, new_queries: np.ndarray, old_queries: np.ndarray,
+                protocol: Protocol, ks: tuple[int, ...] = (1, 5), chunk: int = 500
+                ) -> QueryScores:
+    """mAP and top-k of what the index serves now: each query's merged ranking of the whole
+    gallery, with the protocol's exclusions. Gallery ids must be the row numbers the
+    protocol uses (the default ids); at the evaluator's backfill states it reproduces the
+    evaluator's curve, which the tests check."""
+    n = index.num_old + index.num_new
+    if protocol.num_gallery != n:
+        raise RmlibError(f"the protocol has {protocol.num_gallery} gallery items but the index "
+                         f"holds {n}")
+    ap, hits, valid = [], {k: [] for k in ks}, []
+    for start, stop in query_chunks(len(new_queries), chunk):
+        ranked = torch.from_numpy(index.search(new_queries[start:stop],
+                                               old_queries[start:stop], k=n).ids)
+        relevant, excluded = protocol.masks(start, stop)
+        kept = ~excluded.gather(1, ranked)
+        rank_among_kept = torch.cumsum(kept, 1) - 1  # the rank a user sees
+        slots, ok = relevant_slots(relevant.gather(1, ranked) & kept)
+        a, h = scores_from_ranks(rank_among_kept.gather(1, slots), ok, ks)
+        ap.append(a)
+        valid.append(ok.any(1))
+        for k in ks:
+            hits[k].append(h[k])
+    return QueryScores(torch.cat(ap).numpy(), {k: torch.cat(v).numpy() for k, v in hits.items()},
+                       torch.cat(valid).numpy())

@@ -73,19 +73,59 @@ def rm_systems(t: Transforms, arrays: BackfillArrays) -> BackfillArrays:
         reference_query=reference)
 
 
+def validation_auc(config: TransformConfig, old: np.ndarray, new: np.ndarray,
+                   labels: np.ndarray, fit: np.ndarray, val: np.ndarray,
+                   fit_fn: Callable[..., Transforms] = fit_transforms, progress: bool = True
+                   ) -> float:
+    """AUC_mAP of the simulated backfill of the RM systems on held-out items `val`, with
+    transforms of `config` trained on `fit`: the one score every choice here maximises."""
+    t = fit_fn(config, old[fit], new[fit], labels[fit], progress=progress)
+    naive = BackfillArrays(old[val], old[val], new[val], new[val], labels[val])
+    return backfill_arrays(rm_systems(t, naive))[0].auc("mAP")
+
+
+def select_settings(base: TransformConfig, old: np.ndarray, new: np.ndarray,
+                    labels: np.ndarray, fit: np.ndarray, val: np.ndarray,
+                    taus: Sequence[float] = TAU_GRID, tau_epochs: int | None = None,
+                    widths: Sequence[int] = (), epochs: Sequence[int] = (),
+                    fit_fn: Callable[..., Transforms] = fit_transforms, progress: bool = True
+                    ) -> dict:
+    """tau, then the width of psi/rho, then their epochs, each by `validation_auc`.
+
+    A coordinate search, cheapest first: tau with short fits (`tau_epochs`), the width at
+    that tau with short fits too, then the epochs at that width. An empty grid keeps
+    `base`'s value. Never looks at a test set.
+    """
+    scores: dict[str, float] = {}
+
+    def score(cfg: TransformConfig) -> float:
+        if cfg.key() not in scores:
+            scores[cfg.key()] = validation_auc(cfg, old, new, labels, fit, val, fit_fn, progress)
+        return scores[cfg.key()]
+
+    short = replace(base, epochs=tau_epochs or base.epochs)
+    by_tau = {tau: score(replace(short, tau=tau)) for tau in taus}
+    best = replace(base, tau=max(by_tau, key=by_tau.get))
+    by_width = {w: score(replace(short, tau=best.tau, hidden=w)) for w in widths}
+    if by_width:
+        best = replace(best, hidden=max(by_width, key=by_width.get))
+    by_epochs = {e: score(replace(best, epochs=e)) for e in epochs}
+    if by_epochs:
+        best = replace(best, epochs=max(by_epochs, key=by_epochs.get))
+    return {"tau": best.tau, "hidden": best.hidden, "epochs": best.epochs,
+            "val_auc_mAP": by_tau, "val_auc_mAP_by_hidden": by_width,
+            "val_auc_mAP_by_epochs": by_epochs, "tau_epochs": short.epochs,
+            "val_items": len(val), "fit_items": len(fit),
+            "validation_score": score(best) if (by_width or by_epochs) else by_tau[best.tau]}
+
+
 def select_tau(base: TransformConfig, old: np.ndarray, new: np.ndarray, labels: np.ndarray,
                fit: np.ndarray, val: np.ndarray, grid: Sequence[float] = TAU_GRID,
                fit_fn: Callable[..., Transforms] = fit_transforms, progress: bool = True
                ) -> dict:
-    """tau by the backfill AUC_mAP of the RM systems on held-out items (`val`), each
-    candidate trained on `fit` with `base`'s settings. Never looks at a test set."""
-    scores = {}
-    for tau in grid:
-        t = fit_fn(replace(base, tau=tau), old[fit], new[fit], labels[fit], progress=progress)
-        naive = BackfillArrays(old[val], old[val], new[val], new[val], labels[val])
-        scores[tau] = backfill_arrays(rm_systems(t, naive))[0].auc("mAP")
-    return {"tau": max(scores, key=scores.get), "val_auc_mAP": scores,
-            "val_items": len(val), "fit_items": len(fit), "epochs": base.epochs}
+    """tau alone by `validation_auc`, each candidate trained with `base`'s settings."""
+    return select_settings(base, old, new, labels, fit, val, grid, fit_fn=fit_fn,
+                           progress=progress)
 
 
 def holdout(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -96,18 +136,25 @@ def holdout(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def fit_compat(old: np.ndarray, new: np.ndarray, labels: np.ndarray, rho: bool = True,
                tau: float | None = None, epochs: int = DEFAULTS["transform_epochs"],
-               hidden: int = DEFAULTS["transform_hidden"], progress: bool = True
-               ) -> tuple[Transforms, dict]:
+               hidden: int = DEFAULTS["transform_hidden"], search_size: bool = False,
+               progress: bool = True) -> tuple[Transforms, dict]:
+    """psi (and rho) on all items; tau (unless given) and, with `search_size`, the width and
+    epochs too, chosen on a 10% hold-out by the CIFAR-100 recipe's grids."""
     base = TransformConfig(objective="mcl", rho=rho, epochs=epochs, hidden=hidden,
                            sources=("user",))
     selection = None
-    if tau is None:
+    if tau is None or search_size:
         fit, val = holdout(labels)
-        selection = select_tau(replace(base, epochs=DEFAULTS["tau_epochs"]), old, new, labels,
-                               fit, val, progress=progress)
+        selection = select_settings(
+            base, old, new, labels, fit, val, TAU_GRID if tau is None else (tau,),
+            DEFAULTS["tau_epochs"] if tau is None else None,
+            DEFAULTS["transform_hidden_grid"] if search_size else (),
+            DEFAULTS["transform_epochs_grid"] if search_size else (), progress=progress)
+        base = replace(base, hidden=selection["hidden"], epochs=selection["epochs"])
         tau = selection["tau"]
     t = fit_transforms(replace(base, tau=tau), old, new, labels, progress)
-    return t, {"tau": tau, "selection": selection}
+    return t, {"tau": tau, "hidden": base.hidden, "epochs": base.epochs,
+               "selection": selection}
 
 
 def save_compat(path: Path | str, t: Transforms, old: np.ndarray, new: np.ndarray,
@@ -168,10 +215,11 @@ def apply_compat(path: Path | str, arrays: BackfillArrays, force: bool = False
 
 
 def fit_command(train: Path, out: Path, rho: bool, tau: float | None, epochs: int | None,
-                progress: bool = True) -> dict:
+                search_size: bool = False, progress: bool = True) -> dict:
     start = time.time()
     old, new, labels = load_training_file(train)
     epochs = DEFAULTS["transform_epochs"] if epochs is None else epochs
-    t, info = fit_compat(old, new, labels, rho=rho, tau=tau, epochs=epochs, progress=progress)
+    t, info = fit_compat(old, new, labels, rho=rho, tau=tau, epochs=epochs,
+                         search_size=search_size, progress=progress)
     save_compat(out, t, old, new, info)
     return {**info, "seconds": time.time() - start, "items": len(labels)}

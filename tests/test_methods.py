@@ -94,6 +94,12 @@ def test_smoke_reproduce_writes_every_row(cifar_root, monkeypatch, tmp_path):
     # RM_naive ends where New ends and starts where Old starts
     assert rows["RM_naive"]["mAP"][0] == pytest.approx(rows["Old"]["mAP"][0])
     assert rows["RM_naive"]["mAP"][-1] == pytest.approx(rows["New"]["mAP"][-1])
-    assert table["provenance"]["config"]["tau_selection"]["tau"] in (0.05, 0.1, 0.2, 1.0)
+    chosen = table["provenance"]["config"]["hyperparameter_selection"]
+    assert chosen["tau"] in (0.05, 0.1, 0.2, 1.0)
+    assert chosen["hidden"] in (64, 128) and chosen["epochs"] in (2, 3)
+    assert {int(w) for w in chosen["val_auc_mAP_by_hidden"]} == {64, 128}
+    rm = table["provenance"]["config"]["transforms"]["mcl-rho"]
+    assert (rm["tau"], rm["hidden"], rm["epochs"]) == (chosen["tau"], chosen["hidden"],
+                                                       chosen["epochs"])
     assert table["paper"]["RM"] == [41.4, 60.7, 78]
     assert tables["table1"]["rows"].keys() == rows.keys()

@@ -80,3 +80,48 @@ def test_approximate_index_finds_most_exact_neighbours():
     a = approx.search(new_q, old_q, k=10).ids
     recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(e, a, strict=True)])
     assert recall > 0.8
+
+
+@pytest.mark.parametrize("protocol_name", ["leave_one_out", "camera"])
+def test_live_scores_reproduce_the_offline_backfill_curve(protocol_name):
+    """What the live index serves, scored over the whole merged ranking, is the evaluator's
+    mAP and top-1 at the same backfill states."""
+    from rmlib.backfill import simulate_backfill
+    from rmlib.retrieval import Protocol
+    from rmlib.serving import live_scores
+
+    rng = np.random.default_rng(3)
+    n, classes = 120, 8
+    labels = rng.integers(0, classes, n)
+    centres_old, centres_new = rng.normal(size=(classes, 8)), rng.normal(size=(classes, 12))
+    old = (centres_old[labels] + rng.normal(size=(n, 8))).astype("f4")
+    new = (centres_new[labels] + 0.7 * rng.normal(size=(n, 12))).astype("f4")
+    if protocol_name == "camera":
+        cams = rng.integers(0, 3, n)
+        protocol = Protocol.camera(labels[:40], labels, cams[:40], cams)
+        old_q, new_q = old[:40] + 0.1, new[:40] + 0.1
+    else:
+        protocol = Protocol.leave_one_out(labels)
+        old_q, new_q = old, new
+    order = backfill_order(n, seed=0)
+    ts = np.array([0.0, 0.25, 0.5, 1.0])
+    curve = simulate_backfill(old_q, old, new_q, new, protocol, order=order, ts=ts)
+    index = OnlineBackfillIndex(old, new_dim=12)
+    for j, t in enumerate(ts):
+        done = order[: backfilled_count(t, n)]
+        todo = done[index.num_new:]
+        if len(todo):
+            index.backfill(todo, new[todo])
+        live = live_scores(index, new_q, old_q, protocol, chunk=16).summary()
+        assert live["mAP"] == pytest.approx(curve.mAP[j], abs=1e-6)
+        assert live["top1"] == pytest.approx(curve.top1[j], abs=1e-6)
+
+
+def test_live_scores_refuse_a_protocol_of_another_gallery():
+    from rmlib.retrieval import Protocol
+    from rmlib.serving import live_scores
+
+    old_g, new_g, old_q, new_q = data(n=40)
+    index = OnlineBackfillIndex(old_g, new_dim=12)
+    with pytest.raises(RmlibError, match="gallery items"):
+        live_scores(index, new_q, old_q, Protocol.leave_one_out(np.zeros(30, int)))

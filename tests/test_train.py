@@ -76,6 +76,40 @@ def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     assert set(state) == set(whole.model.state_dict())
 
 
+def test_progressive_resizing_resumes_across_the_size_change(tmp_path, monkeypatch):
+    """Low-resolution epochs first, then full size; an interruption at the switch resumes
+    to the same weights; the setting enters the cache key only when used."""
+    from rmlib.train import downscale
+
+    data = tiny_images()
+    small = downscale(torch.from_numpy(data.images), 24)
+    assert small.shape == (64, 3, 24, 24) and small.dtype == torch.uint8
+    cfg = tiny_config(epochs=3, low_res_epochs=2)
+    assert cfg.key() != tiny_config(epochs=3).key()
+    assert tiny_config(epochs=3, low_res_epochs=0).key() == tiny_config(epochs=3).key()
+    import rmlib.train
+
+    sizes = []
+    real_crop = rmlib.train.random_crop_flip
+
+    def recording_crop(images, padding, gen):
+        sizes.append(images.shape[-1])
+        return real_crop(images, padding, gen)
+
+    monkeypatch.setattr(rmlib.train, "random_crop_flip", recording_crop)
+    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "whole"))
+    whole = train_backbone(cfg, data, progress=False)
+    steps = len(sizes) // 3
+    assert sizes == [24] * (2 * steps) + [32] * steps
+    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "pieces"))
+    train_backbone(cfg, data, progress=False, stop_after_epochs=2)
+    resumed = train_backbone(cfg, data, progress=False)
+    assert len(resumed.history) == 3
+    for (name, p), q in zip(whole.model.state_dict().items(),
+                            resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+
+
 def test_cache_reused_only_when_config_matches():
     data = tiny_images()
     first = train_backbone(tiny_config(epochs=1), data, progress=False)
