@@ -268,6 +268,7 @@ class InfluenceObjective(Objective):
             self.spec["base"] = self.base.spec
 
     def __call__(self, model, embedding, logits, labels, config):
+        self.classifier.to(embedding.device)  # a transform's classifier comes on the CPU
         loss = self.base(model, embedding, logits, labels, config)
         influence = bct_influence_loss(embedding.float(), labels, self.classifier,
                                        self.num_classes, config.label_smoothing)

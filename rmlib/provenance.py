@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import subprocess
 from typing import Any
@@ -36,7 +37,9 @@ def commit_at_start() -> str:
     long run records the code it started with even if the repository moves on."""
     global _COMMIT_AT_START
     if _COMMIT_AT_START is None:
-        _COMMIT_AT_START = git_commit()
+        # A copy of the tree without its .git (e.g. on a borrowed GPU machine) is told its
+        # commit by whoever copied it.
+        _COMMIT_AT_START = os.environ.get("RMLIB_COMMIT") or git_commit()
     return _COMMIT_AT_START
 
 

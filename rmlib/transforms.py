@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rmlib import RmlibError
-from rmlib.config import runs_root
+from rmlib.config import default_device, runs_root
 from rmlib.data.sampling import pk_batches
 from rmlib.losses import cl_loss, fct_regression_loss, mcl_loss, rqt_loss
 from rmlib.models import CosineClassifier, EmbeddingTransform
@@ -134,11 +134,14 @@ def _loss(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor) -> t
 
 
 def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
-                   labels: np.ndarray, progress: bool = True) -> Transforms:
-    """Train the transforms of `config` on paired embeddings of the same labelled items."""
+                   labels: np.ndarray, progress: bool = True,
+                   device: torch.device | None = None) -> Transforms:
+    """Train the transforms of `config` on paired embeddings of the same labelled items
+    (on the GPU when there is one); the returned modules live on the CPU."""
+    device = device or default_device()
     torch.manual_seed(config.seed)
-    o_all = torch.as_tensor(np.asarray(old, np.float32))
-    n_all = torch.as_tensor(np.asarray(new, np.float32))
+    o_all = torch.as_tensor(np.asarray(old, np.float32)).to(device)
+    n_all = torch.as_tensor(np.asarray(new, np.float32)).to(device)
     y_all = torch.as_tensor(np.asarray(labels, np.int64))
     d_old, d_new = o_all.shape[1], n_all.shape[1]
     if config.objective in ("fct", "bict"):
@@ -150,6 +153,9 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
     classifier = None
     if config.objective == "bict":
         classifier = CosineClassifier(d_old, config.num_classes)
+    for module in (psi, rho, classifier):
+        if module is not None:
+            module.to(device)
     t = Transforms(config, psi, rho, classifier)
     params = [p for m in (psi, rho, classifier) if m is not None for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -172,7 +178,8 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
         for idx in pk_batches(y_all, config.classes_per_batch, config.per_class, gen):
             if len(idx) < 2:
                 continue
-            loss = _loss(t, o_all[idx], n_all[idx], y_all[idx])
+            on_device = idx.to(device)
+            loss = _loss(t, o_all[on_device], n_all[on_device], y_all[idx].to(device))
             optimisation_step(loss, optimizer, scheduler, f"{config.name} training diverged; "
                               "raise tau or lower the learning rate")
             total_loss += loss.item() * len(idx)
@@ -184,7 +191,7 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
     bar.close()
     for module in (psi, rho, classifier):
         if module is not None:
-            module.eval()
+            module.cpu().eval()
     return t
 
 
