@@ -13,15 +13,19 @@ import torch
 from rmlib import __version__
 from rmlib.config import REPO_ROOT
 
+# What makes a result: the package, the scripts that run it, and the pinned environment.
+# The book's chapters and the results themselves are outputs and do not count.
+CODE_PATHS = ("rmlib", "scripts", "benchmarks", "pyproject.toml", "requirements.txt")
+
 
 def git_commit() -> str:
-    """The repository's HEAD commit, with '+dirty' when code has uncommitted changes
-    (results under data/results/ are outputs, not code, and do not count)."""
+    """The repository's HEAD commit, with '+dirty' when code (`CODE_PATHS`) has
+    uncommitted changes."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                ".", ":(exclude)data/results"],
+                                *CODE_PATHS],
                                cwd=REPO_ROOT, capture_output=True, text=True,
                                timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):

@@ -110,3 +110,27 @@ def test_module_entry_point_runs_without_traceback(loo_file, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "rmlib", "backfill", str(tmp_path / "x.npz")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_provenance_is_dirty_only_when_code_changed(tmp_path, monkeypatch):
+    """Edited chapters or results do not make a result's commit '+dirty'; edited code does."""
+    import subprocess
+
+    from rmlib import provenance
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
+
+    for name in ("rmlib/a.py", "book/a.ipynb", "data/results/r.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("0")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
+    for name in ("book/a.ipynb", "data/results/r.json"):
+        (tmp_path / name).write_text("1")
+    assert not provenance.git_commit().endswith("+dirty")
+    (tmp_path / "rmlib/a.py").write_text("1")
+    assert provenance.git_commit().endswith("+dirty")
