@@ -381,9 +381,6 @@ class Experiment:
             self.timings["hyperparameter_selection"] = time.time() - t0
         return self.selection
 
-    def tau(self) -> float:
-        return self.settings()["tau"]
-
     def transform(self, name: str) -> Transforms:
         """'rqt', 'cl', 'mcl', 'mcl-rho', 'fct' or 'bict', trained on all training items."""
         if name not in self._transforms:

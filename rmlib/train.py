@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,10 @@ from rmlib.data.augment import random_crop_flip, random_erase
 from rmlib.data.sampling import pk_batches
 from rmlib.losses import batch_hard_triplet_loss
 from rmlib.models import RetrievalModel, build_backbone
+
+# Fields added after runs were cached: at their defaults they stay out of the cache key, so
+# that those runs keep their keys.
+_KEYED_ONLY_WHEN_SET = ("sampler", "erase", "image_size", "low_res_epochs", "low_res")
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,7 @@ class BackboneConfig:
     mean: tuple[float, ...] = CIFAR100_MEAN
     std: tuple[float, ...] = CIFAR100_STD
     objective: dict = field(default_factory=lambda: {"name": "ce"})
-    # Added with Market-1501; they enter the cache key only when set, so that runs made
-    # before they existed keep their keys.
+    # Added with Market-1501 (keyed only when set).
     sampler: tuple[int, int] | None = None  # (P identities, K images each) per batch
     erase: float = 0.0  # random-erasing probability
     image_size: tuple[int, int] | None = None
@@ -66,12 +69,12 @@ class BackboneConfig:
     low_res: int = 24
 
     def key(self) -> str:
-        fields = asdict(self)
-        for name, default in (("sampler", None), ("erase", 0.0), ("image_size", None),
-                              ("low_res_epochs", 0), ("low_res", 24)):
-            if fields[name] == default:
-                del fields[name]
-        text = json.dumps(fields, sort_keys=True, default=list)
+        values = asdict(self)
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in _KEYED_ONLY_WHEN_SET:
+            if values[name] == defaults[name]:
+                del values[name]
+        text = json.dumps(values, sort_keys=True, default=list)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def run_dir(self) -> Path:

@@ -142,7 +142,8 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
     torch.manual_seed(config.seed)
     o_all = torch.as_tensor(np.asarray(old, np.float32)).to(device)
     n_all = torch.as_tensor(np.asarray(new, np.float32)).to(device)
-    y_all = torch.as_tensor(np.asarray(labels, np.int64))
+    y_all = torch.as_tensor(np.asarray(labels, np.int64))  # on the CPU: batches are drawn here
+    y_dev = y_all.to(device)
     d_old, d_new = o_all.shape[1], n_all.shape[1]
     if config.objective in ("fct", "bict"):
         out = d_new if config.objective == "fct" else d_old
@@ -178,8 +179,8 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
         for idx in pk_batches(y_all, config.classes_per_batch, config.per_class, gen):
             if len(idx) < 2:
                 continue
-            on_device = idx.to(device)
-            loss = _loss(t, o_all[on_device], n_all[on_device], y_all[idx].to(device))
+            idx = idx.to(device)
+            loss = _loss(t, o_all[idx], n_all[idx], y_dev[idx])
             optimisation_step(loss, optimizer, scheduler, f"{config.name} training diverged; "
                               "raise tau or lower the learning rate")
             total_loss += loss.item() * len(idx)
