@@ -38,45 +38,51 @@ def hardest_half(dist: torch.Tensor, mask: torch.Tensor, hardest: str) -> torch.
     """Keep, in each row, the harder half (rounded up) of the items in `mask`.
 
     Hard positives are the farthest (`hardest="far"`), hard negatives the closest ("near").
-    One sort of the masked distances gives each row's cut-off distance.
+    A partial sort (top-k, k = the largest half) gives each row's cut-off distance: a full
+    sort of every row costs three times as much and mining runs on every step.
     """
     far = hardest == "far"
     keep = (mask.sum(1, keepdim=True) + 1) // 2
+    k = int(keep.max())
+    if k == 0:
+        return torch.zeros_like(mask)
     score = dist.masked_fill(~mask, float("-inf") if far else float("inf"))
-    ordered = torch.sort(score, dim=1, descending=far).values
-    cut = ordered.gather(1, (keep - 1).clamp_min(0))
+    top = torch.topk(score, k, dim=1, largest=far, sorted=True).values
+    cut = top.gather(1, (keep - 1).clamp_min(0))
     chosen = dist >= cut if far else dist <= cut
     return mask & chosen & (keep > 0)
 
 
-def _masked_lse(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logits.masked_fill(~mask, NEG_INF), dim=1)
-
-
-def contrastive_terms(dist: torch.Tensor, labels: torch.Tensor, tau: float, mine: bool,
-                      exclude_self: bool, extra_neg: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-    """Per-anchor -log(sum_pos s / (sum_pos s + sum_neg s [+ sum_extra_neg s])).
-
-    `dist` (B, B): anchors x items of one system; `extra_neg`: (B, B) distances of the
-    other system whose different-label entries join the denominator (eq. 11).
-    """
+def mined_pairs(dist: torch.Tensor, labels: torch.Tensor, mine: bool, exclude_self: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each anchor's positives and negatives in `dist` (anchors x items of one system):
+    same label (minus the anchor itself with `exclude_self`) and different label, the
+    harder half of each when mining (footnote 2)."""
     same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=dist.device)
-    pos = same & ~eye if exclude_self else same
+    pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=dist.device) \
+        if exclude_self else same
     neg = ~same
     if mine:
         pos = hardest_half(dist.detach(), pos, "far")
         neg = hardest_half(dist.detach(), neg, "near")
+    return pos, neg
+
+
+def contrastive_terms(dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float,
+                      extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-anchor -log(sum_pos s / (sum_pos s + sum_neg s [+ sum_extra_neg s])).
+
+    `dist` (B, B): anchors x items of one system, with its `pos`/`neg` masks (`mined_pairs`);
+    `extra`: the other system's distances and negatives, which join the denominator (eq. 11).
+    """
     logits = -dist / tau
-    terms = [logits.masked_fill(~pos, NEG_INF), logits.masked_fill(~neg, NEG_INF)]
-    if extra_neg is not None:
-        other_neg = ~same
-        if mine:
-            other_neg = hardest_half(extra_neg.detach(), other_neg, "near")
-        terms.append((-extra_neg / tau).masked_fill(~other_neg, NEG_INF))
-    numerator = _masked_lse(logits, pos)
-    denominator = torch.logsumexp(torch.cat(terms, 1), dim=1)
+    sums = [torch.logsumexp(logits.masked_fill(~pos, NEG_INF), 1),
+            torch.logsumexp(logits.masked_fill(~neg, NEG_INF), 1)]
+    if extra is not None:
+        other, other_neg = extra
+        sums.append(torch.logsumexp((-other / tau).masked_fill(~other_neg, NEG_INF), 1))
+    numerator = sums[0]
+    denominator = torch.logsumexp(torch.stack(sums, 1), dim=1)  # log of the sum of the sums
     valid = pos.any(1)
     return (denominator - numerator)[valid]
 
@@ -88,8 +94,9 @@ def cl_loss(rev: torch.Tensor, old: torch.Tensor, labels: torch.Tensor, tau: flo
     The anchor is rev(x_i); its positives are old(x_k) with y_k = y_i, including k = i
     (the image's own old embedding, the pair that eq. 9 pulls together).
     """
-    return contrastive_terms(pairwise_distances(rev, old), labels, tau, mine,
-                             exclude_self=False).mean()
+    dist = pairwise_distances(rev, old)
+    return contrastive_terms(dist, *mined_pairs(dist, labels, mine, exclude_self=False),
+                             tau).mean()
 
 
 def mcl_loss(rev: torch.Tensor, old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor,
@@ -98,12 +105,14 @@ def mcl_loss(rev: torch.Tensor, old: torch.Tensor, new: torch.Tensor, labels: to
 
     Term 1: backward system {rev, old}, with the new system's negatives added to its
     denominator; term 2: new system {new, new} (self pairs excluded), with the backward
-    system's negatives added.
+    system's negatives added. Each system's pairs are mined once and used in both terms.
     """
     d_old = pairwise_distances(rev, old)
     d_new = pairwise_distances(new, new)
-    backward = contrastive_terms(d_old, labels, tau, mine, exclude_self=False, extra_neg=d_new)
-    forward = contrastive_terms(d_new, labels, tau, mine, exclude_self=True, extra_neg=d_old)
+    pos_old, neg_old = mined_pairs(d_old, labels, mine, exclude_self=False)
+    pos_new, neg_new = mined_pairs(d_new, labels, mine, exclude_self=True)
+    backward = contrastive_terms(d_old, pos_old, neg_old, tau, extra=(d_new, neg_new))
+    forward = contrastive_terms(d_new, pos_new, neg_new, tau, extra=(d_old, neg_old))
     return backward.mean() + forward.mean()
 
 

@@ -144,14 +144,20 @@ class EmbeddingTransform(nn.Module):
     embedding; `residual=True` starts it at the identity) and FCT's h (old -> new).
     """
 
-    def __init__(self, d_in: int, d_out: int, hidden: int = 512, residual: bool = False):
+    def __init__(self, d_in: int, d_out: int, hidden: int = 512, residual: bool = False,
+                 layers: int = 2):
         super().__init__()
         if residual and d_in != d_out:
             raise ValueError("a residual transform needs d_in == d_out")
+        if layers < 1:
+            raise ValueError(f"a transform needs at least one hidden layer, got {layers}")
         self.d_in, self.d_out, self.hidden, self.residual = d_in, d_out, hidden, residual
-        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-                                 nn.Linear(hidden, d_out))
+        self.layers = layers
+        blocks: list[nn.Module] = []
+        for i in range(layers):  # `layers` hidden layers of width `hidden`
+            blocks += [nn.Linear(d_in if i == 0 else hidden, hidden), nn.BatchNorm1d(hidden),
+                       nn.ReLU()]
+        self.net = nn.Sequential(*blocks, nn.Linear(hidden, d_out))
         if residual:  # start as the identity map
             nn.init.zeros_(self.net[-1].weight)
             nn.init.zeros_(self.net[-1].bias)

@@ -72,6 +72,32 @@ def test_hardest_half_selects_far_positives_and_near_negatives():
     assert hardest_half(dist, mask, "near").tolist() == [[True, False, True, False, False]]
 
 
+def test_hardest_half_matches_a_full_sort_on_random_rows_with_ties():
+    """The partial sort (top-k) keeps exactly what sorting each row would: ties with the
+    cut-off included, rows of different sizes, empty rows."""
+    g = torch.Generator().manual_seed(0)
+    dist = torch.randint(0, 6, (40, 30), generator=g).double()  # many ties
+    mask = torch.rand(40, 30, generator=g) < torch.linspace(0, 1, 40)[:, None]
+    for hardest in ("far", "near"):
+        far = hardest == "far"
+        expected = torch.zeros_like(mask)
+        for i in range(40):
+            values = sorted(dist[i][mask[i]].tolist(), reverse=far)
+            if values:
+                cut = values[(len(values) + 1) // 2 - 1]
+                expected[i] = mask[i] & ((dist[i] >= cut) if far else (dist[i] <= cut))
+        assert torch.equal(hardest_half(dist, mask, hardest), expected)
+
+
+def test_mcl_gradients_stay_finite_when_an_anchor_has_no_positive():
+    labels = torch.tensor([0, 0, 1, 1, 2])  # class 2: one item, no positive but itself
+    rev, new = rand(5, 3, seed=20).requires_grad_(), rand(5, 3, seed=21).requires_grad_()
+    loss = mcl_loss(rev, rand(5, 3, seed=22), new, labels, tau=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(rev.grad).all()
+    assert torch.isfinite(new.grad).all()
+
+
 @pytest.mark.parametrize("mine", [False, True])
 @pytest.mark.parametrize("tau", [1.0, 0.2])
 def test_cl_matches_a_loop(mine, tau):

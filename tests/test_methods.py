@@ -30,16 +30,19 @@ def test_pk_batches_cover_every_item_once():
     assert torch.equal(seen, torch.arange(20))
 
 
-@pytest.mark.parametrize("objective,rho", [("rqt", False), ("mcl", True), ("fct", False)])
-def test_transforms_learn_and_round_trip(objective, rho, tmp_path):
+@pytest.mark.parametrize("objective,rho,layers", [("rqt", False, 2), ("mcl", True, 2),
+                                                  ("mcl", True, 1), ("fct", False, 1)])
+def test_transforms_learn_and_round_trip(objective, rho, layers, tmp_path):
     labels, old, new = paired_embeddings()
     cfg = TransformConfig(objective=objective, rho=rho, tau=0.2, hidden=64, epochs=15,
-                          classes_per_batch=6, per_class=8)
+                          classes_per_batch=6, per_class=8, layers=layers)
     t = fit_transforms(cfg, old, new, labels, progress=False)
     assert t.history[-1]["loss"] < t.history[0]["loss"]
     path = tmp_path / "t.pt"
     torch.save(t.state(), path)
     back = Transforms.from_state(torch.load(path, weights_only=True))
+    linears = [m for m in back.psi.net if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == layers + 1 and back.config.layers == layers
     if objective == "fct":
         np.testing.assert_allclose(back.forward(old), t.forward(old), atol=1e-6)
     else:
@@ -67,6 +70,15 @@ def test_bad_transform_configs():
         TransformConfig(objective="nope")
     with pytest.raises(RmlibError, match="rho is trained with MCL"):
         TransformConfig(objective="rqt", rho=True)
+
+
+def test_transform_cache_keys_of_two_layers_are_unchanged():
+    """`layers` joined the config later: at 2 (what every earlier fit had) it stays out of
+    the key, so that cached fits (and the BiCT backbones keyed by them) are found again."""
+    cfg = TransformConfig(objective="mcl", rho=True, tau=0.1, hidden=1024, epochs=12)
+    assert cfg.key() == "10dbc1df5725"  # as before `layers` existed
+    assert TransformConfig(objective="mcl", rho=True, tau=0.1, hidden=1024, epochs=12,
+                           layers=1).key() != cfg.key()
 
 
 def test_gain():
