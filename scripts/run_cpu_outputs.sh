@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 export RMLIB_PROFILE=cpu PYTHONUNBUFFERED=1
 python benchmarks/backbone_recipes.py
 python benchmarks/transform_recipes.py
+python benchmarks/bench_transform_step.py
 python benchmarks/bench_serving.py --cifar100 cpu --nlist 100 --nprobe 8 --queries 1000
 python benchmarks/bench_serving.py --n 1000000 --queries 500 --repeats 2
 python scripts/execute_chapters.py
