@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rmlib import losses  # noqa: E402
 from rmlib.provenance import provenance  # noqa: E402
-from rmlib.transforms import TransformConfig, fit_transforms  # noqa: E402
+from rmlib.transforms import TransformConfig, fit_transforms, steps_per_epoch  # noqa: E402
 
 NAMES = ("rqt", "cl", "mcl", "mcl-rho", "fct", "bict")
 
@@ -38,8 +38,7 @@ def step_ms(name: str, hidden: int, old, new, labels) -> float:
         fit_transforms(cfg, old, new, labels, progress=False)
         seconds.append(time.perf_counter() - t0)
     per_epoch = (seconds[1] - seconds[0]) / 2
-    groups = sum(-(-int(n) // cfg.per_class) for n in np.bincount(labels))
-    return 1000 * per_epoch / -(-groups // cfg.classes_per_batch)
+    return 1000 * per_epoch / steps_per_epoch(cfg, labels)
 
 
 def hardest_half_by_sort(dist, mask, hardest):

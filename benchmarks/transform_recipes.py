@@ -7,9 +7,9 @@ Each recipe fits MCL with rho (eq. 12-13) on the cached cpu-profile old/new embe
 the training images minus the validation split (`Experiment.validation_split`: 50 per
 class, seed 0), at the tau and epochs the previous search chose (0.1, 12), and is scored
 by the backfill AUC_mAP of the RM systems on that split (`rmlib.upgrade.validation_auc`),
-with the wall time of its fit. The test set is never looked at: the cpu profile's shape
-(`transform_layers`) is chosen from this file; its width and epochs are then searched by
-`select_settings` as before.
+with the wall time of its fit. The test set is never looked at: the shape of psi/rho
+(`TransformConfig.layers`, 2) and the cpu profile's width grid are chosen from this file;
+the width and epochs within that grid are then searched by `select_settings`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -53,6 +56,19 @@ MARKET_SETTINGS: dict[str, dict] = {
               "sampler": (16, 4), "lr": 0.05, "padding": 10, "erase": 0.5,
               "triplet_margin": 0.3},
 }
+
+
+def config_key(config, keyed_only_when_set: tuple[str, ...] = ()) -> str:
+    """The cache key of a config dataclass: a hash of all its fields, except those in
+    `keyed_only_when_set` that hold their declared default (fields added after runs were
+    cached, so that those runs keep their keys)."""
+    values = asdict(config)
+    defaults = {f.name: f.default for f in fields(config)}
+    for name in keyed_only_when_set:
+        if values[name] == defaults[name]:
+            del values[name]
+    text = json.dumps(values, sort_keys=True, default=list)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def profile_settings(name: str | None = None) -> dict:

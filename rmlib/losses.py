@@ -50,7 +50,7 @@ def hardest_half(dist: torch.Tensor, mask: torch.Tensor, hardest: str) -> torch.
     top = torch.topk(score, k, dim=1, largest=far, sorted=True).values
     cut = top.gather(1, (keep - 1).clamp_min(0))
     chosen = dist >= cut if far else dist <= cut
-    return mask & chosen & (keep > 0)
+    return mask & chosen  # a row with nothing to keep has an empty mask already
 
 
 def mined_pairs(dist: torch.Tensor, labels: torch.Tensor, mine: bool, exclude_self: bool
@@ -59,9 +59,9 @@ def mined_pairs(dist: torch.Tensor, labels: torch.Tensor, mine: bool, exclude_se
     same label (minus the anchor itself with `exclude_self`) and different label, the
     harder half of each when mining (footnote 2)."""
     same = labels[:, None] == labels[None, :]
-    pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=dist.device) \
-        if exclude_self else same
-    neg = ~same
+    pos, neg = same, ~same
+    if exclude_self:
+        pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=dist.device)
     if mine:
         pos = hardest_half(dist.detach(), pos, "far")
         neg = hardest_half(dist.detach(), neg, "near")

@@ -8,13 +8,12 @@ tensors and plain numbers only, so they load with `torch.load(..., weights_only=
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rmlib import RmlibError
-from rmlib.config import cpu_has_fast_bf16, default_device, runs_root
+from rmlib.config import config_key, cpu_has_fast_bf16, default_device, runs_root
 from rmlib.data import CIFAR100_MEAN, CIFAR100_STD, ImageSet
 from rmlib.data.augment import random_crop_flip, random_erase
 from rmlib.data.sampling import pk_batches
@@ -69,13 +68,7 @@ class BackboneConfig:
     low_res: int = 24
 
     def key(self) -> str:
-        values = asdict(self)
-        defaults = {f.name: f.default for f in fields(self)}
-        for name in _KEYED_ONLY_WHEN_SET:
-            if values[name] == defaults[name]:
-                del values[name]
-        text = json.dumps(values, sort_keys=True, default=list)
-        return hashlib.sha1(text.encode()).hexdigest()[:12]
+        return config_key(self, _KEYED_ONLY_WHEN_SET)
 
     def run_dir(self) -> Path:
         return runs_root() / self.dataset / self.profile / f"{self.role}-{self.key()}"

@@ -11,7 +11,6 @@ same training images, (phi_old(x), phi_new(x), y). Objectives:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from rmlib import RmlibError
-from rmlib.config import default_device, runs_root
+from rmlib.config import config_key, default_device, runs_root
 from rmlib.data.sampling import pk_batches
 from rmlib.losses import cl_loss, fct_regression_loss, mcl_loss, rqt_loss
 from rmlib.models import CosineClassifier, EmbeddingTransform
@@ -57,11 +56,7 @@ class TransformConfig:
             raise RmlibError("rho is trained with MCL (eq. 12-13); use objective 'mcl'")
 
     def key(self) -> str:
-        values = asdict(self)
-        if values["layers"] == 2:  # added later: at its default, out of the key (old caches)
-            del values["layers"]
-        text = json.dumps(values, sort_keys=True, default=list)
-        return hashlib.sha1(text.encode()).hexdigest()[:12]
+        return config_key(self, keyed_only_when_set=("layers",))  # added later
 
     @property
     def name(self) -> str:
@@ -137,6 +132,13 @@ def _loss(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor) -> t
     return mcl_loss(rev, o, new, y, c.tau, c.mine)
 
 
+def steps_per_epoch(config: TransformConfig, labels: np.ndarray) -> int:
+    """How many P x K batches `pk_batches` makes of `labels` in one epoch."""
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    groups = sum(math.ceil(int(n) / config.per_class) for n in counts)
+    return math.ceil(groups / config.classes_per_batch)
+
+
 def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
                    labels: np.ndarray, progress: bool = True,
                    device: torch.device | None = None) -> Transforms:
@@ -168,10 +170,7 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=True)
     gen = torch.Generator().manual_seed(config.seed)
-    counts = torch.unique(y_all, return_counts=True)[1].tolist()
-    groups = sum(math.ceil(n / config.per_class) for n in counts)
-    steps = math.ceil(groups / config.classes_per_batch)
-    total = steps * config.epochs
+    total = steps_per_epoch(config, labels) * config.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=total,
                                                     pct_start=0.1)
     from tqdm.auto import tqdm
