@@ -25,9 +25,10 @@ from rmlib import RmlibError
 from rmlib.contract import BackfillArrays
 from rmlib.retrieval import (
     NO_RANK,
+    EuclideanSystem,
     Protocol,
-    euclidean_distances,
     evaluate,
+    exact_column_sums,
     query_chunks,
     rank_keys,
     relevant_slots,
@@ -144,8 +145,8 @@ def simulate_backfill(
     embedding; default `old_query`) on `old_gallery`.
     """
     n = protocol.num_gallery
-    oq, og = torch.as_tensor(old_query).float(), torch.as_tensor(old_gallery).float()
-    nq, ng = torch.as_tensor(new_query).float(), torch.as_tensor(new_gallery).float()
+    old = EuclideanSystem.of(old_query, old_gallery, "the old system's embeddings")
+    new = EuclideanSystem.of(new_query, new_gallery, "the new system's embeddings")
     if order is None:
         order = backfill_order(n, seed)
     if len(order) != n or not np.array_equal(np.sort(order), np.arange(n)):
@@ -154,19 +155,18 @@ def simulate_backfill(
     segment = torch.as_tensor(item_segments(np.asarray(order), ts))
     ref_correct = None
     if reference_query is not None:
-        ref = torch.as_tensor(reference_query).float()
-        ref_correct = torch.as_tensor(top1_correct(ref, og, protocol))
+        reference = EuclideanSystem.of(reference_query, old_gallery, "reference_query")
+        ref_correct = torch.as_tensor(top1_correct(reference, protocol))
 
     num_t = len(ts)
-    ap_sum = torch.zeros(num_t, dtype=torch.float64)
-    hit_sum = {k: torch.zeros(num_t, dtype=torch.float64) for k in (1, 5)}
-    flips = torch.zeros(num_t, dtype=torch.float64)
-    n_valid = 0
+    # per valid query and t: AP, top-1, top-5, negative flip; summed exactly at the end,
+    # so that identical rankings give bit-identical values at every t
+    per_query: list[torch.Tensor] = []
     for start, stop in _adaptive_chunks(protocol, num_t, chunk):
         relevant, excluded = protocol.masks(start, stop)
         index, valid = relevant_slots(relevant)
-        k_old = rank_keys(euclidean_distances(oq[start:stop], og), excluded)
-        k_new = rank_keys(euclidean_distances(nq[start:stop], ng), excluded)
+        k_old = rank_keys(old.distances(start, stop), excluded)
+        k_new = rank_keys(new.distances(start, stop), excluded)
         if reference_query is None:  # the old system itself is the reference
             chunk_ref = relevant.gather(1, k_old.argmin(1, keepdim=True))[:, 0]
         else:
@@ -174,17 +174,17 @@ def simulate_backfill(
         ranks = _merged_ranks(k_old, k_new, index, valid, segment, num_t)
         ap, hits = scores_from_ranks(ranks, valid[:, None, :].expand_as(ranks))
         ok = valid.any(1)
-        n_valid += int(ok.sum())
-        ap_sum += ap[ok].sum(0)
-        for k in hit_sum:
-            hit_sum[k] += hits[k][ok].double().sum(0)
-        flips += (chunk_ref[ok, None] & ~hits[1][ok]).double().sum(0)
+        flips = chunk_ref[:, None] & ~hits[1]
+        columns = [ap, hits[1].double(), hits[5].double(), flips.double()]
+        per_query.append(torch.stack(columns, 2)[ok])
+    scores = torch.cat(per_query).numpy()
+    n_valid = len(scores)
     if n_valid == 0:
         raise RmlibError("no query has a relevant gallery item: check the labels")
+    means = exact_column_sums(scores.reshape(n_valid, -1)).reshape(num_t, 4) / n_valid
     return BackfillCurve(
-        t=ts.tolist(), mAP=(ap_sum / n_valid).tolist(), top1=(hit_sum[1] / n_valid).tolist(),
-        top5=(hit_sum[5] / n_valid).tolist(), nfr=(flips / n_valid).tolist(),
-        num_valid_queries=n_valid,
+        t=ts.tolist(), mAP=means[:, 0].tolist(), top1=means[:, 1].tolist(),
+        top5=means[:, 2].tolist(), nfr=means[:, 3].tolist(), num_valid_queries=n_valid,
     )
 
 
@@ -251,12 +251,9 @@ def merged_top_k(arrays: BackfillArrays, query: int, t: float, k: int = 8, seed:
     n = protocol.num_gallery
     is_new = torch.zeros(n, dtype=torch.bool)
     is_new[torch.as_tensor(backfill_order(n, seed)[: backfilled_count(t, n)])] = True
-    row = slice(query, query + 1)
-    d_old = euclidean_distances(torch.as_tensor(arrays.old_query[row]),
-                                torch.as_tensor(arrays.old_gallery))
-    d_new = euclidean_distances(torch.as_tensor(arrays.new_query[row]),
-                                torch.as_tensor(arrays.new_gallery))
-    dist = torch.where(is_new, d_new, d_old)
+    old = EuclideanSystem.of(arrays.old_query, arrays.old_gallery)
+    new = EuclideanSystem.of(arrays.new_query, arrays.new_gallery)
+    dist = torch.where(is_new, new.distances(query, query + 1), old.distances(query, query + 1))
     top = torch.argsort(rank_keys(dist, excluded), dim=1)[0, :k]
     return [(int(i), float(dist[0, i]), "new" if is_new[i] else "old", bool(relevant[0, i]))
             for i in top]

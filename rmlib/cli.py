@@ -3,12 +3,48 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from rmlib import RmlibError, __version__
+from rmlib.outputs import check_outputs, write_json
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2), like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"rmlib: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not positive; give 1 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite positive number")
+    return value
 
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
@@ -17,6 +53,8 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     from rmlib.provenance import provenance
     from rmlib.report import plot_curves, summary_text
 
+    check_outputs({"--json": args.json, "--plot": args.plot}, inputs=[args.emb],
+                  figures=["--plot"])
     start = time.time()
     arrays = load_backfill_arrays(args.emb)
     curve, conditions = backfill_arrays(arrays, seed=args.seed)
@@ -31,8 +69,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         out["provenance"] = provenance(
             config={"input": str(args.emb), "seed": args.seed, "protocol": protocol},
             wall_time_s=time.time() - start)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
         print(f"wrote {args.json}")
     if args.plot:
         plot_curves({Path(args.emb).stem: curve}, args.plot, title=str(args.emb))
@@ -73,10 +110,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from rmlib.upgrade import fit_command
 
-    if args.tau is not None and args.tau <= 0:
-        raise RmlibError(f"--tau must be positive, got {args.tau}")
-    if args.epochs is not None and args.epochs < 1:
-        raise RmlibError(f"--epochs must be at least 1, got {args.epochs}")
+    check_outputs({"--out": args.out}, inputs=[args.train])
     info = fit_command(args.train, args.out, rho=args.rho, tau=args.tau, epochs=args.epochs,
                        search_size=args.search_size, progress=not args.quiet)
     selection = info["selection"]
@@ -97,6 +131,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from rmlib.contract import load_backfill_arrays
     from rmlib.upgrade import apply_compat
 
+    check_outputs({"--out": args.out}, inputs=[args.compat, args.emb])
     arrays = apply_compat(args.compat, load_backfill_arrays(args.emb), force=args.force)
     arrays.save(args.out)
     print(f"wrote {args.out}: the RM systems; evaluate with `python -m rmlib backfill {args.out}`")
@@ -111,7 +146,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m rmlib",
         description="Online backfilling for image retrieval (rank merge, RQT, MCL, rho).")
     parser.add_argument("--version", action="version", version=f"rmlib {__version__}")
@@ -124,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("emb", type=Path, metavar="EMB.npz",
                    help="old_query, old_gallery, new_query, new_gallery, query_labels "
                         "[, gallery_labels, query_cams, gallery_cams, reference_query]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the backfill order (default 0)")
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seed of the backfill order, a non-negative integer (default 0)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the curves and AUCs as JSON")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="save the curves as a figure")
     p.set_defaults(func=_cmd_backfill)
@@ -161,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="COMPAT.pt")
     p.add_argument("--rho", action=argparse.BooleanOptionalAction, default=True,
                    help="also learn rho, the new embedding (default: yes)")
-    p.add_argument("--tau", type=float, help="temperature; default: chosen on validation")
-    p.add_argument("--epochs", type=int,
+    p.add_argument("--tau", type=_positive_float,
+                   help="temperature, finite and positive; default: chosen on validation")
+    p.add_argument("--epochs", type=_positive_int,
                    help="training epochs (default: the CIFAR-100 recipe's, 6)")
     p.add_argument("--search-size", action="store_true",
                    help="also choose the width and epochs of psi/rho on the hold-out, as the "

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from rmlib import RmlibError
+from rmlib.outputs import save_npz
 
 REQUIRED = ("old_query", "old_gallery", "new_query", "new_gallery", "query_labels")
 OPTIONAL = ("gallery_labels", "query_cams", "gallery_cams", "reference_query")
@@ -44,24 +45,42 @@ class BackfillArrays:
         return self.gallery_labels is None
 
     def save(self, path: Path | str) -> Path:
-        arrays = {k: v for k, v in self.__dict__.items() if v is not None}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **arrays)
-        return path
+        return save_npz(path, {k: v for k, v in self.__dict__.items() if v is not None})
 
 
-def _embedding(name: str, a: np.ndarray) -> np.ndarray:
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def embedding_array(name: str, a: np.ndarray) -> np.ndarray:
+    """A validated (items x dimensions) embedding array: real, finite, within float32.
+
+    float64 (and integer) input stays float64, so that distances can be computed before
+    anything is rounded to float32 (`rmlib.retrieval.EuclideanSystem`); other floats
+    become float32.
+    """
+    a = np.asarray(a)
+    if a.dtype.kind == "c":
+        raise RmlibError(f"{name} holds complex numbers (dtype {a.dtype}); embeddings are real: "
+                         "store the real and imaginary parts side by side as real columns")
+    if a.dtype.kind not in "fiu":
+        raise RmlibError(f"{name} must hold real numbers, got dtype {a.dtype}; store the "
+                         "embeddings as a float array")
     if a.ndim != 2:
         raise RmlibError(f"{name} must be 2-D (items x dimensions), got shape {a.shape}")
     if a.shape[0] == 0:
         raise RmlibError(f"{name} is empty: it needs at least one row")
-    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
-        raise RmlibError(f"{name} must hold numbers, got dtype {a.dtype}")
-    if not np.isfinite(a).all():
+    if a.shape[1] == 0:
+        raise RmlibError(f"{name} has width 0 (shape {a.shape}): an embedding needs at least "
+                         "one dimension")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
         rows = int((~np.isfinite(a)).any(1).sum())
         raise RmlibError(f"{name} has NaN or inf in {rows} row(s); re-extract those embeddings")
-    return a.astype(np.float32, copy=False)
+    largest = float(np.abs(a).max())
+    if largest > FLOAT32_MAX:
+        raise RmlibError(f"{name} holds values up to {largest:.1e}, beyond float32's "
+                         f"{FLOAT32_MAX:.1e}; divide all arrays by one common factor")
+    wide = a.dtype.kind in "iu" or a.dtype.itemsize > 4
+    return a.astype(np.float64 if wide else np.float32, copy=False)
 
 
 def _ints(name: str, a: np.ndarray, length: int, what: str) -> np.ndarray:
@@ -78,7 +97,7 @@ def validate(arrays: BackfillArrays) -> None:
     for name in ("old_query", "old_gallery", "new_query", "new_gallery", "reference_query"):
         value = getattr(arrays, name)
         if value is not None:
-            set_(arrays, name, _embedding(name, np.asarray(value)))
+            set_(arrays, name, embedding_array(name, value))
     q, n = len(arrays.old_query), len(arrays.old_gallery)
     pairs = [("new_query", arrays.new_query, q, "old_query"),
              ("new_gallery", arrays.new_gallery, n, "old_gallery")]
@@ -115,24 +134,42 @@ def validate(arrays: BackfillArrays) -> None:
              _ints("gallery_cams", np.asarray(arrays.gallery_cams), n, "gallery row"))
 
 
-def load_npz(path: Path | str, required: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The arrays of an .npz file that must hold `required`; one clear RmlibError otherwise."""
+def load_npz(path: Path | str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+             ) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file that must hold `required` and may hold `optional`.
+
+    Any other array is an error: a misspelt optional array (`gallery_label`) would
+    otherwise be ignored and silently change the protocol. Every problem is one RmlibError.
+    """
     path = Path(path)
     if not path.is_file():
         raise RmlibError(f"{path} does not exist; give the path of an .npz file")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            found = {k: f[k] for k in f.files}
+        archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise RmlibError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez"
                          ) from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise RmlibError(f"{path} holds a single array (.npy), not an .npz archive of named "
+                         f"arrays; write it with numpy.savez(path, {', '.join(required)})")
+    with archive:
+        found = {}
+        for key in archive.files:
+            try:
+                found[key] = archive[key]
+            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+                raise RmlibError(f"{path}: array {key!r} cannot be read ({exc}); store numbers, "
+                                 "not Python objects") from exc
     missing = [k for k in required if k not in found]
     if missing:
         raise RmlibError(f"{path} lacks {', '.join(missing)}; it needs {', '.join(required)}")
+    unknown = sorted(set(found) - set(required) - set(optional))
+    if unknown:
+        raise RmlibError(f"{path} holds unknown array(s) {', '.join(unknown)}; accepted: "
+                         f"{', '.join(required + optional)} (rename or remove the others)")
     return found
 
 
 def load_backfill_arrays(path: Path | str) -> BackfillArrays:
     """Read and validate an evaluation file; every failure is one clear RmlibError."""
-    found = load_npz(path, REQUIRED)
-    return BackfillArrays(**{k: found[k] for k in REQUIRED + OPTIONAL if k in found})
+    return BackfillArrays(**load_npz(path, REQUIRED, OPTIONAL))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rmlib.outputs import save_npy
 from rmlib.train import TrainedModel, normalise, precision_mode
 
 
@@ -50,8 +51,5 @@ def cached_embeddings(trained: TrainedModel, images: np.ndarray, name: str,
     if path.exists():
         return np.load(path)
     emb = extract_embeddings(trained, images, flip=flip)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, emb)
-    tmp.replace(path)
+    save_npy(path, emb)
     return emb

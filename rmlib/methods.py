@@ -35,6 +35,7 @@ from rmlib.data.cifar import NUM_CLASSES, OLD_CLASSES
 from rmlib.data.market import IMAGENET_MEAN, IMAGENET_STD, read_images
 from rmlib.embed import cached_embeddings
 from rmlib.losses import bct_influence_loss
+from rmlib.outputs import write_json
 from rmlib.provenance import provenance
 from rmlib.retrieval import Protocol, evaluate
 from rmlib.train import (
@@ -223,8 +224,7 @@ def train_backbones(roles: tuple[str, ...] = ROLES, profile: str | None = None,
         wall_time_s=time.time() - start, profile=setup.profile)
     result["provenance"]["train_wall_time_s"] = {
         r: result[r]["train_wall_time_s"] for r in ROLES if r in result}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=list))
+    write_json(out, result)
     return result
 
 
@@ -512,7 +512,7 @@ def reproduce(dataset: str = "cifar100", profile: str | None = None, progress: b
               "ablation": {"rows": ablation}}
     for name, body in tables.items():
         body["provenance"] = prov
-        (folder / f"{name}.json").write_text(json.dumps(body, indent=2, default=list))
+        write_json(folder / f"{name}.json", body)
     return tables
 
 

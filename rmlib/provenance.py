@@ -6,6 +6,7 @@ import datetime as _dt
 import os
 import platform
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,16 +19,33 @@ from rmlib.config import REPO_ROOT
 CODE_PATHS = ("rmlib", "scripts", "benchmarks", "pyproject.toml", "requirements.txt")
 
 
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=10)
+
+
+def _is_rmlib_checkout() -> bool:
+    """Whether REPO_ROOT is the top of a git work tree that tracks rmlib's own source.
+
+    rmlib installed as a package (site-packages) may sit inside some other repository,
+    whose HEAD says nothing about rmlib's code.
+    """
+    top = _git("rev-parse", "--show-toplevel")
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != Path(REPO_ROOT).resolve():
+        return False
+    return _git("ls-files", "--error-unmatch", "rmlib/__init__.py").returncode == 0
+
+
 def git_commit() -> str:
     """The repository's HEAD commit, with '+dirty' when code (`CODE_PATHS`) has
-    uncommitted changes."""
+    uncommitted changes; outside a checkout of rmlib, the installed version."""
+    installed = f"none: installed rmlib {__version__}, not a git checkout"
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                *CODE_PATHS],
-                               cwd=REPO_ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        if not _is_rmlib_checkout():
+            return installed
+        head = _git("rev-parse", "HEAD").stdout.strip()
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--",
+                     *CODE_PATHS).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head or "unknown") + ("+dirty" if dirty else "")

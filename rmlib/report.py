@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from rmlib.backfill import BackfillCurve
+from rmlib.outputs import save_figure
 
 
 def curve_table(curve: BackfillCurve, every: int = 2) -> str:
@@ -57,8 +58,7 @@ def plot_curves(curves: Mapping[str, BackfillCurve], path: Path | str | None = N
     if title:
         fig.suptitle(title)
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
     return fig
 
@@ -111,11 +111,11 @@ def nearest_distances(query, gallery, protocol, positive: bool, limit: int = 200
     import numpy as np
     import torch
 
-    from rmlib.retrieval import euclidean_distances
+    from rmlib.retrieval import EuclideanSystem
 
     n = min(limit, len(query))
     relevant, excluded = protocol.masks(0, n)
-    d = euclidean_distances(torch.as_tensor(query[:n]), torch.as_tensor(gallery))
+    d = EuclideanSystem.of(query[:n], gallery).distances()
     mask = relevant if positive else (~relevant & ~excluded)
     d = d.masked_fill(~mask, float("inf")).min(1).values
     return d[torch.isfinite(d)].numpy().astype(np.float64)
@@ -142,7 +142,7 @@ def plot_distance_calibration(systems: Mapping[str, tuple], protocol, path=None,
     if title:
         fig.suptitle(title)
     if path is not None:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
     return fig
 
 

@@ -12,12 +12,14 @@ Conventions (one evaluator for every row of Table 1):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from rmlib import RmlibError
 from rmlib.contract import BackfillArrays
 
 INDEX_BITS = 32
@@ -25,11 +27,64 @@ NO_RANK = torch.iinfo(torch.int64).max  # padding for "no relevant item in this 
 
 
 def euclidean_distances(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-    """(Q, N) float32 Euclidean distances: |q|^2 + |g|^2 - 2 q.g in one fused matmul."""
+    """(Q, N) float32 Euclidean distances: |q|^2 + |g|^2 - 2 q.g in one fused matmul.
+
+    Accurate only for rows near the origin and of moderate size; `EuclideanSystem`
+    prepares any embeddings so that they are.
+    """
     q = query.float()
     g = gallery.float()
     sq = torch.addmm((g * g).sum(1)[None, :], q, g.T, alpha=-2.0)
     return sq.add_((q * q).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_()
+
+
+# Distances must stay normal float32 numbers with room to spare: the largest is at most
+# twice the spread, the ones that decide a ranking may be a thousand times smaller.
+_LARGEST_SPREAD = 2.0 ** 120
+_SMALLEST_SPREAD = 2.0 ** -100
+
+
+@dataclass(frozen=True)
+class EuclideanSystem:
+    """One retrieval system's queries and gallery, prepared for exact float32 distances.
+
+    Euclidean distances do not change when both sides move by one vector, but the fused
+    expansion does: far from the origin it cancels (embeddings shifted by +1000 lose every
+    digit) and its squares overflow float32 long before the distances do. So both sides
+    are centred on the gallery's mean (in float64) and divided by a power of two that
+    brings them to unit size, which is exact in binary floating point; `distances`
+    multiplies back by that power of two. The results are the true distances, comparable
+    with another system's (rank merge compares them), wherever the embeddings sit.
+    """
+
+    query: torch.Tensor  # float32, centred and scaled
+    gallery: torch.Tensor
+    scale: float  # a power of two
+
+    @classmethod
+    def of(cls, query: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray,
+           name: str = "the embeddings") -> EuclideanSystem:
+        q = torch.as_tensor(np.asarray(query), dtype=torch.float64)
+        g = torch.as_tensor(np.asarray(gallery), dtype=torch.float64)
+        centre = g.mean(0)
+        q, g = q - centre, g - centre
+        largest = float(max(q.abs().max(), g.abs().max()))
+        if largest == 0:  # every item in one place: all distances are zero
+            return cls(q.float(), g.float(), 1.0)
+        unit = 2.0 ** math.frexp(largest)[1]  # squares of tiny or huge values leave float64
+        spread = unit * float(max((q / unit).norm(dim=1).max(), (g / unit).norm(dim=1).max()))
+        if not math.isfinite(spread) or spread > _LARGEST_SPREAD:
+            raise RmlibError(f"{name} lie up to {spread:.1e} apart, beyond what float32 "
+                             "distances hold; divide all four arrays by one common factor")
+        if spread < _SMALLEST_SPREAD:
+            raise RmlibError(f"{name} lie only {spread:.1e} apart, below what float32 "
+                             "distances resolve; multiply all four arrays by one common factor")
+        scale = 2.0 ** math.frexp(spread)[1]
+        return cls(q.div_(scale).float(), g.div_(scale).float(), scale)
+
+    def distances(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(stop - start, N) float32 distances of queries start:stop to the whole gallery."""
+        return euclidean_distances(self.query[start:stop], self.gallery).mul_(self.scale)
 
 
 def rank_keys(distances: torch.Tensor, excluded: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,6 +181,16 @@ def relevant_slots(relevant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, valid
 
 
+def exact_column_sums(values: np.ndarray) -> np.ndarray:
+    """Column sums of a (rows, columns) array, correctly rounded (math.fsum).
+
+    The result does not depend on the order of the rows, the chunking of the queries or
+    the CPU's vector width: identical columns give bit-identical sums.
+    """
+    values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    return np.array([math.fsum(column.tolist()) for column in values.T])
+
+
 @dataclass
 class QueryScores:
     """Per-query results: average precision, top-k hits, and whether the query is valid."""
@@ -136,17 +201,20 @@ class QueryScores:
 
     def summary(self) -> dict[str, float]:
         v = self.valid
-        out = {"mAP": float(self.ap[v].mean()) if v.any() else float("nan")}
-        for k, hit in self.hits.items():
-            out[f"top{k}"] = float(hit[v].mean()) if v.any() else float("nan")
-        return out
+        n = int(v.sum())
+
+        def mean(x: np.ndarray) -> float:
+            return float(exact_column_sums(x[v])[0] / n) if n else float("nan")
+
+        return {"mAP": mean(self.ap), **{f"top{k}": mean(h) for k, h in self.hits.items()}}
 
 
 def scores_from_ranks(ranks: torch.Tensor, valid: torch.Tensor, ks: tuple[int, ...] = (1, 5)
                       ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """AP and top-k hits from the 0-based ranks of relevant items (..., R); padding = invalid.
 
-    AP = mean over relevant items of (its position among the relevant) / (its rank + 1).
+    AP = mean over relevant items of (its position among the relevant) / (its rank + 1),
+    summed in rank order (a cumulative sum: one fixed order whatever the vector width).
     """
     r = ranks.masked_fill(~valid, torch.iinfo(ranks.dtype).max)
     r = torch.sort(r, dim=-1).values
@@ -154,7 +222,7 @@ def scores_from_ranks(ranks: torch.Tensor, valid: torch.Tensor, ks: tuple[int, .
     position = torch.arange(1, r.shape[-1] + 1, device=r.device, dtype=torch.float64)
     inside = position <= n_rel[..., None]
     precision = (position / (r.double() + 1.0)) * inside
-    ap = precision.sum(-1) / n_rel.clamp_min(1)
+    ap = precision.cumsum(-1)[..., -1] / n_rel.clamp_min(1)
     first = r[..., 0]
     hits = {k: (first < k) & (n_rel > 0) for k in ks}
     return ap, hits
@@ -163,12 +231,11 @@ def scores_from_ranks(ranks: torch.Tensor, valid: torch.Tensor, ks: tuple[int, .
 def evaluate(query: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray,
              protocol: Protocol, ks: tuple[int, ...] = (1, 5), chunk: int = 1024) -> QueryScores:
     """mAP and CMC top-k of one retrieval system {query, gallery} under a protocol."""
-    q = torch.as_tensor(np.asarray(query), dtype=torch.float32)
-    g = torch.as_tensor(np.asarray(gallery), dtype=torch.float32)
+    system = EuclideanSystem.of(query, gallery)
     ap, hits, valid = [], {k: [] for k in ks}, []
-    for start, stop in query_chunks(len(q), chunk):
+    for start, stop in query_chunks(len(system.query), chunk):
         relevant, excluded = protocol.masks(start, stop)
-        keys = rank_keys(euclidean_distances(q[start:stop], g), excluded)
+        keys = rank_keys(system.distances(start, stop), excluded)
         index, ok = relevant_slots(relevant)
         ranks = torch.searchsorted(torch.sort(keys, dim=1).values, keys.gather(1, index))
         a, h = scores_from_ranks(ranks, ok, ks)
@@ -182,12 +249,11 @@ def evaluate(query: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarra
     )
 
 
-def top1_correct(query: torch.Tensor, gallery: torch.Tensor, protocol: Protocol,
-                 chunk: int = 1024) -> np.ndarray:
+def top1_correct(system: EuclideanSystem, protocol: Protocol, chunk: int = 1024) -> np.ndarray:
     """Whether each query's first result is relevant (the basis of negative flips)."""
     out = []
-    for start, stop in query_chunks(len(query), chunk):
+    for start, stop in query_chunks(len(system.query), chunk):
         relevant, excluded = protocol.masks(start, stop)
-        keys = rank_keys(euclidean_distances(query[start:stop], gallery), excluded)
+        keys = rank_keys(system.distances(start, stop), excluded)
         out.append(relevant.gather(1, keys.argmin(1, keepdim=True))[:, 0])
     return torch.cat(out).numpy()

@@ -28,6 +28,7 @@ from rmlib.data.augment import random_crop_flip, random_erase
 from rmlib.data.sampling import pk_batches
 from rmlib.losses import batch_hard_triplet_loss
 from rmlib.models import RetrievalModel, build_backbone
+from rmlib.outputs import atomic_write, write_json
 
 # Fields added after runs were cached: at their defaults they stay out of the cache key, so
 # that those runs keep their keys.
@@ -145,9 +146,7 @@ def optimisation_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 @dataclass
@@ -188,7 +187,7 @@ def train_backbone(
         raise RmlibError(f"labels go up to {int(train.labels.max())} but the model has "
                          f"{config.num_classes} classes; filter the training set first")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=list))
+    write_json(run_dir / "config.json", asdict(config))
 
     model = model.to(device).to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
@@ -264,7 +263,7 @@ def train_backbone(
     model.eval()
     if len(history) == config.epochs:
         _save_atomic(model.state_dict(), final)
-        (run_dir / "history.json").write_text(json.dumps(history, indent=2))
+        write_json(run_dir / "history.json", history)
         checkpoint.unlink(missing_ok=True)
     return TrainedModel(model, config, history, run_dir)
 

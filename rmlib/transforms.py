@@ -26,6 +26,7 @@ from rmlib.config import config_key, default_device, runs_root
 from rmlib.data.sampling import pk_batches
 from rmlib.losses import cl_loss, fct_regression_loss, mcl_loss, rqt_loss
 from rmlib.models import CosineClassifier, EmbeddingTransform
+from rmlib.outputs import atomic_write
 from rmlib.train import optimisation_step
 
 OBJECTIVES = ("rqt", "cl", "mcl", "fct", "bict")
@@ -210,11 +211,9 @@ def cached_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
     if path.exists():
         return Transforms.from_state(torch.load(path, weights_only=True))
     t = fit_transforms(config, old, new, labels, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(t.state(), path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    save_transforms(t, path)
     return t
 
 
 def save_transforms(t: Transforms, path: Path | str) -> None:
-    torch.save(t.state(), path)
+    atomic_write(path, lambda tmp: torch.save(t.state(), tmp))

@@ -19,8 +19,9 @@ import torch
 from rmlib import RmlibError
 from rmlib.backfill import backfill_arrays
 from rmlib.config import profile_settings
-from rmlib.contract import BackfillArrays, load_npz
+from rmlib.contract import BackfillArrays, embedding_array, load_npz
 from rmlib.data import train_val_split
+from rmlib.outputs import atomic_write
 from rmlib.transforms import TAU_GRID, TransformConfig, Transforms, fit_transforms
 
 FORMAT = "rmlib-compat-1"
@@ -28,20 +29,21 @@ DEFAULTS = profile_settings("cpu")  # the same transform settings as the CIFAR-1
 MIN_MEAN_COSINE = 0.3  # below this, embeddings look like another model's
 
 
-def _rows(name: str, a: np.ndarray) -> np.ndarray:
-    if a.ndim != 2 or a.shape[0] == 0:
-        raise RmlibError(f"{name} must be a non-empty 2-D array (items x dimensions), "
-                         f"got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise RmlibError(f"{name} has NaN or inf in {int((~np.isfinite(a)).any(1).sum())} "
-                         "row(s); re-extract those embeddings")
-    return a.astype(np.float32, copy=False)
+# The hold-out that chooses tau scores a leave-one-out backfill on its items: each held-out
+# item needs another of its label there to be a valid query, and the fit needs positives too.
+MIN_PER_LABEL_FIT = 2
+MIN_HELD_OUT_PER_LABEL = 2
+MIN_PER_LABEL_SELECT = MIN_PER_LABEL_FIT + MIN_HELD_OUT_PER_LABEL
 
 
-def load_training_file(path: Path | str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """old, new, labels from TRAIN.npz, validated: one clear RmlibError for any problem."""
+def load_training_file(path: Path | str, selects: bool = True
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """old, new, labels from TRAIN.npz, validated: one clear RmlibError for any problem.
+
+    `selects`: settings will be chosen on a hold-out, which needs more items per label.
+    """
     found = load_npz(path, required=("old", "new", "labels"))
-    old, new = _rows("old", found["old"]), _rows("new", found["new"])
+    old, new = embedding_array("old", found["old"]), embedding_array("new", found["new"])
     labels = np.asarray(found["labels"])
     if len(new) != len(old):
         raise RmlibError(f"new has {len(new)} rows but old has {len(old)}; both must embed "
@@ -52,10 +54,15 @@ def load_training_file(path: Path | str) -> tuple[np.ndarray, np.ndarray, np.nda
     classes, counts = np.unique(labels, return_counts=True)
     if len(classes) < 2:
         raise RmlibError("labels hold a single class; MCL needs at least 2 classes")
-    if (counts < 2).any():
-        raise RmlibError(f"{int((counts < 2).sum())} label(s) have a single item; MCL needs "
-                         "at least 2 items per label: drop those items or merge labels")
-    return old, new, labels.astype(np.int64)
+    need = MIN_PER_LABEL_SELECT if selects else MIN_PER_LABEL_FIT
+    if (counts < need).any():
+        why = (f"choosing the settings on a hold-out needs {need} per label "
+               f"({MIN_HELD_OUT_PER_LABEL} held out, {MIN_PER_LABEL_FIT} to fit); give --tau "
+               f"(without --search-size) to need only {MIN_PER_LABEL_FIT}" if selects
+               else f"MCL needs {need} per label (an item and a positive)")
+        raise RmlibError(f"{int((counts < need).sum())} label(s) have fewer than {need} items; "
+                         f"{why}, or drop those items")
+    return old.astype(np.float32), new.astype(np.float32), labels.astype(np.int64)
 
 
 def rm_systems(t: Transforms, arrays: BackfillArrays) -> BackfillArrays:
@@ -120,9 +127,11 @@ def select_settings(base: TransformConfig, old: np.ndarray, new: np.ndarray,
 
 
 def holdout(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A stratified hold-out of 10% of each label (at least 1 item) for choosing tau."""
+    """A stratified hold-out of 10% of each label (at least `MIN_HELD_OUT_PER_LABEL`, so
+    that every held-out item has a relevant item to find) for choosing the settings."""
     counts = np.bincount(np.unique(labels, return_inverse=True)[1])
-    return train_val_split(labels, max(1, int(counts.min()) // 10), seed=seed)
+    return train_val_split(labels, max(MIN_HELD_OUT_PER_LABEL, int(counts.min()) // 10),
+                           seed=seed)
 
 
 def fit_compat(old: np.ndarray, new: np.ndarray, labels: np.ndarray, rho: bool = True,
@@ -151,20 +160,53 @@ def fit_compat(old: np.ndarray, new: np.ndarray, labels: np.ndarray, rho: bool =
 def save_compat(path: Path | str, t: Transforms, old: np.ndarray, new: np.ndarray,
                 info: dict) -> Path:
     """A weights_only-loadable file: the transforms, their config, the dimensions, and the
-    mean direction of each space (to recognise embeddings of another model pair)."""
+    mean direction of each space (to recognise embeddings of another model pair).
+    Written atomically: a failed save leaves the previous file as it was."""
     state = t.state()
     state.update(format=FORMAT, old_dim=int(old.shape[1]), new_dim=int(new.shape[1]),
                  old_mean=torch.as_tensor(old.mean(0)), new_mean=torch.as_tensor(new.mean(0)),
                  tau=float(info["tau"]),
                  val_auc_mAP={str(k): float(v) for k, v in
                               ((info["selection"] or {}).get("val_auc_mAP") or {}).items()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+# What `load_compat` checks before it trusts a file: each field and its type.
+_COMPAT_FIELDS = {"config": str, "psi": dict, "psi_dims": list, "rho": dict,
+                  "classifier": dict, "history": list, "old_dim": int, "new_dim": int,
+                  "old_mean": torch.Tensor, "new_mean": torch.Tensor, "tau": float}
+
+
+def _check_compat_state(state: dict) -> str | None:
+    """What is wrong with a COMPAT state, or None."""
+    for key, kind in _COMPAT_FIELDS.items():
+        if key not in state:
+            return f"it lacks the field {key!r}"
+        if not isinstance(state[key], kind):
+            return f"its field {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}"
+    dims = state["psi_dims"]
+    if len(dims) != 3 or not all(isinstance(d, int) and d > 0 for d in dims):
+        return f"its psi_dims {dims} are not three positive integers"
+    if (dims[0], dims[1]) != (state["new_dim"], state["old_dim"]):
+        return (f"psi maps {dims[0]} -> {dims[1]} dimensions but the file is for new "
+                f"{state['new_dim']} -> old {state['old_dim']}")
+    for key, dim in (("old_mean", state["old_dim"]), ("new_mean", state["new_dim"])):
+        if tuple(state[key].shape) != (dim,):
+            return f"its {key} has shape {tuple(state[key].shape)}, not ({dim},)"
+    tensors = [("psi", v) for v in state["psi"].values()] + \
+              [("rho", v) for v in state["rho"].values()] + \
+              [(k, state[k]) for k in ("old_mean", "new_mean")]
+    for where, value in tensors:
+        if not isinstance(value, torch.Tensor):
+            return f"its {where} weights hold a {type(value).__name__}, not tensors"
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"its {where} weights hold NaN or inf"
+    return None
 
 
 def load_compat(path: Path | str) -> tuple[Transforms, dict]:
+    """The transforms of a COMPAT.pt, after checking every field: one RmlibError that names
+    the file and what is wrong with it."""
     path = Path(path)
     if not path.is_file():
         raise RmlibError(f"{path} does not exist; make it with `python -m rmlib fit`")
@@ -175,7 +217,14 @@ def load_compat(path: Path | str) -> tuple[Transforms, dict]:
                          f"({type(exc).__name__})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise RmlibError(f"{path} is not a file written by `python -m rmlib fit`")
-    return Transforms.from_state(state), state
+    problem = _check_compat_state(state)
+    if problem is None:
+        try:
+            return Transforms.from_state(state), state
+        except (KeyError, TypeError, ValueError, RuntimeError, RmlibError) as exc:
+            problem = f"its transforms do not load ({type(exc).__name__}: " + \
+                      str(exc).strip().splitlines()[0][:200] + ")"
+    raise RmlibError(f"{path} is damaged: {problem}; fit it again with `python -m rmlib fit`")
 
 
 def _mean_cosine(a: np.ndarray, mean: torch.Tensor) -> float:
@@ -202,13 +251,16 @@ def apply_compat(path: Path | str, arrays: BackfillArrays, force: bool = False
                     f"{name} does not look like the embeddings {path} was fitted on (mean "
                     f"direction cosine {cos:.2f} < {MIN_MEAN_COSINE}); use the file fitted "
                     "for this model pair, or pass --force")
-    return rm_systems(t, arrays)
+    try:
+        return rm_systems(t, arrays)
+    except RmlibError as exc:  # finite weights can still overflow on far-out embeddings
+        raise RmlibError(f"applying {path} to these embeddings fails: {exc}") from exc
 
 
 def fit_command(train: Path, out: Path, rho: bool, tau: float | None, epochs: int | None,
                 search_size: bool = False, progress: bool = True) -> dict:
     start = time.time()
-    old, new, labels = load_training_file(train)
+    old, new, labels = load_training_file(train, selects=tau is None or search_size)
     epochs = DEFAULTS["transform_epochs"] if epochs is None else epochs
     t, info = fit_compat(old, new, labels, rho=rho, tau=tau, epochs=epochs,
                          search_size=search_size, progress=progress)

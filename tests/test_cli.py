@@ -77,7 +77,21 @@ BAD_CASES = {
                                             query_cams=a["query_labels"]), "both query_cams"),
     "no relevant": (lambda a: a.update(query_labels=np.arange(len(a["query_labels"]))),
                     "no query has a relevant"),
+    # a misspelt optional array would silently turn the run into leave-one-out
+    "unknown key": (lambda a: a.update(gallery_label=a["query_labels"]),
+                    "unknown array(s) gallery_label; accepted: old_query"),
+    "width 0": (lambda a: a.update({k: a[k][:, :0] for k in EMBEDDINGS}), "width 0"),
+    "complex": (lambda a: a.update(old_query=a["old_query"] * (1 + 1j)), "complex numbers"),
+    "strings": (lambda a: a.update(new_query=a["new_query"].astype(str)), "real numbers"),
+    "booleans": (lambda a: a.update(new_gallery=a["new_gallery"] > 0), "real numbers"),
+    "overflow": (lambda a: a.update({k: a[k].astype("f8") * 1e300 for k in EMBEDDINGS}),
+                 "beyond float32"),
+    "underflow": (lambda a: a.update({k: a[k].astype("f8") * 1e-300 for k in EMBEDDINGS}),
+                  "multiply all four arrays by one common factor"),
+    "spread": (lambda a: a.update({k: a[k].astype("f8") * 1e37 for k in EMBEDDINGS}),
+               "divide all four arrays by one common factor"),
 }
+EMBEDDINGS = ("old_query", "old_gallery", "new_query", "new_gallery")
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
@@ -98,8 +112,62 @@ def test_unreadable_files(tmp_path, capsys):
     assert main(["backfill", str(tmp_path / "absent.npz")]) == 2
     (tmp_path / "junk.npz").write_text("hello")
     assert main(["backfill", str(tmp_path / "junk.npz")]) == 2
-    err = capsys.readouterr().err
-    assert "does not exist" in err and "not a readable .npz" in err
+    np.save(tmp_path / "single.npy", np.zeros((3, 2)))
+    (tmp_path / "single.npy").rename(tmp_path / "single.npz")
+    assert main(["backfill", str(tmp_path / "single.npz")]) == 2
+    np.savez(tmp_path / "objects.npz", old_query=np.array([{"a": 1}], dtype=object))
+    assert main(["backfill", str(tmp_path / "objects.npz")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("rmlib: error:") for line in lines)
+    assert "does not exist" in lines[0] and "not a readable .npz" in lines[1]
+    assert "single array (.npy)" in lines[2] and "'old_query' cannot be read" in lines[3]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seed", "-1"], "argument --seed: -1 is negative"),
+    (["--seed", "1.5"], "argument --seed: '1.5' is not an integer"),
+])
+def test_bad_options_are_one_line(argv, message, loo_file, capsys):
+    path, _ = loo_file
+    with pytest.raises(SystemExit) as done:
+        main(["backfill", str(path), *argv])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("rmlib: error:") and message in err
+
+
+def _auc(path, tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    assert main(["backfill", str(path), "--json", str(out)]) == 0
+    return json.loads(out.read_text())["auc_mAP"]
+
+
+@pytest.mark.parametrize("dtype", ["f4", "f8"])
+@pytest.mark.parametrize("case", ["offset 1000", "offset 100", "scale 1e20", "scale 1e-20"])
+def test_where_the_embeddings_sit_does_not_change_the_numbers(case, dtype, tmp_path):
+    """Euclidean distances ignore a common shift and scale with a common factor, so the
+    AUC must not move: far from the origin the fused float32 expansion used to cancel
+    (AUC_mAP 12.5 instead of 85.8 at +1000) and 1e20 overflowed its squares."""
+    labels, old = clustered(400, 64, 20, 1.6, seed=5)
+    rng = np.random.default_rng(6)
+    new = old[:, ::-1] + 0.2 * rng.normal(size=old.shape)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    old, new = unit(old.astype("f8")), unit(new)
+    old, new = old.astype(dtype), new.astype(dtype)
+    plain = write(tmp_path / "plain.npz", old_query=old, old_gallery=old, new_query=new,
+                  new_gallery=new, query_labels=labels)
+    kind, value = case.split()
+    move = (lambda x: x + float(value)) if kind == "offset" else (lambda x: x * float(value))
+    moved = write(tmp_path / "moved.npz", **{k: move(v.astype("f8")).astype(dtype) for k, v in
+                                             (("old_query", old), ("old_gallery", old),
+                                              ("new_query", new), ("new_gallery", new))},
+                  query_labels=labels)
+    expected = _auc(plain, tmp_path, "plain")
+    assert 0.3 < expected < 0.99
+    # float32 storage itself rounds x + 1000 to 6e-5; float64 input keeps its digits up to
+    # the float32 distances (a last-bit difference can swap two near-tied items)
+    assert _auc(moved, tmp_path, "moved") == pytest.approx(expected,
+                                                          abs=1e-3 if dtype == "f4" else 1e-5)
 
 
 def test_module_entry_point_runs_without_traceback(loo_file, tmp_path):
@@ -112,6 +180,26 @@ def test_module_entry_point_runs_without_traceback(loo_file, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
+def test_provenance_names_no_commit_of_an_unrelated_repository(tmp_path, monkeypatch):
+    """rmlib installed as a package inside some other git repository: that repository's
+    HEAD is not rmlib's commit."""
+    import subprocess
+
+    from rmlib import __version__, provenance
+
+    site = tmp_path / "venv" / "lib" / "site-packages"
+    (site / "rmlib").mkdir(parents=True)
+    (site / "rmlib" / "__init__.py").write_text("")
+    (tmp_path / "app.py").write_text("")
+    for args in (["init", "-q"], ["add", "app.py"], ["commit", "-qm", "app"]):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
+    monkeypatch.setattr(provenance, "REPO_ROOT", site)
+    assert provenance.git_commit() == f"none: installed rmlib {__version__}, not a git checkout"
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)  # the top, but rmlib not tracked
+    assert provenance.git_commit().startswith("none: installed rmlib")
+
+
 def test_provenance_is_dirty_only_when_code_changed(tmp_path, monkeypatch):
     """Edited chapters or results do not make a result's commit '+dirty'; edited code does."""
     import subprocess
@@ -122,7 +210,7 @@ def test_provenance_is_dirty_only_when_code_changed(tmp_path, monkeypatch):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
                        cwd=tmp_path, check=True, capture_output=True)
 
-    for name in ("rmlib/a.py", "book/a.ipynb", "data/results/r.json"):
+    for name in ("rmlib/__init__.py", "rmlib/a.py", "book/a.ipynb", "data/results/r.json"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("0")
     git("init", "-q")

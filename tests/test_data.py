@@ -48,6 +48,41 @@ def test_cifar100_malformed_files(tmp_path):
         load_cifar100("val", tmp_path)
 
 
+class _RunsCode:
+    """What a crafted pickle holds: unpickling it calls a function of the file's choice."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def test_cifar100_pickles_cannot_run_code(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    marker = tmp_path / "ran.txt"
+    entry = {"data": np.zeros((10_000, 3072), np.uint8), "fine_labels": _RunsCode(marker)}
+    with open(folder / "test", "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+    with pytest.raises(RmlibError, match="not a plain CIFAR-100 pickle: it asks for .*exec"):
+        load_cifar100("test", tmp_path, download=False)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar100_pickles_of_every_protocol_load(protocol, tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    labels = np.repeat(np.arange(100), 100).tolist()
+    entry = {"data": np.full((10_000, 3072), 7, np.uint8), "fine_labels": labels,
+             "coarse_labels": labels, "filenames": ["x.png"] * 10_000, "batch_label": "test"}
+    with open(folder / "test", "wb") as f:
+        pickle.dump(entry, f, protocol=protocol)
+    test = load_cifar100("test", tmp_path, download=False)
+    assert (test.images == 7).all() and test.labels[-1] == 99
+
+
 def test_train_val_split_is_stratified_and_disjoint():
     labels = np.repeat(np.arange(5), 20)
     fit, val = train_val_split(labels, per_class=4, seed=1)

@@ -3,7 +3,15 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from rmlib.retrieval import Protocol, euclidean_distances, evaluate, rank_keys, top1_correct
+from rmlib import RmlibError
+from rmlib.retrieval import (
+    EuclideanSystem,
+    Protocol,
+    euclidean_distances,
+    evaluate,
+    rank_keys,
+    top1_correct,
+)
 from tests.conftest import clustered
 
 
@@ -32,6 +40,29 @@ def test_distances_match_numpy():
     expected = np.sqrt(((q[:, None] - g[None]) ** 2).sum(-1))
     got = euclidean_distances(torch.tensor(q), torch.tensor(g)).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift,scale", [(1000.0, 1.0), (-3e5, 1.0), (0.0, 1e20),
+                                         (0.0, 1e-20), (1e25, 1e20)])
+def test_euclidean_system_distances_do_not_depend_on_where_the_embeddings_sit(shift, scale):
+    rng = np.random.default_rng(1)
+    q, g = rng.normal(size=(30, 64)), rng.normal(size=(50, 64))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    q, g = unit(q), unit(g)
+    expected = np.sqrt(((q[:, None] - g[None]) ** 2).sum(-1))
+    moved = EuclideanSystem.of(q * scale + shift, g * scale + shift).distances()
+    assert moved.dtype == torch.float32
+    np.testing.assert_allclose(moved.numpy() / scale, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_euclidean_system_refuses_what_float32_cannot_hold():
+    x = np.random.default_rng(2).normal(size=(20, 8))
+    with pytest.raises(RmlibError, match="beyond what float32 distances hold"):
+        EuclideanSystem.of(x * 1e300, x * 1e300)
+    with pytest.raises(RmlibError, match="below what float32 distances resolve"):
+        EuclideanSystem.of(x * 1e-300, x * 1e-300)
+    same = EuclideanSystem.of(np.ones((3, 4)), np.ones((5, 4)))  # one point: all zero
+    assert same.distances().abs().max() == 0
 
 
 def test_rank_keys_order_by_distance_then_index():
@@ -84,4 +115,4 @@ def test_ties_are_broken_by_gallery_index():
     protocol = Protocol(np.array([7]), np.array([3, 7, 7]))
     scores = evaluate(q, g, protocol)
     assert scores.ap[0] == pytest.approx((1 / 2 + 2 / 3) / 2)
-    assert not top1_correct(torch.tensor(q), torch.tensor(g), protocol)[0]
+    assert not top1_correct(EuclideanSystem.of(q, g), protocol)[0]

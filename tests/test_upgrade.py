@@ -63,7 +63,16 @@ BAD_TRAIN = {
     "missing array": (lambda a: a.pop("labels"), "lacks labels"),
     "rows": (lambda a: a.update(new=a["new"][:-3]), "same training items"),
     "nan": (lambda a: a["old"].__setitem__((0, 0), np.nan), "NaN or inf"),
-    "singletons": (lambda a: a.update(labels=np.arange(len(a["labels"]))), "single item"),
+    "singletons": (lambda a: a.update(labels=np.arange(len(a["labels"]))),
+                   "have fewer than 4 items"),
+    # two per label pass a fit but not the hold-out that chooses tau: refused up front
+    "two per label": (lambda a: a.update(labels=np.arange(len(a["labels"])) // 2),
+                      "needs 4 per label (2 held out, 2 to fit); give --tau"),
+    "unknown key": (lambda a: a.update(label=a["labels"]), "unknown array(s) label"),
+    "width 0": (lambda a: a.update(old=a["old"][:, :0]), "width 0"),
+    "complex": (lambda a: a.update(old=a["old"] + 1j), "complex numbers"),
+    "strings": (lambda a: a.update(new=a["new"].astype(str)), "real numbers"),
+    "overflow": (lambda a: a.update(old=a["old"].astype("f8") * 1e300), "beyond float32"),
     "one class": (lambda a: a.update(labels=np.zeros(len(a["labels"]), int)), "single class"),
     "float labels": (lambda a: a.update(labels=a["labels"] * 1.0), "integers"),
 }
@@ -79,6 +88,84 @@ def test_bad_training_files(case, files, capsys):
     assert main(["fit", str(files / "bad.npz"), "--out", str(files / "x.pt"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err
+
+
+def test_two_items_per_label_fit_when_tau_is_given(files, capsys):
+    with np.load(files / "train.npz") as f:
+        old, new = f["old"][:40], f["new"][:40]
+    np.savez(files / "pairs.npz", old=old, new=new, labels=np.arange(40) // 2)
+    compat = files / "pairs.pt"
+    assert main(["fit", str(files / "pairs.npz"), "--out", str(compat), "--tau", "0.2",
+                 "--epochs", "1", "--quiet"]) == 0
+    assert f"wrote {compat}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tau", "inf"], "--tau: inf is not a finite positive number"),
+    (["--tau", "nan"], "--tau: nan is not a finite positive number"),
+    (["--tau", "-1"], "--tau: -1 is not a finite positive number"),
+    (["--epochs", "0"], "--epochs: 0 is not positive"),
+])
+def test_bad_fit_options_are_one_line(argv, message, files, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", str(files / "train.npz"), "--out", str(files / "c.pt"), *argv])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+    assert not (files / "c.pt").exists()
+
+
+@pytest.fixture
+def compat(files):
+    path = files / "compat.pt"
+    assert main(["fit", str(files / "train.npz"), "--out", str(path), "--tau", "0.2",
+                 "--epochs", "1", "--quiet"]) == 0
+    return path
+
+
+def _nan_psi(state):
+    first = next(iter(state["psi"]))
+    state["psi"][first][0] = float("nan")
+
+
+BAD_COMPAT = {
+    "missing field": (lambda s: s.pop("psi_dims"), "lacks the field 'psi_dims'"),
+    "wrong type": (lambda s: s.update(old_dim="12"), "field 'old_dim' is a str"),
+    "wrong dims": (lambda s: s.update(psi_dims=[16, 13, s["psi_dims"][2]]),
+                   "psi maps 16 -> 13 dimensions"),
+    "bad mean": (lambda s: s.update(new_mean=s["new_mean"][:3]), "new_mean has shape (3,)"),
+    "nan weights": (_nan_psi, "psi weights hold NaN or inf"),
+    "size mismatch": (lambda s: s.update(psi_dims=[16, 12, 7]), "transforms do not load"),
+    "bad config": (lambda s: s.update(config="{not json"), "transforms do not load"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COMPAT))
+def test_malformed_compat_files_are_one_line_naming_the_file(case, compat, files, capsys):
+    state = torch.load(compat, weights_only=True)
+    mutate, message = BAD_COMPAT[case]
+    mutate(state)
+    bad = files / "bad.pt"
+    torch.save(state, bad)
+    out = files / "o.npz"
+    assert main(["apply", str(bad), str(files / "emb.npz"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{bad} is damaged: " in err and message in err
+    assert "emb.npz" not in err and not out.exists()
+
+
+def test_apply_writes_the_path_it_prints(compat, files, capsys):
+    out = files / "rm_systems"  # no extension: written as given, not as rm_systems.npz
+    assert main(["apply", str(compat), str(files / "emb.npz"), "--out", str(out)]) == 0
+    assert f"wrote {out}:" in capsys.readouterr().out
+    assert out.is_file() and not (files / "rm_systems.npz").exists()
+    assert main(["backfill", str(out)]) == 0
+    for target in (files, compat, files / "emb.npz"):  # a folder, or an input
+        before = target.read_bytes() if target.is_file() else None
+        assert main(["apply", str(compat), str(files / "emb.npz"), "--out", str(target)]) == 2
+        assert before is None or target.read_bytes() == before
+    err = capsys.readouterr().err
+    assert "is a folder" in err and err.count("is the input file") == 2
 
 
 def test_apply_refuses_another_model_pair(files, capsys):

@@ -62,6 +62,25 @@ def _fetch(folder: Path) -> None:
         ) from exc
 
 
+class _ForbiddenObject(pickle.UnpicklingError):
+    pass
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR-100 format holds: dicts, lists, strings, numbers and
+    numpy arrays. A plain unpickler calls any function a crafted file names."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise _ForbiddenObject(f"it asks for {module}.{name}")
+        return super().find_class(module, name)
+
+
 def load_cifar100(
     split: str, root: Path | str | None = None, download: bool | None = None
 ) -> ImageSet:
@@ -81,9 +100,12 @@ def load_cifar100(
         raise RmlibError(f"{path} is missing: the CIFAR-100 folder is incomplete; re-download it")
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = _ArraysOnlyUnpickler(f, encoding="latin1").load()
         data = np.asarray(entry["data"])
         labels = np.asarray(entry["fine_labels"], dtype=np.int64)
+    except _ForbiddenObject as exc:
+        raise RmlibError(f"{path} is not a plain CIFAR-100 pickle: {exc}; refusing to load "
+                         "it (unpickling could run code): re-download it") from exc
     except Exception as exc:
         raise RmlibError(
             f"{path} is not a CIFAR-100 python pickle ({type(exc).__name__}: {exc}); re-download it"

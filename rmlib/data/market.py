@@ -19,6 +19,7 @@ import numpy as np
 
 from rmlib import RmlibError
 from rmlib.config import data_root
+from rmlib.outputs import save_npy
 
 MARKET_DIRNAME = "Market-1501-v15.09.15"
 SPLIT_FOLDERS = {"train": "bounding_box_train", "gallery": "bounding_box_test", "query": "query"}
@@ -107,9 +108,7 @@ def read_images(split: MarketSplit, size: tuple[int, int], cache: Path | None = 
             raise RmlibError(f"{path} is not a readable image ({exc}); replace or remove it"
                              ) from exc
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache.with_suffix(".tmp.npy"), out)
-        cache.with_suffix(".tmp.npy").replace(cache)
+        save_npy(cache, out)
     return out
 
 

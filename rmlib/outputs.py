@@ -1,0 +1,153 @@
+"""Output files that are never lost or half-written, and output paths checked before any work.
+
+Every file rmlib writes goes first to a temporary file in the destination's folder, is
+flushed to disk, and is then renamed onto the destination (`os.replace`, atomic within one
+file system). A full disk, an exception or an interrupt leaves the previous file intact and
+removes the temporary one; only a hard kill (SIGKILL, power loss) can leave a hidden
+`.NAME.*.tmp` beside it, never a truncated NAME.
+
+Paths are checked up front (`check_outputs`) so that a typo in `--json` does not throw
+away minutes of fitting: the folder must be creatable and writable, the name must not be
+a folder, a figure needs an extension matplotlib can write, and no output may be an input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rmlib import RmlibError
+
+
+def _default_mode(path: Path) -> int:
+    """The permissions the file would have had if written in place."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: Path | str, write: Callable[[Path], Any]) -> Path:
+    """Call `write(tmp)` on a temporary path beside `path`, then rename it onto `path`.
+
+    If `write` raises (or is interrupted), `path` keeps its previous content and the
+    temporary file is removed. Returns `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it the real file
+            os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode(path))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path | str, obj: Any) -> Path:
+    """JSON with 2-space indents; tuples become lists."""
+    return write_text(path, json.dumps(obj, indent=2, default=list))
+
+
+def save_npy(path: Path | str, array: np.ndarray) -> Path:
+    """np.save to exactly `path` (given a name, np.save would append .npy)."""
+    return atomic_write(path, lambda tmp: _with_file(tmp, lambda f: np.save(f, array)))
+
+
+def save_npz(path: Path | str, arrays: Mapping[str, np.ndarray]) -> Path:
+    """np.savez to exactly `path` (given a name, np.savez would append .npz)."""
+    return atomic_write(path, lambda tmp: _with_file(tmp, lambda f: np.savez(f, **arrays)))
+
+
+def _with_file(path: Path, write: Callable[[Any], Any]) -> None:
+    with open(path, "wb") as f:
+        write(f)
+
+
+def _figure_formats() -> set[str]:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
+def save_figure(fig, path: Path | str, **kwargs) -> Path:
+    """`fig.savefig` through a temporary file; the format comes from the extension."""
+    fmt = Path(path).suffix.lstrip(".").lower()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def check_output(path: Path | str, option: str, inputs: Iterable[Path | str] = (),
+                 figure: bool = False) -> Path:
+    """Fail now, with one line, if `path` could not be written at the end of the work.
+
+    Creates the missing folders of `path` (they would be created anyway) and probes that a
+    file can be made there. `inputs` are files the command reads: an output that is one of
+    them would destroy it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise RmlibError(f"{option} {path} is a folder; give a file name inside it")
+    if figure:
+        fmt = path.suffix.lstrip(".").lower()
+        known = sorted(_figure_formats())
+        if fmt not in known:
+            raise RmlibError(f"{option} {path}: cannot save a figure as {fmt or 'no extension'!r}"
+                             f"; end the name with one of .{', .'.join(known)}")
+    for source in inputs:
+        if _same_file(path, Path(source)):
+            raise RmlibError(f"{option} {path} is the input file {source}; writing it would "
+                             "destroy the input: choose another name")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RmlibError(f"{option} {path}: {ancestor} is a file, not a folder; choose a path "
+                         "inside a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise RmlibError(f"{option} {path}: cannot write in {path.parent} "
+                         f"({exc.strerror or exc}); choose a writable folder") from exc
+    return path
+
+
+def check_outputs(outputs: Mapping[str, Path | str | None], inputs: Iterable[Path | str] = (),
+                  figures: Iterable[str] = ()) -> None:
+    """`check_output` for each given option (None: not asked for), and no two the same."""
+    inputs, figures = list(inputs), set(figures)
+    given = {option: Path(p) for option, p in outputs.items() if p is not None}
+    for option, path in given.items():
+        check_output(path, option, inputs, figure=option in figures)
+    seen: dict[Path, str] = {}
+    for option, path in given.items():
+        key = path.resolve()
+        if key in seen:
+            raise RmlibError(f"{seen[key]} and {option} are the same file {path}; give each "
+                             "its own name")
+        seen[key] = option

@@ -1,0 +1,141 @@
+"""Outputs are never lost or half-written, and bad output paths fail before any work."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from rmlib import RmlibError
+from rmlib.cli import main
+from rmlib.outputs import atomic_write, check_output, save_npz, write_json
+from tests.conftest import clustered
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_a_write_that_fails_half_way_leaves_the_previous_file_and_no_partial(tmp_path):
+    path = write_json(tmp_path / "r.json", {"auc": 1})
+
+    def half_then_fail(tmp):
+        tmp.write_text('{"auc": 2, "curve": [0.1, ')  # a truncated file, as a full disk leaves
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(path, half_then_fail)
+    assert json.loads(path.read_text()) == {"auc": 1}
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_interrupted_torch_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "compat.pt"
+    atomic_write(path, lambda tmp: torch.save({"w": torch.ones(3)}, tmp))
+    before = path.read_bytes()
+
+    def killed(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"PK\x03\x04 fragment")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, lambda tmp: torch.save({"w": torch.zeros(3)}, tmp))
+    assert path.read_bytes() == before and _leftovers(tmp_path) == []
+
+
+def test_written_files_keep_the_usual_permissions(tmp_path):
+    path = save_npz(tmp_path / "x", {"a": np.zeros(2)})
+    assert path.name == "x"  # exactly the name given: np.savez would have written x.npz
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("case", ["folder", "parent is a file", "figure extension",
+                                  "no extension", "same as input", "unwritable"])
+def test_bad_output_paths_are_refused(case, tmp_path):
+    source = tmp_path / "in.npz"
+    source.write_bytes(b"x")
+    (tmp_path / "afile").write_text("x")
+    path, kwargs, message = {
+        "folder": (tmp_path, {}, "is a folder"),
+        "parent is a file": (tmp_path / "afile" / "out.json", {}, "is a file, not a folder"),
+        "figure extension": (tmp_path / "c.pnx", {"figure": True}, "cannot save a figure as 'pnx'"),
+        "no extension": (tmp_path / "c", {"figure": True}, "no extension"),
+        "same as input": (tmp_path / "." / "in.npz", {"inputs": [source]}, "input file"),
+        "unwritable": ("/proc/rmlib-test/out.json", {}, "cannot write in"),
+    }[case]
+    if case == "unwritable" and not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux /proc, a folder nobody may write in (not even root)")
+    with pytest.raises(RmlibError, match=message):
+        check_output(path, "--out", **kwargs)
+    assert source.read_bytes() == b"x"
+
+
+@pytest.fixture
+def emb(tmp_path):
+    labels, old = clustered(120, 8, 6, 1.0, seed=1)
+    new = (1.5 * old + 0.3 * np.random.default_rng(2).normal(size=old.shape)).astype("f4")
+    path = tmp_path / "emb.npz"
+    np.savez(path, old_query=old, old_gallery=old, new_query=new, new_gallery=new,
+             query_labels=labels)
+    return path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--json", "{emb}"], "is the input file"),
+    (["--plot", "{tmp}/curves.pnx"], "cannot save a figure"),
+    (["--json", "{tmp}/emb.npz/out.json"], "is a file, not a folder"),
+    (["--json", "{tmp}"], "is a folder"),
+    (["--json", "{tmp}/a.png", "--plot", "{tmp}/a.png"], "are the same file"),
+])
+def test_backfill_checks_its_outputs_before_the_work(args, message, emb, tmp_path, capsys,
+                                                     monkeypatch):
+    from rmlib import backfill
+
+    def no_work(*a, **k):
+        raise AssertionError("the evaluation ran before the output paths were checked")
+
+    monkeypatch.setattr(backfill, "backfill_arrays", no_work)
+    before = emb.read_bytes()
+    argv = ["backfill", str(emb)] + [a.format(emb=emb, tmp=tmp_path) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+    assert emb.read_bytes() == before
+
+
+def test_backfill_json_that_fails_to_write_keeps_the_previous_result(emb, tmp_path,
+                                                                    monkeypatch):
+    from rmlib import outputs
+
+    out = tmp_path / "r.json"
+    assert main(["backfill", str(emb), "--json", str(out)]) == 0
+    before = out.read_text()
+    real = outputs.atomic_write
+
+    def full_disk(path, write):
+        def partial(tmp):
+            tmp.write_text(before[:40])
+            raise OSError(28, "No space left on device")
+        return real(path, partial)
+
+    monkeypatch.setattr(outputs, "atomic_write", full_disk)
+    with pytest.raises(OSError):
+        main(["backfill", str(emb), "--json", str(out), "--seed", "1"])
+    assert out.read_text() == before and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("out,message", [("{tmp}/train.npz", "is the input file"),
+                                         ("{tmp}/train.npz/c.pt", "is a file, not a folder"),
+                                         ("{tmp}", "is a folder")])
+def test_fit_checks_out_before_fitting(out, message, tmp_path, capsys, monkeypatch):
+    from rmlib import upgrade
+
+    labels, old = clustered(80, 6, 4, 1.0, seed=3)
+    np.savez(tmp_path / "train.npz", old=old, new=old, labels=labels)
+    monkeypatch.setattr(upgrade, "fit_compat", lambda *a, **k: pytest.fail("fitted first"))
+    assert main(["fit", str(tmp_path / "train.npz"), "--out", out.format(tmp=tmp_path)]) == 2
+    assert message in capsys.readouterr().err
