@@ -1,7 +1,6 @@
 """Benchmark: which cpu-profile backbone recipe buys the most retrieval quality per minute.
 
-    RMLIB_DATA=../shared/data python benchmarks/backbone_recipes.py [--role old] \
-        [--out data/results/benchmarks/backbone_recipes.json]
+    RMLIB_DATA=../shared/data python -m benchmarks.backbone_recipes [--role old] [--out F]
 
 Each recipe trains the `role` backbone on the training images of its classes minus a
 stratified validation split (50 per class, seed 0) and is scored by leave-one-out mAP and
@@ -12,20 +11,14 @@ the cpu profile's recipe is chosen from this file. Runs are cached like any othe
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
 from dataclasses import replace
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rmlib.data import train_val_split  # noqa: E402
-from rmlib.embed import extract_embeddings  # noqa: E402
-from rmlib.methods import VAL_PER_CLASS, backbone_config, cifar_setup, training_set  # noqa: E402
-from rmlib.provenance import provenance  # noqa: E402
-from rmlib.retrieval import Protocol, evaluate  # noqa: E402
-from rmlib.train import count_parameters, train_backbone  # noqa: E402
+from benchmarks.common import Benchmark, parser
+from rmlib.data import train_val_split
+from rmlib.engine.backbones import count_parameters, train_backbone
+from rmlib.engine.embed import extract_embeddings
+from rmlib.evaluation.retrieval import Protocol, evaluate
+from rmlib.methods.setups import cifar_setup
 
 # Comparable compute (about 4.5 minutes for the old role on 2 cores), different trade-offs.
 # Each recipe states every setting it changes, so that it does not follow the profile.
@@ -42,21 +35,21 @@ RECIPES = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--role", default="old", choices=("old", "new"))
     p.add_argument("--profile", default="cpu")
-    p.add_argument("--out", type=Path,
-                   default=Path("data/results/benchmarks/backbone_recipes.json"))
     args = p.parse_args()
-    start = time.time()
-    setup = cifar_setup(args.profile)
-    data = training_set(setup, args.role)
-    fit, val = train_val_split(data.labels, VAL_PER_CLASS, seed=0)
-    base = replace(backbone_config(setup, args.role), role=f"{args.role}-recipe")
+    bench = Benchmark("backbone_recipes", args.out, args.profile)
+    setup = cifar_setup(bench.config)
+    data = setup.training_set(args.role)
+    val_per_class = bench.config.profile.transforms.val_per_class
+    fit, val = train_val_split(data.labels, val_per_class, seed=0)
+    base = replace(setup.backbone_config(args.role), role=f"{args.role}-recipe")
     rows = []
     for name, overrides in RECIPES.items():
         cfg = replace(base, **overrides)
-        trained = train_backbone(cfg, data.subset(fit), progress=False)
+        trained = train_backbone(cfg, data.subset(fit), setup.objective(),
+                                 runs=bench.config.paths.runs, progress=False)
         emb = extract_embeddings(trained, data.images[val])
         metrics = evaluate(emb, emb, Protocol.leave_one_out(data.labels[val])).summary()
         rows.append({"recipe": name, "overrides": overrides, **metrics,
@@ -64,12 +57,9 @@ def main() -> None:
                      "parameters": count_parameters(trained.model), "run": trained.run_dir.name})
         print(f"{name:52s} val mAP {100 * metrics['mAP']:5.2f} top-1 {100 * metrics['top1']:5.2f}"
               f"  train {trained.wall_time_s / 60:4.1f} min", flush=True)
-    result = {"rows": rows, "provenance": provenance(
-        config={"role": args.role, "fit_images": len(fit), "val_images": len(val),
-                "val_per_class": VAL_PER_CLASS, "embedding_flip_tta": True},
-        wall_time_s=time.time() - start, profile=args.profile)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=list))
+    bench.write({"rows": rows}, {"role": args.role, "fit_images": len(fit),
+                                 "val_images": len(val), "val_per_class": val_per_class,
+                                 "embedding_flip_tta": True})
 
 
 if __name__ == "__main__":

@@ -4,25 +4,22 @@ test set size, leave-one-out), against the per-query reference loop of tests/ref
 The reference loop is timed on a subset of queries and extrapolated linearly (it is
 per-query by construction); its results on that subset are checked against rmlib's.
 
-    python benchmarks/bench_backfill.py [--n 10000] [--dim 128] [--ref-queries 100]
+    python -m benchmarks.bench_backfill [--n 10000] [--dim 128] [--ref-queries 100] [--out F]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rmlib.backfill import simulate_backfill  # noqa: E402
-from rmlib.retrieval import Protocol  # noqa: E402
-from tests.reference import reference_curve  # noqa: E402
+from benchmarks.common import Benchmark, parser
+from rmlib.evaluation.backfill import simulate_backfill
+from rmlib.evaluation.retrieval import Protocol
+from tests.reference import reference_curve
 
 
 def synthetic(n: int, dim: int, classes: int = 100, seed: int = 0):
@@ -36,12 +33,13 @@ def synthetic(n: int, dim: int, classes: int = 100, seed: int = 0):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--ref-queries", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
+    bench = Benchmark("backfill_curve", args.out)
     labels, old, new = synthetic(args.n, args.dim)
     protocol = Protocol.leave_one_out(labels)
     simulate_backfill(old[:500], old[:500], new[:500], new[:500],
@@ -72,6 +70,8 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
     }
     print(json.dumps(out, indent=2))
+    bench.write(out, {"n": args.n, "dim": args.dim, "ref_queries": args.ref_queries,
+                      "repeats": args.repeats})
 
 
 if __name__ == "__main__":

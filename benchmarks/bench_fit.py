@@ -1,6 +1,6 @@
 """Benchmark: `python -m rmlib fit` on 50,000 x 128 embeddings (psi and rho together).
 
-    python benchmarks/bench_fit.py [--train TRAIN.npz] [--n 50000] [--dim 128]
+    python -m benchmarks.bench_fit [--train TRAIN.npz] [--n 50000] [--dim 128] [--out F]
 
 Without --train, synthetic labelled embeddings of 100 classes. Times fit with a given tau
 (one training run) and with tau chosen on validation (the default of the command).
@@ -8,24 +8,23 @@ Without --train, synthetic labelled embeddings of 100 classes. Times fit with a 
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rmlib.upgrade import fit_compat, load_training_file  # noqa: E402
+from benchmarks.common import Benchmark, parser
+from rmlib.own_upgrade import fit_compat, load_training_file
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--train", type=Path)
     p.add_argument("--n", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=128)
     args = p.parse_args()
+    bench = Benchmark("fit", args.out)
     if args.train:
         old, new, labels = load_training_file(args.train)
     else:
@@ -44,6 +43,8 @@ def main() -> None:
     out["fit_with_tau_selection_s"] = round(time.perf_counter() - t0, 1)
     out["chosen_tau"] = info["tau"]
     print(json.dumps(out, indent=2))
+    bench.write(out, {"train": str(args.train) if args.train else "synthetic, 100 classes",
+                      "n": out["items"], "dim": args.dim})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark: the merged online-backfill index against one faiss index of the same size.
 
-    python benchmarks/bench_serving.py [--n 1000000] [--dim 128] [--queries 1000] [--k 10]
-    RMLIB_DATA=../shared/data python benchmarks/bench_serving.py --cifar100 cpu \
+    python -m benchmarks.bench_serving [--n 1000000] [--dim 128] [--queries 1000] [--k 10]
+    RMLIB_DATA=../shared/data python -m benchmarks.bench_serving --cifar100 cpu \
         --nlist 100 --nprobe 8
 
 Queries per second of the merged search at backfill ratios 0, 0.5 and 1 against a single
@@ -15,20 +15,16 @@ Writes data/results/benchmarks/serving_<synthetic|cifar100-PROFILE>.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
-import sys
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rmlib.config import results_root  # noqa: E402
-from rmlib.provenance import provenance  # noqa: E402
-from rmlib.serving import OnlineBackfillIndex  # noqa: E402
+from benchmarks.common import Benchmark, parser
+from rmlib.config import Config
+from rmlib.serving.index import OnlineBackfillIndex
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -44,12 +40,13 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def cifar100_systems(profile: str, queries: int):
+def cifar100_systems(config: Config, queries: int):
     """The RM systems of the CIFAR-100 experiment: (old gallery, new gallery, old-space
     queries psi(rho(q)), new-space queries rho(q)); the first `queries` test images query."""
-    from rmlib.methods import CifarExperiment
+    from rmlib.methods.experiment import Experiment
+    from rmlib.methods.registry import METHODS
 
-    rm = CifarExperiment(profile, progress=False).row("RM").arrays
+    rm = METHODS["RM"].systems(Experiment("cifar100", config, progress=False))
     return (rm.old_gallery, rm.new_gallery, rm.old_query[:queries], rm.new_query[:queries])
 
 
@@ -60,7 +57,7 @@ def synthetic_systems(n: int, d: int, queries: int):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--cifar100", metavar="PROFILE",
@@ -70,15 +67,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nlist", type=int, default=1024)
     p.add_argument("--nprobe", type=int, default=16)
-    p.add_argument("--out", type=Path)
     args = p.parse_args()
-    start = time.time()
+    name = f"cifar100-{args.cifar100}" if args.cifar100 else "synthetic"
+    bench = Benchmark(f"serving_{name}", args.out, args.cifar100)
     if args.cifar100:
-        old, new, q_old, q_new = cifar100_systems(args.cifar100, args.queries)
-        name = f"cifar100-{args.cifar100}"
+        old, new, q_old, q_new = cifar100_systems(bench.config, args.queries)
     else:
         old, new, q_old, q_new = synthetic_systems(args.n, args.dim, args.queries)
-        name = "synthetic"
     n, d = new.shape
     batch = min(10_000, max(1, n // 10))
     out = {"gallery": name, "n": n, "dim": d, "queries": len(q_new), "k": args.k,
@@ -130,12 +125,8 @@ def main() -> None:
             out[key][f"t={t}"] = entry
     out["max_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     out["gallery_bytes_per_part_gb"] = round(n * d * 4 / 2**30, 3)
-    out["provenance"] = provenance(config=vars(args) | {"out": None}, profile=args.cifar100,
-                                   wall_time_s=time.time() - start)
     print(json.dumps(out, indent=2, default=str))
-    path = args.out or results_root() / "benchmarks" / f"serving_{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, default=str))
+    bench.write(out, vars(args) | {"out": None})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark: training throughput (images/s) of each backbone on this machine, and what it
 implies for a full run.
 
-    python benchmarks/bench_train.py [--out data/results/benchmarks/train_throughput.json]
+    python -m benchmarks.bench_train [--out F]
 
 Times forward + backward + SGD step on random batches (after warm-up), in fp32 and, where
 the CPU has bf16 units (or on CUDA), in the autocast mode the training loop chooses.
@@ -11,20 +11,16 @@ from the measured rate at each resolution and the profile's epochs.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rmlib.config import MARKET_SETTINGS, cpu_has_fast_bf16, default_device  # noqa: E402
-from rmlib.models import RetrievalModel, build_backbone  # noqa: E402
-from rmlib.provenance import provenance  # noqa: E402
-from rmlib.train import precision_mode  # noqa: E402
+from benchmarks.common import Benchmark, parser
+from rmlib.config import PROFILES, cpu_has_fast_bf16, default_device
+from rmlib.engine.backbones import precision_mode
+from rmlib.models import RetrievalModel, build_backbone
 
 MARKET_TRAIN_IMAGES, MARKET_OLD_IMAGES = 12_936, 6_468  # approximately half the images
 # An assumption, not a measurement: a Colab T4 trains ResNet-50 at 256x128 with fp16 at
@@ -54,13 +50,10 @@ def rate(arch: str, size: tuple[int, int], batch: int, dtype, device, steps: int
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path,
-                   default=Path("data/results/benchmarks/train_throughput.json"))
-    args = p.parse_args()
-    start = time.time()
+    args = parser(__doc__).parse_args()
+    bench = Benchmark("train_throughput", args.out)
     device = default_device()
-    mode = precision_mode(device)
+    mode = precision_mode(device, bench.config.precision)
     cases = [("fast", (32, 32), 256), ("resnet18", (32, 32), 64),
              ("reid18", (128, 64), 32), ("reid18", (256, 128), 16), ("reid50", (256, 128), 8)]
     out = {"device": str(device), "cpu_has_bf16_units": cpu_has_fast_bf16(),
@@ -74,12 +67,12 @@ def main() -> None:
         print(key, entry, flush=True)
     estimates = {}
     for profile in ("cpu", "paper"):
-        m = MARKET_SETTINGS[profile]
-        key = f"{m['arch']}@{m['image_size'][0]}x{m['image_size'][1]}"
+        m = PROFILES[profile].market
+        key = f"{m.arch}@{m.image_size[0]}x{m.image_size[1]}"
         if key not in out["images_per_s"]:
             continue
         r = max(out["images_per_s"][key].values())
-        images = (m["epochs_old"] * MARKET_OLD_IMAGES + 3 * m["epochs_new"] * MARKET_TRAIN_IMAGES)
+        images = m.epochs_old * MARKET_OLD_IMAGES + 3 * m.epochs_new * MARKET_TRAIN_IMAGES
         estimates[profile] = {
             "backbone": key, "epoch_seconds_here": round(MARKET_TRAIN_IMAGES / r),
             "full_run_hours_here": round(images / r / 3600, 1),
@@ -88,10 +81,8 @@ def main() -> None:
             estimates[profile]["full_run_hours_on_T4_assumed"] = round(
                 images / ASSUMED_T4_IMAGES_PER_S[key] / 3600, 1)
     out["market1501_estimates"] = estimates
-    out["provenance"] = provenance({"cases": cases}, time.time() - start)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
     print(json.dumps(out["market1501_estimates"], indent=2))
+    bench.write(out, {"cases": cases})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: the cost of one psi/rho training step, and of the MCL loss with its mining.
 
-    python benchmarks/bench_transform_step.py [--out data/results/benchmarks/transform_step.json]
+    python -m benchmarks.bench_transform_step [--out F]
 
 Per objective and width: milliseconds per step of `fit_transforms` (P x K = 32 x 8 = 256
 items, synthetic unit embeddings of 100 classes x 100 items), from the difference of a
@@ -11,20 +11,15 @@ with a full sort of each row instead (the previous mining; both mine each system
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rmlib import losses  # noqa: E402
-from rmlib.provenance import provenance  # noqa: E402
-from rmlib.transforms import TransformConfig, fit_transforms, steps_per_epoch  # noqa: E402
+from benchmarks.common import Benchmark, parser
+from rmlib import losses
+from rmlib.engine.transforms import TransformConfig, fit_transforms, steps_per_epoch
 
 NAMES = ("rqt", "cl", "mcl", "mcl-rho", "fct", "bict")
 
@@ -73,12 +68,10 @@ def loss_ms(repeats: int = 100) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--widths", type=int, nargs="+", default=[512, 1024])
-    p.add_argument("--out", type=Path,
-                   default=Path("data/results/benchmarks/transform_step.json"))
     args = p.parse_args()
-    start = time.time()
+    bench = Benchmark("transform_step", args.out)
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(100), 100)
     unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
@@ -94,12 +87,9 @@ def main() -> None:
     loss = loss_ms()
     print(f"MCL loss, 256 items, forward+backward: {loss['mcl_forward_backward_ms']:.1f} ms "
           f"(full-sort mining: {loss['with_full_sort_mining_ms']:.1f} ms)")
-    result = {"ms_per_step": steps, "loss": loss, "provenance": provenance(
-        config={"batch": "32 classes x 8 items", "items": len(labels), "dim": 128,
-                "threads": torch.get_num_threads()},
-        wall_time_s=time.time() - start, profile=None)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    bench.write({"ms_per_step": steps, "loss": loss},
+                {"batch": "32 classes x 8 items", "items": len(labels), "dim": 128,
+                 "threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

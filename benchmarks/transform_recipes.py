@@ -1,12 +1,11 @@
 """Benchmark: which shape of psi/rho buys the most backfill quality per second of fitting.
 
-    RMLIB_DATA=../shared/data python benchmarks/transform_recipes.py \
-        [--out data/results/benchmarks/transform_recipes.json]
+    RMLIB_DATA=../shared/data python -m benchmarks.transform_recipes [--out F]
 
 Each recipe fits MCL with rho (eq. 12-13) on the cached cpu-profile old/new embeddings of
 the training images minus the validation split (`Experiment.validation_split`: 50 per
 class, seed 0), at the tau and epochs the previous search chose (0.1, 12), and is scored
-by the backfill AUC_mAP of the RM systems on that split (`rmlib.upgrade.validation_auc`),
+by the backfill AUC_mAP of the RM systems on that split (`rmlib.methods.selection`),
 with the wall time of its fit. The test set is never looked at: the shape of psi/rho
 (`TransformConfig.layers`, 2) and the cpu profile's width grid are chosen from this file;
 the width and epochs within that grid are then searched by `select_settings`.
@@ -14,17 +13,12 @@ the width and epochs within that grid are then searched by `select_settings`.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rmlib.methods import Experiment  # noqa: E402
-from rmlib.provenance import provenance  # noqa: E402
-from rmlib.transforms import fit_transforms  # noqa: E402
-from rmlib.upgrade import validation_auc  # noqa: E402
+from benchmarks.common import Benchmark, parser
+from rmlib.engine.transforms import fit_transforms
+from rmlib.methods.experiment import Experiment
+from rmlib.methods.selection import validation_auc
 
 TAU, EPOCHS = 0.1, 12  # the previous search's choice (data/results/cifar100/cpu, 2 layers)
 RECIPES = {
@@ -36,13 +30,11 @@ RECIPES = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--profile", default="cpu")
-    p.add_argument("--out", type=Path,
-                   default=Path("data/results/benchmarks/transform_recipes.json"))
     args = p.parse_args()
-    start = time.time()
-    exp = Experiment("cifar100", args.profile, progress=False)
+    bench = Benchmark("transform_recipes", args.out, args.profile)
+    exp = Experiment("cifar100", bench.config, progress=False)
     fit, val = exp.validation_split()
     old, new = exp.embeddings("old", "train"), exp.embeddings("new", "train")
     labels = exp.setup.train.labels
@@ -59,12 +51,9 @@ def main() -> None:
                      "val_auc_mAP": auc, "fit_seconds": seconds, "parameters": params})
         print(f"{name:48s} val AUC_mAP {100 * auc:5.2f}  fit {seconds:6.1f} s  "
               f"({params:,} parameters)", flush=True)
-    result = {"rows": rows, "provenance": provenance(
-        config={"objective": "mcl", "rho": True, "fit_items": len(fit), "val_items": len(val),
-                "backbones": [exp.model(r).run_dir.name for r in ("old", "new")]},
-        wall_time_s=time.time() - start, profile=args.profile)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=list))
+    bench.write({"rows": rows}, {"objective": "mcl", "rho": True, "fit_items": len(fit),
+                                 "val_items": len(val), "backbones": [
+                                     exp.model(r).run_dir.name for r in ("old", "new")]})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from rmlib import RmlibError, __version__
+from rmlib.config import PROFILES
 from rmlib.outputs import check_outputs, write_json
 
 
@@ -48,8 +49,8 @@ def _positive_float(text: str) -> float:
 
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
-    from rmlib.backfill import backfill_arrays
-    from rmlib.contract import load_backfill_arrays
+    from rmlib.evaluation.backfill import backfill_arrays
+    from rmlib.evaluation.emb_file import load_backfill_arrays
     from rmlib.provenance import provenance
     from rmlib.report import plot_curves, summary_text
 
@@ -78,11 +79,11 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rmlib.methods import ROLES, train_backbones
+    from rmlib.methods.reproduce import train_backbones
+    from rmlib.methods.setups import ROLES
 
     roles = ROLES if args.which == "both" else (args.which,)
-    result = train_backbones(roles, profile=args.profile, progress=not args.quiet,
-                             dataset=args.dataset)
+    result = train_backbones(args.dataset, args.config, roles, progress=not args.quiet)
     print(f"{args.dataset} backbones, profile {result['provenance']['profile']} "
           f"(evaluated on {result[roles[0]]['test_images']} queries):")
     for role in roles:
@@ -94,10 +95,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from rmlib.methods import reproduce
+    from rmlib.methods.reproduce import reproduce
     from rmlib.report import table1_text
 
-    tables = reproduce(args.dataset, profile=args.profile, progress=not args.quiet)
+    tables = reproduce(args.dataset, args.config, progress=not args.quiet)
     prov = tables["table1"]["provenance"]
     print(f"Table 1, {args.dataset}, profile {prov['profile']} "
           f"({prov['wall_time_s'] / 60:.1f} min; FCT without side-information)")
@@ -108,7 +109,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from rmlib.upgrade import fit_command
+    from rmlib.own_upgrade import fit_command
 
     check_outputs({"--out": args.out}, inputs=[args.train])
     info = fit_command(args.train, args.out, rho=args.rho, tau=args.tau, epochs=args.epochs,
@@ -128,8 +129,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from rmlib.contract import load_backfill_arrays
-    from rmlib.upgrade import apply_compat
+    from rmlib.evaluation.emb_file import load_backfill_arrays
+    from rmlib.own_upgrade import apply_compat
 
     check_outputs({"--out": args.out}, inputs=[args.compat, args.emb])
     arrays = apply_compat(args.compat, load_backfill_arrays(args.emb), force=args.force)
@@ -138,24 +139,21 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_options(p: argparse.ArgumentParser) -> None:
-    """The options of the commands that train: which profile, and whether to show bars."""
-    p.add_argument("--profile", choices=["smoke", "cpu", "paper"],
-                   help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")
+def _command(sub, name: str, func, short: str, description: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=short, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
+def _quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m rmlib",
-        description="Online backfilling for image retrieval (rank merge, RQT, MCL, rho).")
-    parser.add_argument("--version", action="version", version=f"rmlib {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser(
-        "backfill", help="simulate an online backfill of your old and new embeddings",
-        description="Rank-merge the old and new systems at 21 backfill ratios t and report "
-                    "mAP, top-1, top-5, negative flips, AUCs and the paper's conditions (6)-(8).")
+def _add_backfill(sub) -> None:
+    p = _command(
+        sub, "backfill", _cmd_backfill, "simulate an online backfill of your old and new "
+        "embeddings", "Rank-merge the old and new systems at 21 backfill ratios t and report "
+        "mAP, top-1, top-5, negative flips, AUCs and the paper's conditions (6)-(8).")
     p.add_argument("emb", type=Path, metavar="EMB.npz",
                    help="old_query, old_gallery, new_query, new_gallery, query_labels "
                         "[, gallery_labels, query_cams, gallery_cams, reference_query]")
@@ -163,35 +161,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the backfill order, a non-negative integer (default 0)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the curves and AUCs as JSON")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="save the curves as a figure")
-    p.set_defaults(func=_cmd_backfill)
 
-    p = sub.add_parser(
-        "train", help="train (or reuse from the cache) the old and new backbones",
-        description="Train the old and/or new backbones of a profile (CIFAR-100: classes "
-                    "0-49 / all 100; Market-1501: the first half of the training identities / "
-                    "all), evaluate them and write data/results/<dataset>/<profile>/"
-                    "backbones.json. Interrupted runs resume.")
+
+# The commands that train on a data set: what they do, and their extra arguments.
+_TRAINING_COMMANDS = {
+    "train": ("train (or reuse from the cache) the old and new backbones",
+              "Train the old and/or new backbones of a profile (CIFAR-100: classes 0-49 / all "
+              "100; Market-1501: the first half of the training identities / all), evaluate "
+              "them and write <results>/<dataset>/<profile>/backbones.json. Interrupted runs "
+              "resume.", _cmd_train),
+    "reproduce": ("run whatever is missing and write Table 1 and the ablation",
+                  "Train or reuse every backbone and transform of a profile, evaluate each "
+                  "Table 1 row (Old, New, RM_naive, BCT, FCT, BiCT, RM) and the ablation "
+                  "(RM_naive, +RQT, +CL, +MCL, +rho) along the backfill, and write "
+                  "<results>/<dataset>/<profile>/table1.json and ablation.json.", _cmd_reproduce),
+}
+
+
+def _add_training(sub, name: str) -> None:
+    short, description, func = _TRAINING_COMMANDS[name]
+    p = _command(sub, name, func, short, description)
     p.add_argument("dataset", choices=["cifar100", "market1501"])
-    p.add_argument("which", choices=["old", "new", "both"])
-    _run_options(p)
-    p.set_defaults(func=_cmd_train)
+    if name == "train":
+        p.add_argument("which", choices=["old", "new", "both"])
+    p.add_argument("--profile", choices=list(PROFILES),
+                   help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")
+    _quiet(p)
 
-    p = sub.add_parser(
-        "reproduce", help="run whatever is missing and write Table 1 and the ablation",
-        description="Train or reuse every backbone and transform of a profile, evaluate each "
-                    "Table 1 row (Old, New, RM_naive, BCT, FCT, BiCT, RM) and the ablation "
-                    "(RM_naive, +RQT, +CL, +MCL, +rho) along the backfill, and write "
-                    "data/results/<dataset>/<profile>/table1.json and ablation.json.")
-    p.add_argument("dataset", choices=["cifar100", "market1501"])
-    _run_options(p)
-    p.set_defaults(func=_cmd_reproduce)
 
-    p = sub.add_parser(
-        "fit", help="fit psi (and rho) with MCL on your own old and new embeddings",
-        description="Train the reverse query transform psi (and the new embedding rho) with "
-                    "metric-compatible contrastive learning on old and new embeddings of the "
-                    "same labelled training items. tau is chosen on a held-out split unless "
-                    "given.")
+def _add_fit(sub) -> None:
+    p = _command(
+        sub, "fit", _cmd_fit, "fit psi (and rho) with MCL on your own old and new embeddings",
+        "Train the reverse query transform psi (and the new embedding rho) with "
+        "metric-compatible contrastive learning on old and new embeddings of the same "
+        "labelled training items. tau is chosen on a held-out split unless given.")
     p.add_argument("train", type=Path, metavar="TRAIN.npz",
                    help="arrays old (N, d_old), new (N, d_new), labels (N,)")
     p.add_argument("--out", type=Path, required=True, metavar="COMPAT.pt")
@@ -204,29 +207,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-size", action="store_true",
                    help="also choose the width and epochs of psi/rho on the hold-out, as the "
                         "CIFAR-100 recipe does (about 4x the time)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_fit)
+    _quiet(p)
 
-    p = sub.add_parser(
-        "apply", help="turn an evaluation file into the RM system's arrays",
-        description="Apply fitted transforms to EMB.npz: the old side becomes "
-                    "psi(rho(new_query)) against old_gallery, the new side rho(new_query) "
-                    "against rho(new_gallery).")
+
+def _add_apply(sub) -> None:
+    p = _command(
+        sub, "apply", _cmd_apply, "turn an evaluation file into the RM system's arrays",
+        "Apply fitted transforms to EMB.npz: the old side becomes psi(rho(new_query)) "
+        "against old_gallery, the new side rho(new_query) against rho(new_gallery).")
     p.add_argument("compat", type=Path, metavar="COMPAT.pt")
     p.add_argument("emb", type=Path, metavar="EMB.npz")
     p.add_argument("--out", type=Path, required=True, metavar="EMB_RM.npz")
     p.add_argument("--force", action="store_true",
                    help="skip the check that the embeddings come from the fitted model pair")
-    p.set_defaults(func=_cmd_apply)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m rmlib",
+        description="Online backfilling for image retrieval (rank merge, RQT, MCL, rho).")
+    parser.add_argument("--version", action="version", version=f"rmlib {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_backfill(sub)
+    _add_training(sub, "train")
+    _add_training(sub, "reproduce")
+    _add_fit(sub)
+    _add_apply(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from rmlib.config import Config
     from rmlib.provenance import commit_at_start
 
-    commit_at_start()  # results record the code this command started with
     try:
+        args.config = Config.from_env(getattr(args, "profile", None))  # the one read of it
+        commit_at_start(args.config.commit)  # results record the code this started with
         return args.func(args)
     except RmlibError as exc:
         print(f"rmlib: error: {exc}", file=sys.stderr)

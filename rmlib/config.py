@@ -1,11 +1,21 @@
-"""Paths, profiles and devices: the few settings every other module reads from one place."""
+"""The one configuration: a profile's recipes and the paths, built once at the edge.
+
+`Config.from_env()` is the only place in rmlib that reads environment variables. The
+command line and the chapters call it once and hand the result down; nothing below reads
+a setting on its own, and nothing is read at import time.
+
+Environment variables (all optional): RMLIB_PROFILE (smoke | cpu | paper; default paper
+with a GPU, cpu otherwise), RMLIB_DATA (the data root), RMLIB_RUNS (the run cache),
+RMLIB_RESULTS (results with provenance), RMLIB_DOWNLOAD (0 forbids downloads),
+RMLIB_PRECISION (fp32 | bf16 forces the autocast mode), RMLIB_COMMIT (the commit of a
+tree copied without its .git).
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from dataclasses import asdict, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -14,104 +24,168 @@ from rmlib import RmlibError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
-PROFILES = ("smoke", "cpu", "paper")
 
 
-# What each profile trains. `smoke` proves every line runs on a small real subset; `cpu`
-# fits a 2-core CPU (fp32 unless the CPU has bf16 units), most epochs at 24 px
-# (progressive resizing: the recipe benchmarks/backbone_recipes.py chose on a validation
-# split); `paper` is ResNet-18 on one GPU.
-# psi/rho: `transform_hidden` and `transform_epochs` are where the search starts; tau, the
-# width and the epochs are then chosen from the grids on a validation split (rmlib.upgrade).
+@dataclass(frozen=True)
+class CifarRecipe:
+    """How a profile trains the CIFAR-100 backbones (old: classes 0-49, new: all 100).
+
+    `low_res_epochs_*` of the epochs see the images at 24 px (progressive resizing, chosen
+    by benchmarks/backbone_recipes.py on a validation split). `*_per_class` take a small
+    class-balanced subset (the smoke profile); None keeps every image.
+    """
+
+    arch: str
+    widths: tuple[int, ...]
+    epochs_old: int
+    epochs_new: int
+    batch_size: int = 256
+    lr: float = 0.2
+    low_res_epochs_old: int = 0
+    low_res_epochs_new: int = 0
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+
+
+@dataclass(frozen=True)
+class MarketRecipe:
+    """How a profile trains the Market-1501 backbones (a re-id ResNet, P x K batches)."""
+
+    arch: str
+    image_size: tuple[int, int]
+    epochs_old: int
+    epochs_new: int
+    sampler: tuple[int, int] = (16, 4)
+    lr: float = 0.05
+    padding: int = 8
+    erase: float = 0.5
+    triplet_margin: float = 0.3
+
+
+@dataclass(frozen=True)
+class TransformRecipe:
+    """psi/rho and the baselines' transforms: where the search starts and its grids.
+
+    tau, then the width, then the epochs are chosen on a validation split of the training
+    set (`val_per_class` items per class), never on the test set.
+    """
+
+    epochs: int
+    hidden: int
+    tau_epochs: int
+    hidden_grid: tuple[int, ...]
+    epochs_grid: tuple[int, ...]
+    tau_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 1.0)  # 1.0 is the paper's value
+    val_per_class: int = 50
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one profile trains: `smoke` proves every line runs on a small real subset,
+    `cpu` fits a 2-core CPU, `paper` is ResNet-18 on one GPU."""
+
+    name: str
+    cifar: CifarRecipe
+    market: MarketRecipe
+    transforms: TransformRecipe
+
+
 # The cpu width grid stops at 512: a 1024-wide psi/rho scores 0.6 pt more validation
 # AUC_mAP than 512 but fits 2.1x slower (benchmarks/transform_recipes.py), and six fits
 # plus the search must share the 60-minute budget with four backbones.
-PROFILE_SETTINGS: dict[str, dict] = {
-    "smoke": {"arch": "fast", "widths": (16, 32, 64), "epochs_old": 1, "epochs_new": 1,
-              "batch_size": 128, "lr": 0.1, "train_per_class": 20, "test_per_class": 10,
-              "transform_epochs": 2, "transform_hidden": 128, "tau_epochs": 1,
-              "transform_hidden_grid": (64, 128), "transform_epochs_grid": (2, 3)},
-    "cpu": {"arch": "fast", "widths": (32, 64, 128), "epochs_old": 10, "epochs_new": 11,
-            "low_res_epochs_old": 8, "low_res_epochs_new": 9,
-            "batch_size": 256, "lr": 0.2, "train_per_class": None, "test_per_class": None,
-            "transform_epochs": 6, "transform_hidden": 512, "tau_epochs": 3,
-            "transform_hidden_grid": (256, 512), "transform_epochs_grid": (6, 12)},
-    "paper": {"arch": "resnet18", "widths": None, "epochs_old": 30, "epochs_new": 30,
-              "batch_size": 256, "lr": 0.2, "train_per_class": None, "test_per_class": None,
-              "transform_epochs": 20, "transform_hidden": 512, "tau_epochs": 10,
-              "transform_hidden_grid": (256, 512, 1024), "transform_epochs_grid": (20, 40)},
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        "smoke",
+        CifarRecipe("fast", (16, 32, 64), 1, 1, batch_size=128, lr=0.1, train_per_class=20,
+                    test_per_class=10),
+        MarketRecipe("reid18", (64, 32), 1, 1, sampler=(4, 4), padding=4),
+        TransformRecipe(2, 128, 1, (64, 128), (2, 3))),
+    "cpu": Profile(
+        "cpu",
+        CifarRecipe("fast", (32, 64, 128), 10, 11, low_res_epochs_old=8, low_res_epochs_new=9),
+        MarketRecipe("reid18", (128, 64), 10, 10),
+        TransformRecipe(6, 512, 3, (256, 512), (6, 12))),
+    "paper": Profile(
+        "paper",
+        CifarRecipe("resnet18", (), 30, 30),
+        MarketRecipe("reid50", (256, 128), 60, 60, padding=10),
+        TransformRecipe(20, 512, 10, (256, 512, 1024), (20, 40))),
 }
 
 
-# Market-1501 (person crops, re-id backbone). Time per epoch is measured by
-# benchmarks/bench_train.py at each resolution; smoke runs on synthetic folders in tests.
-MARKET_SETTINGS: dict[str, dict] = {
-    "smoke": {"arch": "reid18", "image_size": (64, 32), "epochs_old": 1, "epochs_new": 1,
-              "sampler": (4, 4), "lr": 0.05, "padding": 4, "erase": 0.5,
-              "triplet_margin": 0.3},
-    "cpu": {"arch": "reid18", "image_size": (128, 64), "epochs_old": 10, "epochs_new": 10,
-            "sampler": (16, 4), "lr": 0.05, "padding": 8, "erase": 0.5,
-            "triplet_margin": 0.3},
-    "paper": {"arch": "reid50", "image_size": (256, 128), "epochs_old": 60, "epochs_new": 60,
-              "sampler": (16, 4), "lr": 0.05, "padding": 10, "erase": 0.5,
-              "triplet_margin": 0.3},
-}
+def profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise RmlibError(f"{name!r} is not a profile; use one of {', '.join(PROFILES)}")
+    return PROFILES[name]
 
 
-def config_key(config, keyed_only_when_set: tuple[str, ...] = ()) -> str:
-    """The cache key of a config dataclass: a hash of all its fields, except those in
-    `keyed_only_when_set` that hold their declared default (fields added after runs were
-    cached, so that those runs keep their keys)."""
-    values = asdict(config)
-    defaults = {f.name: f.default for f in fields(config)}
-    for name in keyed_only_when_set:
-        if values[name] == defaults[name]:
-            del values[name]
-    text = json.dumps(values, sort_keys=True, default=list)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+@dataclass(frozen=True)
+class Paths:
+    """Where data is read, runs are cached and results with provenance are written."""
+
+    data: Path
+    runs: Path
+    results: Path
+
+    @classmethod
+    def default(cls) -> Paths:
+        """The repository's `data/` in a checkout; `~/.rmlib` when rmlib is installed as a
+        package (e.g. on Colab), whose site-packages is no place for data."""
+        home = REPO_ROOT / "data" if (REPO_ROOT / "pyproject.toml").exists() else \
+            Path.home() / ".rmlib"
+        return cls(home, home / "runs", home / "results")
 
 
-def profile_settings(name: str | None = None) -> dict:
-    return dict(PROFILE_SETTINGS[name or profile_name()])
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs to know that is not an argument: the profile, the paths,
+    and how this machine may run (downloads, precision, the commit of a copied tree)."""
+
+    profile: Profile
+    paths: Paths
+    download: bool = True
+    precision: str | None = None  # None: chosen per device (rmlib.engine.precision_mode)
+    commit: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    @classmethod
+    def from_env(cls, profile_name: str | None = None,
+                 environ: Mapping[str, str] | None = None) -> Config:
+        """The configuration the environment asks for; `profile_name` overrides
+        RMLIB_PROFILE. The only function in rmlib that reads the environment."""
+        env = os.environ if environ is None else environ
+        name = profile_name or env.get("RMLIB_PROFILE") or default_profile_name()
+        default = Paths.default()
+
+        def path(var: str, fallback: Path) -> Path:
+            return Path(env[var]).expanduser().resolve() if env.get(var) else fallback
+
+        data = path("RMLIB_DATA", default.data)
+        paths = Paths(data, path("RMLIB_RUNS", default.runs),
+                      path("RMLIB_RESULTS", default.results))
+        precision = env.get("RMLIB_PRECISION") or None
+        if precision not in (None, "fp32", "bf16"):
+            raise RmlibError(f"RMLIB_PRECISION={precision!r}; use fp32 or bf16, or unset it")
+        return cls(profile(name), paths, env.get("RMLIB_DOWNLOAD", "1") not in
+                   ("0", "false", "no"), precision, env.get("RMLIB_COMMIT") or None)
+
+    def with_paths(self, **paths: Path) -> Config:
+        """The same configuration with some paths replaced (data=, runs=, results=)."""
+        return replace(self, paths=replace(self.paths, **{k: Path(v) for k, v in paths.items()}))
+
+    def with_profile(self, name: str) -> Config:
+        return replace(self, profile=profile(name))
 
 
-def _home() -> Path:
-    """The repository's `data/` in a checkout; `~/.rmlib` when rmlib is installed as a package
-    (e.g. on Colab), whose site-packages is no place for data."""
-    if (REPO_ROOT / "pyproject.toml").exists():
-        return REPO_ROOT / "data"
-    return Path.home() / ".rmlib"
-
-
-def data_root() -> Path:
-    """`$RMLIB_DATA` if set, else the repository's `data/` (independent of the working dir)."""
-    env = os.environ.get("RMLIB_DATA")
-    return Path(env).expanduser().resolve() if env else _home()
-
-
-def runs_root() -> Path:
-    """The run cache: under the repository's `data/runs`, never under a read-only RMLIB_DATA."""
-    env = os.environ.get("RMLIB_RUNS")
-    return Path(env).expanduser().resolve() if env else _home() / "runs"
-
-
-def results_root() -> Path:
-    """Where results with provenance are written (committed for the cpu and paper profiles)."""
-    env = os.environ.get("RMLIB_RESULTS")
-    return Path(env).expanduser().resolve() if env else _home() / "results"
+def default_profile_name() -> str:
+    return "paper" if torch.cuda.is_available() else "cpu"
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def profile_name() -> str:
-    """`$RMLIB_PROFILE`, else `paper` on a GPU and `cpu` otherwise."""
-    name = os.environ.get("RMLIB_PROFILE") or ("paper" if torch.cuda.is_available() else "cpu")
-    if name not in PROFILES:
-        choices = ", ".join(PROFILES)
-        raise RmlibError(f"RMLIB_PROFILE={name!r} is not a profile; use one of {choices}")
-    return name
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -29,9 +29,13 @@ def pairwise_distances(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> 
     return sq.clamp_min(eps).sqrt()
 
 
-def rqt_loss(rev: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """eq. 9: the mean distance between psi(phi_new(x)) and phi_old(x)."""
-    return (rev - old).pow(2).sum(1).clamp_min(1e-12).sqrt().mean()
+def mean_distance_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean Euclidean distance between paired rows.
+
+    eq. 9 (RQT): x = psi(phi_new(x)), target = phi_old(x). FCT's regression (Ramanujan et
+    al. 2022, without side-information): x = h(phi_old(x)), target = phi_new(x).
+    """
+    return (x - target).pow(2).sum(1).clamp_min(1e-12).sqrt().mean()
 
 
 def hardest_half(dist: torch.Tensor, mask: torch.Tensor, hardest: str) -> torch.Tensor:
@@ -126,11 +130,6 @@ def bct_influence_loss(new_embedding: torch.Tensor, labels: torch.Tensor,
         return new_embedding.sum() * 0.0
     logits = old_classifier(new_embedding[keep])
     return F.cross_entropy(logits, labels[keep], label_smoothing=label_smoothing)
-
-
-def fct_regression_loss(transformed_old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """FCT (Ramanujan et al. 2022): the l2 distance between h(phi_old(x)) and phi_new(x)."""
-    return (transformed_old - new).pow(2).sum(1).clamp_min(1e-12).sqrt().mean()
 
 
 def batch_hard_triplet_loss(embedding: torch.Tensor, labels: torch.Tensor,

@@ -18,11 +18,13 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from rmlib import RmlibError
+
+T = TypeVar("T")
 
 
 def _default_mode(path: Path) -> int:
@@ -66,6 +68,13 @@ def write_json(path: Path | str, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, default=list))
 
 
+def save_torch(path: Path | str, obj: Any) -> Path:
+    """torch.save to `path`, atomically."""
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
 def save_npy(path: Path | str, array: np.ndarray) -> Path:
     """np.save to exactly `path` (given a name, np.save would append .npy)."""
     return atomic_write(path, lambda tmp: _with_file(tmp, lambda f: np.save(f, array)))
@@ -79,6 +88,17 @@ def save_npz(path: Path | str, arrays: Mapping[str, np.ndarray]) -> Path:
 def _with_file(path: Path, write: Callable[[Any], Any]) -> None:
     with open(path, "wb") as f:
         write(f)
+
+
+def cached(path: Path, compute: Callable[[], T], save: Callable[[Path, T], Any],
+           load: Callable[[Path], T]) -> T:
+    """`load(path)` if it exists; else `compute()`, stored with `save(path, value)` (one of
+    the atomic savers here): the one disk cache of rmlib's expensive steps."""
+    if path.exists():
+        return load(path)
+    value = compute()
+    save(path, value)
+    return value
 
 
 def _figure_formats() -> set[str]:

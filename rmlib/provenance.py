@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import platform
 import subprocess
 from pathlib import Path
@@ -54,14 +53,14 @@ def git_commit() -> str:
 _COMMIT_AT_START: str | None = None
 
 
-def commit_at_start() -> str:
+def commit_at_start(given: str | None = None) -> str:
     """The commit of the code this process runs: read once, at the first call, so that a
-    long run records the code it started with even if the repository moves on."""
+    long run records the code it started with even if the repository moves on. A copy of
+    the tree without its .git (e.g. on a borrowed GPU machine) is `given` its commit by
+    whoever copied it (Config.commit, from RMLIB_COMMIT)."""
     global _COMMIT_AT_START
     if _COMMIT_AT_START is None:
-        # A copy of the tree without its .git (e.g. on a borrowed GPU machine) is told its
-        # commit by whoever copied it.
-        _COMMIT_AT_START = os.environ.get("RMLIB_COMMIT") or git_commit()
+        _COMMIT_AT_START = given or git_commit()
     return _COMMIT_AT_START
 
 

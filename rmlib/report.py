@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from rmlib.backfill import BackfillCurve
+from rmlib.evaluation.backfill import BackfillCurve
 from rmlib.outputs import save_figure
 
 
@@ -111,7 +111,7 @@ def nearest_distances(query, gallery, protocol, positive: bool, limit: int = 200
     import numpy as np
     import torch
 
-    from rmlib.retrieval import EuclideanSystem
+    from rmlib.evaluation.retrieval import EuclideanSystem
 
     n = min(limit, len(query))
     relevant, excluded = protocol.masks(0, n)

@@ -5,9 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RMLIB_PROFILE=cpu PYTHONUNBUFFERED=1
-python benchmarks/backbone_recipes.py
-python benchmarks/transform_recipes.py
-python benchmarks/bench_transform_step.py
-python benchmarks/bench_serving.py --cifar100 cpu --nlist 100 --nprobe 8 --queries 1000
-python benchmarks/bench_serving.py --n 1000000 --queries 500 --repeats 2
+python -m benchmarks.backbone_recipes
+python -m benchmarks.transform_recipes
+python -m benchmarks.bench_transform_step
+python -m benchmarks.bench_serving --cifar100 cpu --nlist 100 --nprobe 8 --queries 1000
+python -m benchmarks.bench_serving --n 1000000 --queries 500 --repeats 2
 python scripts/execute_chapters.py

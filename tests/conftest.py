@@ -32,8 +32,27 @@ def cifar_root() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_runs(tmp_path, monkeypatch):
+    """Runs and results of a test go to its own folder (for commands run in a subprocess
+    or through the CLI, which build their configuration from the environment)."""
     monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("RMLIB_RESULTS", str(tmp_path / "results"))
+
+
+@pytest.fixture
+def config_of(tmp_path):
+    """A profile's configuration with this test's own runs and results folders."""
+    from rmlib.config import Config
+
+    def make(profile: str):
+        return Config.from_env(profile).with_paths(runs=tmp_path / "runs",
+                                                   results=tmp_path / "results")
+    return make
+
+
+@pytest.fixture
+def smoke_config(cifar_root, config_of):
+    """The smoke profile on the real CIFAR-100."""
+    return config_of("smoke").with_paths(data=cifar_root)
 
 
 def clustered(n: int, dim: int, classes: int, noise: float, seed: int, scale: float = 1.0):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from rmlib import RmlibError
-from rmlib.backfill import (
+from rmlib.evaluation.backfill import (
     T_GRID,
     backfill_order,
     backfilled_count,
@@ -10,7 +10,7 @@ from rmlib.backfill import (
     item_segments,
     simulate_backfill,
 )
-from rmlib.retrieval import Protocol, evaluate
+from rmlib.evaluation.retrieval import Protocol, evaluate
 from tests.conftest import clustered
 from tests.reference import reference_curve
 

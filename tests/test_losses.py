@@ -7,11 +7,10 @@ import torch
 from rmlib.losses import (
     bct_influence_loss,
     cl_loss,
-    fct_regression_loss,
     hardest_half,
     mcl_loss,
+    mean_distance_loss,
     pairwise_distances,
-    rqt_loss,
 )
 from rmlib.models import CosineClassifier
 
@@ -59,10 +58,10 @@ def test_pairwise_distances_and_their_gradient_at_zero():
     assert torch.isfinite(a.grad).all()
 
 
-def test_rqt_is_the_mean_distance():
+def test_rqt_eq9_is_the_mean_distance():
     rev, old = rand(6, 4, seed=2), rand(6, 4, seed=3)
     expected = np.mean([d(r, o) for r, o in zip(rev.tolist(), old.tolist(), strict=True)])
-    assert rqt_loss(rev, old).item() == pytest.approx(expected)
+    assert mean_distance_loss(rev, old).item() == pytest.approx(expected)
 
 
 def test_hardest_half_selects_far_positives_and_near_negatives():
@@ -152,6 +151,6 @@ def test_bct_influence_uses_old_classes_only():
     assert bct_influence_loss(emb, labels + 10, clf, 3).item() == 0.0
 
 
-def test_fct_regression():
+def test_fct_regression_is_the_same_mean_distance():
     a, b = rand(3, 4, seed=18), rand(3, 4, seed=19)
-    assert fct_regression_loss(a, b).item() == pytest.approx((a - b).norm(dim=1).mean().item())
+    assert mean_distance_loss(a, b).item() == pytest.approx((a - b).norm(dim=1).mean().item())

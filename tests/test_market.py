@@ -9,22 +9,24 @@ import pytest
 import torch
 
 from rmlib.losses import batch_hard_triplet_loss
-from rmlib.methods import TABLE1_ROWS, market_setup, reproduce
+from rmlib.methods.registry import TABLE1_ROWS
+from rmlib.methods.reproduce import reproduce
+from rmlib.methods.setups import market_setup
 from rmlib.models import reid_resnet
 
 
 @pytest.fixture
-def market_root(tmp_path, monkeypatch):
+def market_config(tmp_path, config_of):
+    """The smoke profile over a synthetic Market-1501 folder."""
     from rmlib.data import make_synthetic_market
 
     root = make_synthetic_market(tmp_path / "data", n_train_ids=6, n_test_ids=4, n_cams=3,
                                  per_cam=2, n_distractors=3, n_junk=2)
-    monkeypatch.setenv("RMLIB_DATA", str(root))
-    return root
+    return config_of("smoke").with_paths(data=root)
 
 
-def test_setup_protocol_rules_end_to_end(market_root):
-    setup = market_setup("smoke")
+def test_setup_protocol_rules_end_to_end(market_config):
+    setup = market_setup(market_config)
     assert setup.train.images.shape[1:] == (3, 64, 32)
     assert setup.num_classes == 6 and setup.num_old_classes == 3
     assert setup.old_mask.sum() == 3 * 3 * 2  # first half of the ids, every image of them
@@ -59,8 +61,8 @@ def test_reid_backbone_keeps_finer_maps():
     assert isinstance(net.pretrained, bool)
 
 
-def test_smoke_pipeline_writes_every_row(market_root, tmp_path):
-    tables = reproduce("market1501", "smoke", progress=False)
+def test_smoke_pipeline_writes_every_row(market_config, tmp_path):
+    tables = reproduce("market1501", market_config, progress=False)
     rows = tables["table1"]["rows"]
     assert list(rows) == list(TABLE1_ROWS)
     folder = tmp_path / "results" / "market1501" / "smoke"

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from rmlib import RmlibError
-from rmlib.contract import BackfillArrays
 from rmlib.data.sampling import pk_batches
-from rmlib.methods import ABLATION_ROWS, TABLE1_ROWS, gain
-from rmlib.retrieval import Protocol, evaluate
-from rmlib.transforms import TransformConfig, Transforms, fit_transforms
-from rmlib.upgrade import rm_systems
+from rmlib.engine.transforms import TransformConfig, Transforms, fit_transforms
+from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.evaluation.retrieval import Protocol, evaluate
+from rmlib.methods.registry import ABLATION_ROWS, METHODS, TABLE1_ROWS
+from rmlib.methods.reproduce import gain
+from rmlib.own_upgrade import rm_systems
 from tests.conftest import clustered
 
 
@@ -72,13 +73,22 @@ def test_bad_transform_configs():
         TransformConfig(objective="rqt", rho=True)
 
 
-def test_transform_cache_keys_of_two_layers_are_unchanged():
-    """`layers` joined the config later: at 2 (what every earlier fit had) it stays out of
-    the key, so that cached fits (and the BiCT backbones keyed by them) are found again."""
+def test_cache_keys_follow_every_field_and_the_cache_version(monkeypatch):
+    """A key hashes every field of a config and the cache version: a change of either is a
+    new run, never a stale one reused."""
+    from dataclasses import fields, replace
+
+    from rmlib.engine import runs
+
     cfg = TransformConfig(objective="mcl", rho=True, tau=0.1, hidden=1024, epochs=12)
-    assert cfg.key() == "10dbc1df5725"  # as before `layers` existed
-    assert TransformConfig(objective="mcl", rho=True, tau=0.1, hidden=1024, epochs=12,
-                           layers=1).key() != cfg.key()
+    changed = {"tau": 0.2, "hidden": 512, "layers": 1, "epochs": 6, "seed": 1, "mine": False,
+               "sources": ("x",), "lr": 1e-3, "per_class": 4}
+    keys = {replace(cfg, **{k: v}).key() for k, v in changed.items()}
+    assert len(keys) == len(changed) and cfg.key() not in keys
+    assert {f.name for f in fields(cfg)} >= set(changed)
+    before = cfg.key()
+    monkeypatch.setattr(runs, "CACHE_VERSION", "another")
+    assert cfg.key() != before
 
 
 def test_gain():
@@ -86,11 +96,10 @@ def test_gain():
     assert gain(0.2, 0.2, 0.4) == 0.0
 
 
-def test_smoke_reproduce_writes_every_row(cifar_root, monkeypatch, tmp_path):
-    from rmlib.methods import reproduce_cifar100
+def test_smoke_reproduce_writes_every_row(smoke_config, tmp_path):
+    from rmlib.methods.reproduce import reproduce
 
-    monkeypatch.setenv("RMLIB_DATA", str(cifar_root))
-    tables = reproduce_cifar100("smoke", progress=False)
+    tables = reproduce("cifar100", smoke_config, progress=False)
     folder = tmp_path / "results" / "cifar100" / "smoke"
     table = json.loads((folder / "table1.json").read_text())
     ablation = json.loads((folder / "ablation.json").read_text())
@@ -115,3 +124,31 @@ def test_smoke_reproduce_writes_every_row(cifar_root, monkeypatch, tmp_path):
                                                        chosen["epochs"])
     assert table["paper"]["RM"] == [41.4, 60.7, 78]
     assert tables["table1"]["rows"].keys() == rows.keys()
+
+
+def test_the_registry_covers_table1_and_the_ablation():
+    from rmlib.methods.registry import paper_table1
+
+    assert set(TABLE1_ROWS) | set(ABLATION_ROWS) <= set(METHODS)
+    for dataset in ("cifar100", "market1501"):
+        assert set(paper_table1()[dataset]) == set(TABLE1_ROWS)
+    for method in METHODS.values():
+        assert method.note and method.needs
+        assert method.same_as is None or method.same_as in METHODS
+
+
+def test_a_new_method_is_one_registry_entry(smoke_config, monkeypatch):
+    """Adding a row is one entry: here an existing row under a second name, evaluated by the
+    same runner, with the same numbers."""
+    from rmlib.methods import registry
+    from rmlib.methods.experiment import Experiment
+    from rmlib.methods.reproduce import evaluate_rows
+
+    entry = registry.Method("RM_naive again", ("old", "new"), lambda e: e.naive(),
+                            "rank merge of old/old and new/new, registered twice")
+    monkeypatch.setitem(registry.METHODS, entry.name, entry)
+    rows = evaluate_rows(Experiment("cifar100", smoke_config, progress=False),
+                         ("RM_naive", entry.name))
+    assert list(rows) == ["Old", "New", "RM_naive", entry.name]
+    for key in ("mAP", "top1", "nfr", "auc_mAP", "gain", "conditions"):
+        assert rows[entry.name][key] == rows["RM_naive"][key]

@@ -93,7 +93,7 @@ def emb(tmp_path):
 ])
 def test_backfill_checks_its_outputs_before_the_work(args, message, emb, tmp_path, capsys,
                                                      monkeypatch):
-    from rmlib import backfill
+    from rmlib.evaluation import backfill
 
     def no_work(*a, **k):
         raise AssertionError("the evaluation ran before the output paths were checked")
@@ -132,10 +132,10 @@ def test_backfill_json_that_fails_to_write_keeps_the_previous_result(emb, tmp_pa
                                          ("{tmp}/train.npz/c.pt", "is a file, not a folder"),
                                          ("{tmp}", "is a folder")])
 def test_fit_checks_out_before_fitting(out, message, tmp_path, capsys, monkeypatch):
-    from rmlib import upgrade
+    from rmlib import own_upgrade
 
     labels, old = clustered(80, 6, 4, 1.0, seed=3)
     np.savez(tmp_path / "train.npz", old=old, new=old, labels=labels)
-    monkeypatch.setattr(upgrade, "fit_compat", lambda *a, **k: pytest.fail("fitted first"))
+    monkeypatch.setattr(own_upgrade, "fit_compat", lambda *a, **k: pytest.fail("fitted first"))
     assert main(["fit", str(tmp_path / "train.npz"), "--out", out.format(tmp=tmp_path)]) == 2
     assert message in capsys.readouterr().err

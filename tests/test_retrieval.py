@@ -4,7 +4,7 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from rmlib import RmlibError
-from rmlib.retrieval import (
+from rmlib.evaluation.retrieval import (
     EuclideanSystem,
     Protocol,
     euclidean_distances,

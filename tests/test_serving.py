@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from rmlib import RmlibError
-from rmlib.backfill import backfill_order, backfilled_count
-from rmlib.retrieval import euclidean_distances, rank_keys
-from rmlib.serving import OnlineBackfillIndex
+from rmlib.evaluation.backfill import backfill_order, backfilled_count
+from rmlib.evaluation.retrieval import euclidean_distances, rank_keys
+from rmlib.serving.index import OnlineBackfillIndex
 
 
 def data(n=400, q=30, d_old=8, d_new=12, seed=0):
@@ -86,9 +86,9 @@ def test_approximate_index_finds_most_exact_neighbours():
 def test_live_scores_reproduce_the_offline_backfill_curve(protocol_name):
     """What the live index serves, scored over the whole merged ranking, is the evaluator's
     mAP and top-1 at the same backfill states."""
-    from rmlib.backfill import simulate_backfill
-    from rmlib.retrieval import Protocol
-    from rmlib.serving import live_scores
+    from rmlib.evaluation.backfill import simulate_backfill
+    from rmlib.evaluation.retrieval import Protocol
+    from rmlib.serving.index import live_scores
 
     rng = np.random.default_rng(3)
     n, classes = 120, 8
@@ -118,8 +118,8 @@ def test_live_scores_reproduce_the_offline_backfill_curve(protocol_name):
 
 
 def test_live_scores_refuse_a_protocol_of_another_gallery():
-    from rmlib.retrieval import Protocol
-    from rmlib.serving import live_scores
+    from rmlib.evaluation.retrieval import Protocol
+    from rmlib.serving.index import live_scores
 
     old_g, new_g, old_q, new_q = data(n=40)
     index = OnlineBackfillIndex(old_g, new_dim=12)

@@ -8,8 +8,8 @@ import torch
 
 from rmlib.data import ImageSet
 from rmlib.data.augment import random_crop_flip, random_erase
+from rmlib.engine.backbones import BackboneConfig, train_backbone
 from rmlib.models import FastResNet, RetrievalModel, resnet18_cifar
-from rmlib.train import BackboneConfig, train_backbone
 
 
 def tiny_images(n=64, classes=4, seed=0):
@@ -47,26 +47,26 @@ def test_crop_flip_geometry():
     assert (erased != 0).any(dim=(1, 2, 3)).all()
 
 
-def test_same_seed_same_losses(tmp_path, monkeypatch):
+def test_same_seed_same_losses(tmp_path):
     data = tiny_images()
-    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "a"))
-    a = train_backbone(tiny_config(epochs=1), data, progress=False)
-    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "b"))
-    b = train_backbone(tiny_config(epochs=1), data, progress=False)
+    runs = tmp_path / "a"
+    a = train_backbone(tiny_config(epochs=1), data, runs=runs, progress=False)
+    runs = tmp_path / "b"
+    b = train_backbone(tiny_config(epochs=1), data, runs=runs, progress=False)
     assert a.history[0]["loss"] == b.history[0]["loss"]
-    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "c"))
-    c = train_backbone(tiny_config(epochs=1, seed=5), data, progress=False)
+    runs = tmp_path / "c"
+    c = train_backbone(tiny_config(epochs=1, seed=5), data, runs=runs, progress=False)
     assert c.history[0]["loss"] != a.history[0]["loss"]
 
 
-def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+def test_resumed_run_equals_uninterrupted(tmp_path):
     data = tiny_images()
-    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "whole"))
-    whole = train_backbone(tiny_config(), data, progress=False)
-    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "pieces"))
-    first = train_backbone(tiny_config(), data, progress=False, stop_after_epochs=1)
+    runs = tmp_path / "whole"
+    whole = train_backbone(tiny_config(), data, runs=runs, progress=False)
+    runs = tmp_path / "pieces"
+    first = train_backbone(tiny_config(), data, runs=runs, progress=False, stop_after_epochs=1)
     assert (first.run_dir / "checkpoint.pt").exists() and not (first.run_dir / "model.pt").exists()
-    resumed = train_backbone(tiny_config(), data, progress=False)
+    resumed = train_backbone(tiny_config(), data, runs=runs, progress=False)
     assert not resumed.reused and len(resumed.history) == 2
     for (name, p), q in zip(whole.model.state_dict().items(),
                             resumed.model.state_dict().values(), strict=True):
@@ -78,53 +78,53 @@ def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
 
 def test_progressive_resizing_resumes_across_the_size_change(tmp_path, monkeypatch):
     """Low-resolution epochs first, then full size; an interruption at the switch resumes
-    to the same weights; the setting enters the cache key only when used."""
-    from rmlib.train import downscale
+    to the same weights; the setting enters the cache key."""
+    from rmlib.engine.backbones import downscale
 
     data = tiny_images()
     small = downscale(torch.from_numpy(data.images), 24)
     assert small.shape == (64, 3, 24, 24) and small.dtype == torch.uint8
     cfg = tiny_config(epochs=3, low_res_epochs=2)
     assert cfg.key() != tiny_config(epochs=3).key()
-    assert tiny_config(epochs=3, low_res_epochs=0).key() == tiny_config(epochs=3).key()
-    import rmlib.train
+    import rmlib.engine.backbones
 
     sizes = []
-    real_crop = rmlib.train.random_crop_flip
+    real_crop = rmlib.engine.backbones.random_crop_flip
 
     def recording_crop(images, padding, gen):
         sizes.append(images.shape[-1])
         return real_crop(images, padding, gen)
 
-    monkeypatch.setattr(rmlib.train, "random_crop_flip", recording_crop)
-    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "whole"))
-    whole = train_backbone(cfg, data, progress=False)
+    monkeypatch.setattr(rmlib.engine.backbones, "random_crop_flip", recording_crop)
+    runs = tmp_path / "whole"
+    whole = train_backbone(cfg, data, runs=runs, progress=False)
     steps = len(sizes) // 3
     assert sizes == [24] * (2 * steps) + [32] * steps
-    monkeypatch.setenv("RMLIB_RUNS", str(tmp_path / "pieces"))
-    train_backbone(cfg, data, progress=False, stop_after_epochs=2)
-    resumed = train_backbone(cfg, data, progress=False)
+    runs = tmp_path / "pieces"
+    train_backbone(cfg, data, runs=runs, progress=False, stop_after_epochs=2)
+    resumed = train_backbone(cfg, data, runs=runs, progress=False)
     assert len(resumed.history) == 3
     for (name, p), q in zip(whole.model.state_dict().items(),
                             resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, msg=name)
 
 
-def test_cache_reused_only_when_config_matches():
-    data = tiny_images()
-    first = train_backbone(tiny_config(epochs=1), data, progress=False)
-    again = train_backbone(tiny_config(epochs=1), data, progress=False)
+def test_cache_reused_only_when_config_matches(tmp_path):
+    data, runs = tiny_images(), tmp_path / "runs"
+    first = train_backbone(tiny_config(epochs=1), data, runs=runs, progress=False)
+    again = train_backbone(tiny_config(epochs=1), data, runs=runs, progress=False)
     assert again.reused and again.run_dir == first.run_dir
-    changed = train_backbone(tiny_config(epochs=1, lr=0.01), data, progress=False)
+    changed = train_backbone(tiny_config(epochs=1, lr=0.01), data, runs=runs, progress=False)
     assert not changed.reused and changed.run_dir != first.run_dir
     assert json.loads((changed.run_dir / "config.json").read_text())["lr"] == 0.01
 
 
-def test_labels_beyond_the_classifier_are_an_error():
+def test_labels_beyond_the_classifier_are_an_error(tmp_path):
     from rmlib import RmlibError
 
+    runs = tmp_path
     with pytest.raises(RmlibError, match="filter the training set"):
-        train_backbone(tiny_config(num_classes=2), tiny_images(), progress=False)
+        train_backbone(tiny_config(num_classes=2), tiny_images(), runs=runs, progress=False)
 
 
 def test_train_command_without_data_is_a_clear_error(tmp_path):
@@ -135,12 +135,11 @@ def test_train_command_without_data_is_a_clear_error(tmp_path):
     assert "CIFAR-100 is not at" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_smoke_profile_trains_both_on_real_data(cifar_root, monkeypatch, tmp_path):
-    from rmlib.methods import train_backbones
+def test_smoke_profile_trains_both_on_real_data(smoke_config, tmp_path):
+    from rmlib.methods.reproduce import train_backbones
 
-    monkeypatch.setenv("RMLIB_DATA", str(cifar_root))
-    out = tmp_path / "backbones.json"
-    result = train_backbones(profile="smoke", progress=False, out=out)
+    result = train_backbones("cifar100", smoke_config, progress=False)
+    out = smoke_config.paths.results / "cifar100" / "smoke" / "backbones.json"
     saved = json.loads(out.read_text())
     for role in ("old", "new"):
         assert 0 < saved[role]["mAP"] < 1 and saved[role]["test_images"] == 1000

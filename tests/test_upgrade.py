@@ -203,8 +203,8 @@ def test_fit_can_choose_width_and_epochs_on_the_hold_out(files, capsys):
 def test_select_settings_is_a_coordinate_search_on_the_validation_score(monkeypatch):
     """tau first (short fits), then the width at that tau, then the epochs at that width;
     each choice is the best validation score and nothing is fitted twice."""
-    from rmlib import upgrade
-    from rmlib.transforms import TransformConfig
+    from rmlib.engine.transforms import TransformConfig
+    from rmlib.methods import selection
 
     best = {"tau": 0.2, "hidden": 256, "epochs": 12}
     calls = []
@@ -214,12 +214,12 @@ def test_select_settings_is_a_coordinate_search_on_the_validation_score(monkeypa
         return (-abs(cfg.tau - best["tau"]) - abs(cfg.hidden - best["hidden"]) / 1000
                 - abs(cfg.epochs - best["epochs"]) / 100)
 
-    monkeypatch.setattr(upgrade, "validation_auc", fake_score)
+    monkeypatch.setattr(selection, "validation_auc", fake_score)
     base = TransformConfig(hidden=512, epochs=6)
     labels = np.repeat(np.arange(4), 5)
-    chosen = upgrade.select_settings(base, None, None, labels, np.arange(10), np.arange(10, 20),
-                                     taus=(0.05, 0.2, 1.0), tau_epochs=3,
-                                     widths=(256, 512, 1024), epochs=(6, 12))
+    chosen = selection.select_settings(base, None, None, labels, np.arange(10),
+                                       np.arange(10, 20), taus=(0.05, 0.2, 1.0), tau_epochs=3,
+                                       widths=(256, 512, 1024), epochs=(6, 12))
     assert {k: chosen[k] for k in best} == best
     assert calls[:3] == [(0.05, 512, 3), (0.2, 512, 3), (1.0, 512, 3)]
     assert calls[3:5] == [(0.2, 256, 3), (0.2, 1024, 3)]  # (0.2, 512, 3) is not fitted again

@@ -8,7 +8,6 @@ is missing and a network is there.
 
 from __future__ import annotations
 
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from rmlib import RmlibError
-from rmlib.config import data_root
 
 CIFAR100_DIRNAME = "cifar-100-python"
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -40,14 +38,8 @@ class ImageSet:
         return ImageSet(self.images[index], self.labels[index])
 
 
-def cifar100_dir(root: Path | str | None = None) -> Path:
-    return Path(root if root is not None else data_root()) / CIFAR100_DIRNAME
-
-
-def _download_allowed(download: bool | None) -> bool:
-    if download is not None:
-        return download
-    return os.environ.get("RMLIB_DOWNLOAD", "1") not in ("0", "false", "no")
+def cifar100_dir(root: Path | str) -> Path:
+    return Path(root) / CIFAR100_DIRNAME
 
 
 def _fetch(folder: Path) -> None:
@@ -81,15 +73,13 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def load_cifar100(
-    split: str, root: Path | str | None = None, download: bool | None = None
-) -> ImageSet:
+def load_cifar100(split: str, root: Path | str, download: bool = True) -> ImageSet:
     """Read the `train` or `test` split; download only if the folder is missing (and allowed)."""
     if split not in _SPLIT_SIZES:
         raise RmlibError(f"CIFAR-100 split {split!r} does not exist; use 'train' or 'test'")
     folder = cifar100_dir(root)
     if not folder.is_dir():
-        if not _download_allowed(download):
+        if not download:
             raise RmlibError(
                 f"CIFAR-100 is not at {folder}; set RMLIB_DATA to a folder that holds "
                 "cifar-100-python/ (or allow the download with RMLIB_DOWNLOAD=1)"

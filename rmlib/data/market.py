@@ -6,7 +6,7 @@ Every protocol rule of the data set that is a property of a file lives here, in 
   - person id 0 is a distractor: kept in the gallery, never relevant to a query;
   - the old model trains on the first half of the sorted training ids.
 The per-query rule (same id and same camera removed) is the evaluator's
-(`rmlib.retrieval.Protocol.camera`).
+(`rmlib.evaluation.retrieval.Protocol.camera`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rmlib import RmlibError
-from rmlib.config import data_root
-from rmlib.outputs import save_npy
+from rmlib.outputs import cached, save_npy
 
 MARKET_DIRNAME = "Market-1501-v15.09.15"
 SPLIT_FOLDERS = {"train": "bounding_box_train", "gallery": "bounding_box_test", "query": "query"}
@@ -70,9 +69,9 @@ def _read_split(folder: Path, keep_distractors: bool) -> MarketSplit:
     return MarketSplit(paths, np.asarray(pids, dtype=np.int64), np.asarray(cams, dtype=np.int64))
 
 
-def load_market1501(root: Path | str | None = None) -> dict[str, MarketSplit]:
+def load_market1501(root: Path | str) -> dict[str, MarketSplit]:
     """The three splits, `train`, `query` and `gallery`, with junk dropped."""
-    base = Path(root if root is not None else data_root()) / MARKET_DIRNAME
+    base = Path(root) / MARKET_DIRNAME
     if not base.is_dir():
         raise RmlibError(
             f"Market-1501 is not at {base}; put the official {MARKET_DIRNAME}/ there "
@@ -93,8 +92,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def read_images(split: MarketSplit, size: tuple[int, int], cache: Path | None = None
                 ) -> np.ndarray:
     """All images of a split resized to (H, W), uint8 (N, 3, H, W); cached as .npy if asked."""
-    if cache is not None and cache.exists():
-        return np.load(cache)
+    if cache is not None:
+        return cached(cache, lambda: read_images(split, size), save_npy, np.load)
     from PIL import Image
 
     h, w = size
@@ -107,8 +106,6 @@ def read_images(split: MarketSplit, size: tuple[int, int], cache: Path | None = 
         except OSError as exc:
             raise RmlibError(f"{path} is not a readable image ({exc}); replace or remove it"
                              ) from exc
-    if cache is not None:
-        save_npy(cache, out)
     return out
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -17,3 +20,10 @@ def pk_batches(labels: torch.Tensor, classes: int, per_class: int, generator: to
     order = torch.randperm(len(groups), generator=generator).tolist()
     groups = [groups[i] for i in order]
     return [torch.cat(groups[i:i + classes]) for i in range(0, len(groups), classes)]
+
+
+def pk_batch_count(labels: np.ndarray, classes: int, per_class: int) -> int:
+    """How many batches `pk_batches` makes of `labels` in one epoch."""
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    groups = sum(math.ceil(int(n) / per_class) for n in counts)
+    return math.ceil(groups / classes)

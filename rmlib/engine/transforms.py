@@ -12,8 +12,7 @@ same training images, (phi_old(x), phi_new(x), y). Objectives:
 from __future__ import annotations
 
 import json
-import math
-import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,15 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from rmlib import RmlibError
-from rmlib.config import config_key, default_device, runs_root
-from rmlib.data.sampling import pk_batches
-from rmlib.losses import cl_loss, fct_regression_loss, mcl_loss, rqt_loss
+from rmlib.config import default_device
+from rmlib.data.sampling import pk_batch_count, pk_batches
+from rmlib.engine.loop import Optimisation, train_epochs
+from rmlib.engine.runs import config_key
+from rmlib.losses import cl_loss, mcl_loss, mean_distance_loss
 from rmlib.models import CosineClassifier, EmbeddingTransform
-from rmlib.outputs import atomic_write
-from rmlib.train import optimisation_step
+from rmlib.outputs import cached, save_torch
 
 OBJECTIVES = ("rqt", "cl", "mcl", "fct", "bict")
-TAU_GRID = (0.05, 0.1, 0.2, 1.0)  # candidates for tau; 1.0 is the paper's value
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class TransformConfig:
             raise RmlibError("rho is trained with MCL (eq. 12-13); use objective 'mcl'")
 
     def key(self) -> str:
-        return config_key(self, keyed_only_when_set=("layers",))  # added later
+        return config_key(self)
 
     @property
     def name(self) -> str:
@@ -92,6 +91,10 @@ class Transforms:
         """FCT / BiCT: upgrade old gallery embeddings, h(phi_old)."""
         return self._apply(self.psi, old)
 
+    def modules(self) -> list[torch.nn.Module]:
+        """psi, and rho and the classifier where there are."""
+        return [m for m in (self.psi, self.rho, self.classifier) if m is not None]
+
     def state(self) -> dict:
         return {"config": json.dumps(asdict(self.config), default=list),
                 "psi": self.psi.state_dict(),
@@ -121,23 +124,36 @@ class Transforms:
 def _loss(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     c = t.config
     if c.objective == "fct":
-        return fct_regression_loss(t.psi(o), n)
+        return mean_distance_loss(t.psi(o), n)
     if c.objective == "bict":
         return F.cross_entropy(t.classifier(t.psi(o)), y, label_smoothing=0.1)
     new = t.rho(n) if t.rho is not None else n
     rev = t.psi(new)
     if c.objective == "rqt":
-        return rqt_loss(rev, o)
+        return mean_distance_loss(rev, o)
     if c.objective == "cl":
         return cl_loss(rev, o, y, c.tau, c.mine)
     return mcl_loss(rev, o, new, y, c.tau, c.mine)
 
 
 def steps_per_epoch(config: TransformConfig, labels: np.ndarray) -> int:
-    """How many P x K batches `pk_batches` makes of `labels` in one epoch."""
-    counts = np.unique(np.asarray(labels), return_counts=True)[1]
-    groups = sum(math.ceil(int(n) / config.per_class) for n in counts)
-    return math.ceil(groups / config.classes_per_batch)
+    """How many P x K batches one epoch of `fit_transforms` takes."""
+    return pk_batch_count(labels, config.classes_per_batch, config.per_class)
+
+
+def build_transforms(config: TransformConfig, d_old: int, d_new: int) -> Transforms:
+    """Freshly initialised modules of `config` (seeded) for old/new widths d_old, d_new."""
+    torch.manual_seed(config.seed)
+    if config.objective in ("fct", "bict"):
+        out = d_new if config.objective == "fct" else d_old
+        psi = EmbeddingTransform(d_old, out, config.hidden, layers=config.layers)
+    else:
+        psi = EmbeddingTransform(d_new, d_old, config.hidden, layers=config.layers)
+    rho = (EmbeddingTransform(d_new, d_new, config.hidden, residual=True, layers=config.layers)
+           if config.rho else None)
+    classifier = CosineClassifier(d_old, config.num_classes) if config.objective == "bict" \
+        else None
+    return Transforms(config, psi, rho, classifier)
 
 
 def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
@@ -146,74 +162,46 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
     """Train the transforms of `config` on paired embeddings of the same labelled items
     (on the GPU when there is one); the returned modules live on the CPU."""
     device = device or default_device()
-    torch.manual_seed(config.seed)
+    t = build_transforms(config, np.shape(old)[1], np.shape(new)[1])
     o_all = torch.as_tensor(np.asarray(old, np.float32)).to(device)
     n_all = torch.as_tensor(np.asarray(new, np.float32)).to(device)
     y_all = torch.as_tensor(np.asarray(labels, np.int64))  # on the CPU: batches are drawn here
     y_dev = y_all.to(device)
-    d_old, d_new = o_all.shape[1], n_all.shape[1]
-    if config.objective in ("fct", "bict"):
-        out = d_new if config.objective == "fct" else d_old
-        psi = EmbeddingTransform(d_old, out, config.hidden, layers=config.layers)
-    else:
-        psi = EmbeddingTransform(d_new, d_old, config.hidden, layers=config.layers)
-    rho = (EmbeddingTransform(d_new, d_new, config.hidden, residual=True, layers=config.layers)
-           if config.rho else None)
-    classifier = None
-    if config.objective == "bict":
-        classifier = CosineClassifier(d_old, config.num_classes)
-    for module in (psi, rho, classifier):
-        if module is not None:
-            module.to(device)
-    t = Transforms(config, psi, rho, classifier)
-    params = [p for m in (psi, rho, classifier) if m is not None for p in m.parameters()]
+    modules = [m.to(device).train() for m in t.modules()]
+    params = [p for m in modules for p in m.parameters()]
     # fused: one kernel for all parameters instead of a dozen per tensor (15% of a step here)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=True)
-    gen = torch.Generator().manual_seed(config.seed)
     total = steps_per_epoch(config, labels) * config.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=total,
                                                     pct_start=0.1)
-    from tqdm.auto import tqdm
+    opt = Optimisation(optimizer, scheduler,
+                       f"{config.name} training diverged; raise tau or lower the learning rate")
+    gen = torch.Generator().manual_seed(config.seed)
 
-    bar = tqdm(total=total, desc=f"fit {config.name}", disable=not progress, leave=False,
-               mininterval=1.0)
-    for module in (psi, rho, classifier):
-        if module is not None:
-            module.train()
-    for epoch in range(config.epochs):
-        t0, total_loss, seen = time.time(), 0.0, 0
+    def batches(epoch: int) -> Iterator[torch.Tensor]:
         for idx in pk_batches(y_all, config.classes_per_batch, config.per_class, gen):
-            if len(idx) < 2:
-                continue
-            idx = idx.to(device)
-            loss = _loss(t, o_all[idx], n_all[idx], y_dev[idx])
-            optimisation_step(loss, optimizer, scheduler, f"{config.name} training diverged; "
-                              "raise tau or lower the learning rate")
-            total_loss += loss.item() * len(idx)
-            seen += len(idx)
-            bar.update(1)
-        t.history.append({"epoch": epoch + 1, "loss": total_loss / max(seen, 1),
-                          "seconds": time.time() - t0})
-        bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}")
-    bar.close()
-    for module in (psi, rho, classifier):
-        if module is not None:
-            module.cpu().eval()
+            if len(idx) >= 2:
+                yield idx.to(device)
+
+    def loss_of(idx: torch.Tensor):
+        return _loss(t, o_all[idx], n_all[idx], y_dev[idx]), len(idx), {}
+
+    train_epochs(range(config.epochs), batches, loss_of, opt, t.history, f"fit {config.name}",
+                 config.epochs, progress)
+    for module in modules:
+        module.cpu().eval()
     return t
 
 
 def cached_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
-                      labels: np.ndarray, dataset: str, profile: str,
-                      progress: bool = True) -> Transforms:
-    """fit_transforms, cached under runs/<dataset>/<profile>/transform-<name>-<hash>/."""
-    path = runs_root() / dataset / profile / f"transform-{config.name}-{config.key()}" / "t.pt"
-    if path.exists():
-        return Transforms.from_state(torch.load(path, weights_only=True))
-    t = fit_transforms(config, old, new, labels, progress)
-    save_transforms(t, path)
-    return t
+                      labels: np.ndarray, folder: Path, progress: bool = True) -> Transforms:
+    """fit_transforms, cached as `<folder>/transform-<name>-<key>/t.pt`."""
+    path = folder / f"transform-{config.name}-{config.key()}" / "t.pt"
+    return cached(path, lambda: fit_transforms(config, old, new, labels, progress),
+                  save_transforms,
+                  lambda p: Transforms.from_state(torch.load(p, weights_only=True)))
 
 
-def save_transforms(t: Transforms, path: Path | str) -> None:
-    atomic_write(path, lambda tmp: torch.save(t.state(), tmp))
+def save_transforms(path: Path | str, t: Transforms) -> Path:
+    return save_torch(path, t.state())

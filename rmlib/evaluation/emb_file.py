@@ -1,4 +1,4 @@
-"""The evaluation file (EMB.npz): what `rmlib.embed` writes and `python -m rmlib backfill` reads.
+"""The evaluation file (EMB.npz) that `python -m rmlib backfill` reads, and its checks.
 
 Required float arrays old_query (Q, d_old), old_gallery (N, d_old), new_query (Q, d_new),
 new_gallery (N, d_new) and int query_labels (Q,). Optional: gallery_labels (N,) (absent:
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from rmlib import RmlibError
+from rmlib.evaluation.retrieval import Protocol
 from rmlib.outputs import save_npz
 
 REQUIRED = ("old_query", "old_gallery", "new_query", "new_gallery", "query_labels")
@@ -44,6 +45,15 @@ class BackfillArrays:
     def leave_one_out(self) -> bool:
         return self.gallery_labels is None
 
+    def protocol(self) -> Protocol:
+        """The protocol these arrays imply: leave-one-out, camera, or plain."""
+        if self.leave_one_out:
+            return Protocol.leave_one_out(self.query_labels)
+        if self.query_cams is not None:
+            return Protocol.camera(self.query_labels, self.gallery_labels, self.query_cams,
+                                   self.gallery_cams)
+        return Protocol(self.query_labels, self.gallery_labels)
+
     def save(self, path: Path | str) -> Path:
         return save_npz(path, {k: v for k, v in self.__dict__.items() if v is not None})
 
@@ -55,7 +65,7 @@ def embedding_array(name: str, a: np.ndarray) -> np.ndarray:
     """A validated (items x dimensions) embedding array: real, finite, within float32.
 
     float64 (and integer) input stays float64, so that distances can be computed before
-    anything is rounded to float32 (`rmlib.retrieval.EuclideanSystem`); other floats
+    anything is rounded to float32 (`rmlib.evaluation.retrieval.EuclideanSystem`); other floats
     become float32.
     """
     a = np.asarray(a)

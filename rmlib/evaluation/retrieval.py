@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from rmlib import RmlibError
-from rmlib.contract import BackfillArrays
 
 INDEX_BITS = 32
 NO_RANK = torch.iinfo(torch.int64).max  # padding for "no relevant item in this slot"
@@ -128,16 +127,6 @@ class Protocol:
         return cls(np.asarray(query_labels), np.asarray(gallery_labels),
                    np.asarray(query_cams), np.asarray(gallery_cams))
 
-    @classmethod
-    def of(cls, arrays: BackfillArrays) -> Protocol:
-        """The protocol an evaluation file implies: leave-one-out, camera, or plain."""
-        if arrays.leave_one_out:
-            return cls.leave_one_out(arrays.query_labels)
-        if arrays.query_cams is not None:
-            return cls.camera(arrays.query_labels, arrays.gallery_labels,
-                              arrays.query_cams, arrays.gallery_cams)
-        return cls(arrays.query_labels, arrays.gallery_labels)
-
     @property
     def num_queries(self) -> int:
         return len(self.query_labels)
@@ -228,25 +217,41 @@ def scores_from_ranks(ranks: torch.Tensor, valid: torch.Tensor, ks: tuple[int, .
     return ap, hits
 
 
+class ScoreAccumulator:
+    """AP and top-k hits of queries, chunk by chunk, from the ranks of their relevant items:
+    the one way every evaluator here (offline and the live index) scores a ranking."""
+
+    def __init__(self, ks: tuple[int, ...] = (1, 5)):
+        self.ks = ks
+        self._ap: list[torch.Tensor] = []
+        self._valid: list[torch.Tensor] = []
+        self._hits: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+
+    def add(self, ranks: torch.Tensor, valid: torch.Tensor) -> None:
+        """0-based ranks (C, R) of each query's relevant items; `valid` marks real slots."""
+        ap, hits = scores_from_ranks(ranks, valid, self.ks)
+        self._ap.append(ap)
+        self._valid.append(valid.any(-1))
+        for k in self.ks:
+            self._hits[k].append(hits[k])
+
+    def result(self) -> QueryScores:
+        return QueryScores(torch.cat(self._ap).numpy(),
+                           {k: torch.cat(v).numpy() for k, v in self._hits.items()},
+                           torch.cat(self._valid).numpy())
+
+
 def evaluate(query: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray,
              protocol: Protocol, ks: tuple[int, ...] = (1, 5), chunk: int = 1024) -> QueryScores:
     """mAP and CMC top-k of one retrieval system {query, gallery} under a protocol."""
     system = EuclideanSystem.of(query, gallery)
-    ap, hits, valid = [], {k: [] for k in ks}, []
+    scores = ScoreAccumulator(ks)
     for start, stop in query_chunks(len(system.query), chunk):
         relevant, excluded = protocol.masks(start, stop)
         keys = rank_keys(system.distances(start, stop), excluded)
         index, ok = relevant_slots(relevant)
-        ranks = torch.searchsorted(torch.sort(keys, dim=1).values, keys.gather(1, index))
-        a, h = scores_from_ranks(ranks, ok, ks)
-        ap.append(a)
-        valid.append(ok.any(1))
-        for k in ks:
-            hits[k].append(h[k])
-    return QueryScores(
-        torch.cat(ap).numpy(), {k: torch.cat(v).numpy() for k, v in hits.items()},
-        torch.cat(valid).numpy(),
-    )
+        scores.add(torch.searchsorted(torch.sort(keys, dim=1).values, keys.gather(1, index)), ok)
+    return scores.result()
 
 
 def top1_correct(system: EuclideanSystem, protocol: Protocol, chunk: int = 1024) -> np.ndarray:

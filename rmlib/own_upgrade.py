@@ -9,7 +9,6 @@ all of them. `apply` turns an evaluation file (EMB.npz) into the RM system's arr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,15 +16,14 @@ import numpy as np
 import torch
 
 from rmlib import RmlibError
-from rmlib.backfill import backfill_arrays
-from rmlib.config import profile_settings
-from rmlib.contract import BackfillArrays, embedding_array, load_npz
+from rmlib.config import PROFILES, TransformRecipe
 from rmlib.data import train_val_split
-from rmlib.outputs import atomic_write
-from rmlib.transforms import TAU_GRID, TransformConfig, Transforms, fit_transforms
+from rmlib.engine.transforms import TransformConfig, Transforms, fit_transforms
+from rmlib.evaluation.emb_file import BackfillArrays, embedding_array, load_npz
+from rmlib.methods.selection import rm_systems, select_settings
+from rmlib.outputs import save_torch
 
 FORMAT = "rmlib-compat-1"
-DEFAULTS = profile_settings("cpu")  # the same transform settings as the CIFAR-100 recipe
 MIN_MEAN_COSINE = 0.3  # below this, embeddings look like another model's
 
 
@@ -65,67 +63,6 @@ def load_training_file(path: Path | str, selects: bool = True
     return old.astype(np.float32), new.astype(np.float32), labels.astype(np.int64)
 
 
-def rm_systems(t: Transforms, arrays: BackfillArrays) -> BackfillArrays:
-    """The RM systems from the naive ones: {psi(rho(new_q)), old_g} and {rho(new_q), rho(new_g)}.
-
-    Negative flips stay defined against the deployed old queries (reference_query, else
-    the naive file's old_query).
-    """
-    reference = arrays.reference_query if arrays.reference_query is not None else arrays.old_query
-    return BackfillArrays(
-        old_query=t.reverse(arrays.new_query), old_gallery=arrays.old_gallery,
-        new_query=t.new_side(arrays.new_query), new_gallery=t.new_side(arrays.new_gallery),
-        query_labels=arrays.query_labels, gallery_labels=arrays.gallery_labels,
-        query_cams=arrays.query_cams, gallery_cams=arrays.gallery_cams,
-        reference_query=reference)
-
-
-def validation_auc(config: TransformConfig, old: np.ndarray, new: np.ndarray,
-                   labels: np.ndarray, fit: np.ndarray, val: np.ndarray,
-                   fit_fn: Callable[..., Transforms] = fit_transforms, progress: bool = True
-                   ) -> float:
-    """AUC_mAP of the simulated backfill of the RM systems on held-out items `val`, with
-    transforms of `config` trained on `fit`: the one score every choice here maximises."""
-    t = fit_fn(config, old[fit], new[fit], labels[fit], progress=progress)
-    naive = BackfillArrays(old[val], old[val], new[val], new[val], labels[val])
-    return backfill_arrays(rm_systems(t, naive))[0].auc("mAP")
-
-
-def select_settings(base: TransformConfig, old: np.ndarray, new: np.ndarray,
-                    labels: np.ndarray, fit: np.ndarray, val: np.ndarray,
-                    taus: Sequence[float] = TAU_GRID, tau_epochs: int | None = None,
-                    widths: Sequence[int] = (), epochs: Sequence[int] = (),
-                    fit_fn: Callable[..., Transforms] = fit_transforms, progress: bool = True
-                    ) -> dict:
-    """tau, then the width of psi/rho, then their epochs, each by `validation_auc`.
-
-    A coordinate search, cheapest first: tau with short fits (`tau_epochs`), the width at
-    that tau with short fits too, then the epochs at that width. An empty grid keeps
-    `base`'s value. Never looks at a test set.
-    """
-    scores: dict[str, float] = {}
-
-    def score(cfg: TransformConfig) -> float:
-        if cfg.key() not in scores:
-            scores[cfg.key()] = validation_auc(cfg, old, new, labels, fit, val, fit_fn, progress)
-        return scores[cfg.key()]
-
-    short = replace(base, epochs=tau_epochs or base.epochs)
-    by_tau = {tau: score(replace(short, tau=tau)) for tau in taus}
-    best = replace(base, tau=max(by_tau, key=by_tau.get))
-    by_width = {w: score(replace(short, tau=best.tau, hidden=w)) for w in widths}
-    if by_width:
-        best = replace(best, hidden=max(by_width, key=by_width.get))
-    by_epochs = {e: score(replace(best, epochs=e)) for e in epochs}
-    if by_epochs:
-        best = replace(best, epochs=max(by_epochs, key=by_epochs.get))
-    return {"tau": best.tau, "hidden": best.hidden, "epochs": best.epochs,
-            "val_auc_mAP": by_tau, "val_auc_mAP_by_hidden": by_width,
-            "val_auc_mAP_by_epochs": by_epochs, "tau_epochs": short.epochs,
-            "val_items": len(val), "fit_items": len(fit),
-            "validation_score": max((by_epochs or by_width or by_tau).values())}
-
-
 def holdout(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A stratified hold-out of 10% of each label (at least `MIN_HELD_OUT_PER_LABEL`, so
     that every held-out item has a relevant item to find) for choosing the settings."""
@@ -134,22 +71,27 @@ def holdout(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
                            seed=seed)
 
 
+def cifar_recipe() -> TransformRecipe:
+    """The transform settings of the CIFAR-100 recipe (cpu profile): `fit`'s defaults."""
+    return PROFILES["cpu"].transforms
+
+
 def fit_compat(old: np.ndarray, new: np.ndarray, labels: np.ndarray, rho: bool = True,
-               tau: float | None = None, epochs: int = DEFAULTS["transform_epochs"],
-               hidden: int = DEFAULTS["transform_hidden"], search_size: bool = False,
-               progress: bool = True) -> tuple[Transforms, dict]:
+               tau: float | None = None, epochs: int | None = None, hidden: int | None = None,
+               search_size: bool = False, progress: bool = True) -> tuple[Transforms, dict]:
     """psi (and rho) on all items; tau (unless given) and, with `search_size`, the width and
     epochs too, chosen on a 10% hold-out by the CIFAR-100 recipe's grids."""
-    base = TransformConfig(objective="mcl", rho=rho, epochs=epochs, hidden=hidden,
-                           sources=("user",))
+    recipe = cifar_recipe()
+    base = TransformConfig(objective="mcl", rho=rho, epochs=epochs or recipe.epochs,
+                           hidden=hidden or recipe.hidden, sources=("user",))
     selection = None
     if tau is None or search_size:
         fit, val = holdout(labels)
         selection = select_settings(
-            base, old, new, labels, fit, val, TAU_GRID if tau is None else (tau,),
-            DEFAULTS["tau_epochs"] if tau is None else None,
-            DEFAULTS["transform_hidden_grid"] if search_size else (),
-            DEFAULTS["transform_epochs_grid"] if search_size else (), progress=progress)
+            base, old, new, labels, fit, val, recipe.tau_grid if tau is None else (tau,),
+            recipe.tau_epochs if tau is None else None,
+            recipe.hidden_grid if search_size else (),
+            recipe.epochs_grid if search_size else (), progress=progress)
         base = replace(base, hidden=selection["hidden"], epochs=selection["epochs"])
         tau = selection["tau"]
     t = fit_transforms(replace(base, tau=tau), old, new, labels, progress)
@@ -168,7 +110,7 @@ def save_compat(path: Path | str, t: Transforms, old: np.ndarray, new: np.ndarra
                  tau=float(info["tau"]),
                  val_auc_mAP={str(k): float(v) for k, v in
                               ((info["selection"] or {}).get("val_auc_mAP") or {}).items()})
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return save_torch(path, state)
 
 
 # What `load_compat` checks before it trusts a file: each field and its type.
@@ -261,7 +203,6 @@ def fit_command(train: Path, out: Path, rho: bool, tau: float | None, epochs: in
                 search_size: bool = False, progress: bool = True) -> dict:
     start = time.time()
     old, new, labels = load_training_file(train, selects=tau is None or search_size)
-    epochs = DEFAULTS["transform_epochs"] if epochs is None else epochs
     t, info = fit_compat(old, new, labels, rho=rho, tau=tau, epochs=epochs,
                          search_size=search_size, progress=progress)
     save_compat(out, t, old, new, info)

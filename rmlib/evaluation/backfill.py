@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from rmlib import RmlibError
-from rmlib.contract import BackfillArrays
-from rmlib.retrieval import (
+from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.evaluation.retrieval import (
     NO_RANK,
     EuclideanSystem,
     Protocol,
@@ -222,20 +222,22 @@ def check_conditions(curve: BackfillCurve, old_baseline: dict, new_baseline: dic
     return out
 
 
-def backfill_arrays(arrays: BackfillArrays, seed: int = 0,
-                    new_baseline: dict | None = None) -> tuple[BackfillCurve, dict]:
+def backfill_arrays(arrays: BackfillArrays, seed: int = 0, new_baseline: dict | None = None,
+                    old_baseline: dict | None = None) -> tuple[BackfillCurve, dict]:
     """Simulate the backfill of an evaluation file and check conditions (6)-(8).
 
-    The old baseline is the deployed old system (reference_query, else old_query, on the
-    old gallery); the new baseline defaults to the file's own new system (M_1 itself),
-    or pass the metrics of the original new model to judge a transformed one.
+    The old baseline defaults to the deployed old system (reference_query, else old_query,
+    on the old gallery); the new baseline to the file's own new system (M_1 itself). Pass
+    the metrics ({"mAP", "top1"}) of the original models to judge transformed ones.
     """
-    protocol = Protocol.of(arrays)
+    protocol = arrays.protocol()
     curve = simulate_backfill(
         arrays.old_query, arrays.old_gallery, arrays.new_query, arrays.new_gallery, protocol,
         seed=seed, reference_query=arrays.reference_query,
     )
-    if arrays.reference_query is None:
+    if old_baseline is not None:
+        old = old_baseline
+    elif arrays.reference_query is None:
         old = {"mAP": curve.mAP[0], "top1": curve.top1[0]}
     else:
         old = evaluate(arrays.reference_query, arrays.old_gallery, protocol).summary()
@@ -246,7 +248,7 @@ def backfill_arrays(arrays: BackfillArrays, seed: int = 0,
 def merged_top_k(arrays: BackfillArrays, query: int, t: float, k: int = 8, seed: int = 0
                  ) -> list[tuple[int, float, str, bool]]:
     """One query's merged top-k at ratio t: (gallery index, distance, 'old'|'new', relevant)."""
-    protocol = Protocol.of(arrays)
+    protocol = arrays.protocol()
     relevant, excluded = protocol.masks(query, query + 1)
     n = protocol.num_gallery
     is_new = torch.zeros(n, dtype=torch.bool)

@@ -21,7 +21,13 @@ import numpy as np
 import torch
 
 from rmlib import RmlibError
-from rmlib.retrieval import Protocol, QueryScores, query_chunks, relevant_slots, scores_from_ranks
+from rmlib.evaluation.retrieval import (
+    Protocol,
+    QueryScores,
+    ScoreAccumulator,
+    query_chunks,
+    relevant_slots,
+)
 
 
 def _as_rows(name: str, x: np.ndarray, dim: int) -> np.ndarray:
@@ -160,7 +166,7 @@ def live_scores(index: OnlineBackfillIndex, new_queries: np.ndarray, old_queries
     if protocol.num_gallery != n:
         raise RmlibError(f"the protocol has {protocol.num_gallery} gallery items but the index "
                          f"holds {n}")
-    ap, hits, valid = [], {k: [] for k in ks}, []
+    scores = ScoreAccumulator(ks)
     for start, stop in query_chunks(len(new_queries), chunk):
         ranked = torch.from_numpy(index.search(new_queries[start:stop],
                                                old_queries[start:stop], k=n).ids)
@@ -168,10 +174,5 @@ def live_scores(index: OnlineBackfillIndex, new_queries: np.ndarray, old_queries
         kept = ~excluded.gather(1, ranked)
         rank_among_kept = torch.cumsum(kept, 1) - 1  # the rank a user sees
         slots, ok = relevant_slots(relevant.gather(1, ranked) & kept)
-        a, h = scores_from_ranks(rank_among_kept.gather(1, slots), ok, ks)
-        ap.append(a)
-        valid.append(ok.any(1))
-        for k in ks:
-            hits[k].append(h[k])
-    return QueryScores(torch.cat(ap).numpy(), {k: torch.cat(v).numpy() for k, v in hits.items()},
-                       torch.cat(valid).numpy())
+        scores.add(rank_among_kept.gather(1, slots), ok)
+    return scores.result()

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmlib.outputs import save_npy
-from rmlib.train import TrainedModel, normalise, precision_mode
+from rmlib.engine.backbones import TrainedModel, normalise, precision_mode
+from rmlib.outputs import cached, save_npy
 
 
 @torch.no_grad()
 def extract_embeddings(trained: TrainedModel, images: np.ndarray, batch_size: int = 1000,
-                       flip: bool = True) -> np.ndarray:
+                       flip: bool = True, precision: str | None = None) -> np.ndarray:
     """L2-normalised embeddings of uint8 images (N, C, H, W), float32 (N, dim).
 
     With `flip`, the embedding of each image and of its mirror image are averaged and
@@ -22,7 +22,7 @@ def extract_embeddings(trained: TrainedModel, images: np.ndarray, batch_size: in
     """
     model, cfg = trained.model.eval(), trained.config
     device = next(model.parameters()).device
-    dtype = precision_mode(device)
+    dtype = precision_mode(device, precision)
     out = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
@@ -45,11 +45,8 @@ def images_digest(images: np.ndarray) -> str:
 
 
 def cached_embeddings(trained: TrainedModel, images: np.ndarray, name: str,
-                      flip: bool = True) -> np.ndarray:
+                      flip: bool = True, precision: str | None = None) -> np.ndarray:
     """Extract once per (model, images, flip); later calls read `<run>/embeddings/*.npy`."""
     path = Path(trained.run_dir) / "embeddings" / f"{name}-{images_digest(images)}-f{int(flip)}.npy"
-    if path.exists():
-        return np.load(path)
-    emb = extract_embeddings(trained, images, flip=flip)
-    save_npy(path, emb)
-    return emb
+    return cached(path, lambda: extract_embeddings(trained, images, flip=flip, precision=precision),
+                  save_npy, np.load)

@@ -1,0 +1,2 @@
+"""The engine: one training loop, cached runs, and what runs on it (backbones, transforms,
+embedding extraction)."""

@@ -1,0 +1,78 @@
+"""The one training loop of rmlib: backbones and transforms alike run their epochs here.
+
+A caller brings the batches of each epoch and the loss of a batch; the loop takes the
+optimisation steps (refusing a non-finite loss), keeps the running sums, shows a bar, and
+after each epoch appends a record to the history and calls the caller's hook (to save a
+checkpoint, print, or add fields).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rmlib import RmlibError
+
+
+@dataclass
+class Optimisation:
+    """An optimizer, its schedule (stepped every batch) and what to say if the loss
+    diverges (`{epoch}` is filled in)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    advice: str
+
+    def step(self, loss: torch.Tensor, epoch: int) -> None:
+        if not torch.isfinite(loss):
+            raise RmlibError(f"{self.advice.format(epoch=epoch + 1)} (loss {loss.item()})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+# The loss of one batch, the number of items it averaged, and sums to report per item
+# (e.g. {"train_acc": correct predictions}).
+StepResult = tuple[torch.Tensor, int, dict[str, float]]
+
+
+def train_epochs(epochs: range, batches: Callable[[int], Iterable[Any]],
+                 loss_of: Callable[[Any], StepResult], opt: Optimisation, history: list[dict],
+                 desc: str, total: int, progress: bool = True,
+                 end_epoch: Callable[[int, dict, int], None] | None = None) -> list[dict]:
+    """Run `epochs` (indices into `total`), appending one record per epoch to `history`:
+    {"epoch", "loss", <per-item sums>, "seconds"}; `end_epoch(epoch, record, items)` follows."""
+    from tqdm.auto import tqdm
+
+    for epoch in epochs:
+        t0, seen, sums = time.time(), 0, {"loss": 0.0}
+        bar = tqdm(batches(epoch), desc=f"{desc} epoch {epoch + 1}/{total}", disable=not progress,
+                   leave=False, mininterval=2.0)
+        for step, batch in enumerate(bar):
+            loss, count, extras = loss_of(batch)
+            opt.step(loss, epoch)
+            sums["loss"] += loss.item() * count
+            for name, value in extras.items():
+                sums[name] = sums.get(name, 0) + value
+            seen += count
+            if step % 20 == 0:
+                bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()})
+        bar.close()
+        record = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in sums.items()},
+                  "seconds": time.time() - t0}
+        history.append(record)
+        if end_epoch is not None:
+            end_epoch(epoch, record, seen)
+    return history

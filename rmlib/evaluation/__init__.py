@@ -1,0 +1,1 @@
+"""Evaluation: distances and protocols, the online-backfill simulation, the evaluation file."""

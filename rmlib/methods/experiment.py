@@ -1,0 +1,146 @@
+"""Everything the methods need on one data set for one profile: backbones, their embeddings
+and the transforms, each made on first use and cached on disk by its config."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from rmlib.config import Config
+from rmlib.data import train_val_split
+from rmlib.engine.backbones import TrainedModel, train_backbone
+from rmlib.engine.embed import cached_embeddings
+from rmlib.engine.objectives import InfluenceObjective, Objective
+from rmlib.engine.transforms import TransformConfig, Transforms, cached_transforms
+from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.methods.selection import select_settings
+from rmlib.methods.setups import ROLES, SETUPS, Setup
+
+
+class Experiment:
+    """The backbones ("old", "new", "bct", "bict"), embeddings ("train" without flip,
+    "query"/"gallery" with flip TTA) and transforms ("rqt", "cl", "mcl", "mcl-rho", "fct",
+    "bict") of one data set and profile, made on demand and remembered."""
+
+    def __init__(self, dataset: str, config: Config, progress: bool = True,
+                 setup: Setup | None = None):
+        self.dataset, self.config, self.progress = dataset, config, progress
+        self.setup = setup or SETUPS[dataset](config)
+        self.profile = config.name
+        self.models: dict[str, TrainedModel] = {}
+        self.transforms: dict[str, Transforms] = {}
+        self.timings: dict[str, float] = {}
+        self.selection: dict | None = None
+        self._emb: dict[tuple[str, str], np.ndarray] = {}
+
+    # --- backbones and their embeddings --------------------------------------------------
+    def model(self, role: str) -> TrainedModel:
+        if role not in self.models:
+            t0 = time.time()
+            self.models[role] = self._train(role)
+            self.timings[f"backbone_{role}"] = time.time() - t0
+        return self.models[role]
+
+    def _train(self, role: str) -> TrainedModel:
+        """old/new: the base objective; bct: through the old classifier (old classes);
+        bict: through the upgraded old space's classifier (all classes)."""
+        base, config = self.setup.objective(), self.setup.backbone_config(role)
+        if role in ROLES:
+            return self._fit(config, self.setup.training_set(role), base)
+        if role == "bct":
+            old = self.model("old")
+            objective = InfluenceObjective("bct", old.model.classifier, self.setup.num_old_classes,
+                                           source=old.run_dir.name, base=base)
+        elif role == "bict":
+            up = self.transform("bict")
+            objective = InfluenceObjective("bict", up.classifier, self.setup.num_classes,
+                                           source=up.config.key(), base=base)
+        else:
+            raise ValueError(f"unknown backbone role {role!r}")
+        return self._fit(replace(self.setup.backbone_config("new"), role=role),
+                         self.setup.train, objective)
+
+    def _fit(self, config, images, objective: Objective) -> TrainedModel:
+        return train_backbone(config, images, objective, runs=self.config.paths.runs,
+                              precision=self.config.precision, progress=self.progress)
+
+    def embeddings(self, role: str, split: str) -> np.ndarray:
+        """A backbone's embeddings of the "train" (no flip), "query" or "gallery" images
+        (flip TTA). On CIFAR-100 "test", "query" and "gallery" are all the test set."""
+        if split == "train":
+            name, images = "train", self.setup.train.images
+        elif self.setup.gallery is None:
+            name, images = "test", self.setup.query.images
+        else:
+            name = split
+            images = (self.setup.query if split == "query" else self.setup.gallery).images
+        if (role, name) not in self._emb:
+            self._emb[role, name] = cached_embeddings(
+                self.model(role), images, f"{self.dataset}-{name}", flip=name != "train",
+                precision=self.config.precision)
+        return self._emb[role, name]
+
+    def pair(self, role: str) -> tuple[np.ndarray, np.ndarray]:
+        """(query, gallery) embeddings of a backbone."""
+        return self.embeddings(role, "query"), self.embeddings(role, "gallery")
+
+    def systems(self, old_q: np.ndarray, old_g: np.ndarray, new_q: np.ndarray,
+                new_g: np.ndarray) -> BackfillArrays:
+        """Two systems over the gallery; negative flips against the old model's queries."""
+        return self.setup.arrays(old_q, old_g, new_q, new_g, reference=self.pair("old")[0])
+
+    def naive(self) -> BackfillArrays:
+        """RM_naive: the old system {phi_old(q), phi_old(g)}, the new {phi_new(q), phi_new(g)}."""
+        return self.systems(*self.pair("old"), *self.pair("new"))
+
+    # --- transforms, with their settings chosen on a validation split of the training set --
+    def validation_split(self) -> tuple[np.ndarray, np.ndarray]:
+        per_class = min(self.config.profile.transforms.val_per_class,
+                        max(2, int(np.bincount(self.setup.train.labels).min()) // 5))
+        return train_val_split(self.setup.train.labels, per_class, seed=0)
+
+    def transform_config(self, objective: str, rho: bool = False, **kw) -> TransformConfig:
+        recipe = self.config.profile.transforms
+        sources = tuple(self.model(r).run_dir.name for r in ROLES)
+        base = {"objective": objective, "rho": rho, "epochs": recipe.epochs,
+                "hidden": recipe.hidden, "sources": sources,
+                "num_classes": self.setup.num_classes if objective == "bict" else 0}
+        return TransformConfig(**{**base, **kw})
+
+    def settings(self) -> dict:
+        """tau, then psi/rho's width, then their epochs, chosen once for the final method
+        (MCL with rho) by the backfill AUC_mAP of the RM systems on held-out training items
+        (never test; see `rmlib.methods.selection`), and used by every transform alike."""
+        if self.selection is None:
+            t0 = time.time()
+            fit, val = self.validation_split()
+            recipe = self.config.profile.transforms
+            base = self.transform_config("mcl", rho=True)
+            base = replace(base, sources=base.sources + ("validation-fit-split",))
+            self.selection = select_settings(
+                base, self.embeddings("old", "train"), self.embeddings("new", "train"),
+                self.setup.train.labels, fit, val, recipe.tau_grid, recipe.tau_epochs,
+                recipe.hidden_grid, recipe.epochs_grid, self._fit_transform, self.progress)
+            self.timings["hyperparameter_selection"] = time.time() - t0
+        return self.selection
+
+    def _fit_transform(self, cfg: TransformConfig, old, new, labels, progress) -> Transforms:
+        folder = self.config.paths.runs / self.dataset / self.profile
+        return cached_transforms(cfg, old, new, labels, folder, progress)
+
+    def transform(self, name: str) -> Transforms:
+        """'rqt', 'cl', 'mcl', 'mcl-rho', 'fct' or 'bict', trained on all training items."""
+        if name not in self.transforms:
+            t0 = time.time()
+            objective, rho = name.split("-")[0], name.endswith("-rho")
+            chosen = self.settings()
+            kw = {"hidden": chosen["hidden"], "epochs": chosen["epochs"]}
+            if objective in ("cl", "mcl"):
+                kw["tau"] = chosen["tau"]
+            self.transforms[name] = self._fit_transform(
+                self.transform_config(objective, rho, **kw), self.embeddings("old", "train"),
+                self.embeddings("new", "train"), self.setup.train.labels, self.progress)
+            self.timings[f"transform_{name}"] = time.time() - t0
+        return self.transforms[name]

@@ -1,0 +1,82 @@
+"""Every row of Table 1 and every step of the ablation: one entry each, in one place.
+
+A method is two retrieval systems over the same gallery, built from the experiment's
+backbones and transforms: the old side (queries against the not-yet-backfilled gallery)
+and the new side (queries against the backfilled items). Adding a method is one entry
+here (and its test); the paper's numbers are in `paper_table1.json` beside this file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.methods.experiment import Experiment
+from rmlib.methods.selection import rm_systems
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row: its name, the backbones and transforms it needs, how it builds its two
+    systems, and what they are in words. `same_as` names a row with the same systems
+    (evaluated once)."""
+
+    name: str
+    needs: tuple[str, ...]
+    systems: Callable[[Experiment], BackfillArrays]
+    note: str
+    same_as: str | None = None
+
+
+def _reverse_transform(name: str) -> Callable[[Experiment], BackfillArrays]:
+    """The RM systems of a fitted psi (and rho): {psi(rho(phi_new(q))), phi_old(g)} and
+    {rho(phi_new(q)), rho(phi_new(g))}."""
+    return lambda e: rm_systems(e.transform(name), e.naive())
+
+
+def _forward_gallery(backbone: str, transform: str) -> Callable[[Experiment], BackfillArrays]:
+    """FCT / BiCT: the old gallery upgraded by h, searched by the new backbone's queries."""
+    def systems(e: Experiment) -> BackfillArrays:
+        (q, g), h = e.pair(backbone), e.transform(transform)
+        return e.systems(q, h.forward(e.pair("old")[1]), q, g)
+    return systems
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("Old", ("old",), lambda e: e.systems(*e.pair("old"), *e.pair("old")),
+           "phi_old / phi_old, no backfill"),
+    Method("New", ("new",), lambda e: e.systems(*e.pair("new"), *e.pair("new")),
+           "phi_new / phi_new, fully backfilled"),
+    Method("RM_naive", ("old", "new"), lambda e: e.naive(), "rank merge of old/old and new/new"),
+    Method("BCT", ("old", "bct"),
+           lambda e: e.systems(e.pair("bct")[0], e.pair("old")[1], *e.pair("bct")),
+           "phi_bct / phi_old, then phi_bct"),
+    Method("FCT", ("old", "new", "transform fct"), _forward_gallery("new", "fct"),
+           "phi_new / h(phi_old), no side-information"),
+    Method("BiCT", ("old", "bict", "transform bict"), _forward_gallery("bict", "bict"),
+           "phi_bict / h'(phi_old), then phi_bict (our reimplementation)"),
+    Method("RM", ("old", "new", "transform mcl-rho"), _reverse_transform("mcl-rho"),
+           "psi(rho(phi_new)) / phi_old, then rho(phi_new)"),
+    Method("+RQT", ("old", "new", "transform rqt"), _reverse_transform("rqt"),
+           "psi_rqt(phi_new) / phi_old, then phi_new"),
+    Method("+CL", ("old", "new", "transform cl"), _reverse_transform("cl"),
+           "psi_cl(phi_new) / phi_old, then phi_new"),
+    Method("+MCL", ("old", "new", "transform mcl"), _reverse_transform("mcl"),
+           "psi_mcl(phi_new) / phi_old, then phi_new"),
+    Method("+rho", ("old", "new", "transform mcl-rho"), _reverse_transform("mcl-rho"),
+           "psi(rho(phi_new)) / phi_old, then rho(phi_new)", same_as="RM"),
+)}
+
+TABLE1_ROWS = ("Old", "New", "RM_naive", "BCT", "FCT", "BiCT", "RM")
+ABLATION_ROWS = ("RM_naive", "+RQT", "+CL", "+MCL", "+rho")
+
+
+@cache
+def paper_table1() -> dict[str, dict[str, list[float]]]:
+    """The paper's Table 1 per data set: row -> [AUC_mAP, AUC_CMC, Gain] in %."""
+    text = (Path(__file__).with_name("paper_table1.json")).read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}

@@ -1,0 +1,148 @@
+"""Run the methods of the registry and write their results with provenance.
+
+`train_backbones` writes backbones.json; `reproduce` writes table1.json and ablation.json:
+for every row, the backfill curves, their AUCs, the Gain and the paper's conditions
+(6)-(8) against the deployed old system and the upgraded model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+
+from rmlib.config import Config
+from rmlib.engine.backbones import count_parameters
+from rmlib.evaluation.backfill import BackfillCurve, backfill_arrays
+from rmlib.evaluation.retrieval import evaluate
+from rmlib.methods.experiment import Experiment
+from rmlib.methods.registry import ABLATION_ROWS, METHODS, TABLE1_ROWS, paper_table1
+from rmlib.methods.setups import ROLES
+from rmlib.outputs import write_json
+from rmlib.provenance import provenance
+
+PROTOCOLS = {
+    "cifar100": "CIFAR-100 test, leave-one-out; backfill order default_rng(0)",
+    "market1501": "Market-1501 query/gallery, same-id same-camera removed, distractors kept; "
+                  "backfill order default_rng(0)",
+}
+
+
+def backbone_entry(exp: Experiment, role: str) -> dict:
+    """One model's results: metrics on the evaluation sets, training curve, config, time."""
+    trained = exp.model(role)
+    metrics = evaluate(*exp.pair(role), exp.setup.protocol).summary()
+    entry = {**metrics, "history": trained.history, "config": asdict(trained.config),
+             "parameters": count_parameters(trained.model), "run": trained.run_dir.name,
+             "train_wall_time_s": trained.wall_time_s,
+             "train_images": len(exp.setup.training_set(role)),
+             "test_images": len(exp.setup.query)}
+    if hasattr(trained.model.backbone, "pretrained"):
+        entry["imagenet_initialised"] = bool(trained.model.backbone.pretrained)
+    return entry
+
+
+def train_backbones(dataset: str, config: Config, roles: tuple[str, ...] = ROLES,
+                    progress: bool = True) -> dict:
+    """Train (or reuse) the requested backbones; add them to backbones.json."""
+    start = time.time()
+    exp = Experiment(dataset, config, progress)
+    out = config.paths.results / dataset / config.name / "backbones.json"
+    result = json.loads(out.read_text()) if out.exists() else {}
+    for role in roles:
+        result[role] = backbone_entry(exp, role)
+    protocol = ("CIFAR-100 test, leave-one-out" if dataset == "cifar100"
+                else "Market-1501 query/gallery, same-id same-camera removed")
+    result["provenance"] = provenance(
+        config={"roles": list(roles), "protocol": protocol,
+                "old_classes": exp.setup.num_old_classes, "embedding_flip_tta": True,
+                **(exp.setup.extra or {})},
+        wall_time_s=time.time() - start, profile=config.name)
+    result["provenance"]["train_wall_time_s"] = {
+        r: result[r]["train_wall_time_s"] for r in ROLES if r in result}
+    write_json(out, result)
+    return result
+
+
+def gain(auc: float, auc_old: float, auc_new: float) -> float:
+    """(AUC_method - AUC_old) / (AUC_new - AUC_old), on mAP; NaN when New equals Old."""
+    if auc_new == auc_old:
+        return float("nan")
+    return (auc - auc_old) / (auc_new - auc_old)
+
+
+def final_metrics(row: dict) -> dict:
+    """A row's metrics at the end of its curve (t = 1): a baseline for conditions (6)-(7)."""
+    return {"mAP": row["mAP"][-1], "top1": row["top1"][-1]}
+
+
+def evaluate_method(exp: Experiment, name: str, old: dict | None = None,
+                    new: dict | None = None) -> dict:
+    """A method's backfill curves, AUCs and conditions (6)-(8), judged against the
+    deployed old system's metrics `old` and the upgraded model's `new` (default: the
+    method's own end points)."""
+    t0 = time.time()
+    method = METHODS[name]
+    curve, conditions = backfill_arrays(method.systems(exp), seed=0, new_baseline=new,
+                                        old_baseline=old)
+    return {**curve.to_dict(), "conditions": conditions, "systems": method.note,
+            "eval_seconds": time.time() - t0}
+
+
+def evaluate_rows(exp: Experiment, names: tuple[str, ...]) -> dict[str, dict]:
+    """Old and New first (they are the baselines of every other row), then `names`, each
+    evaluated once (`same_as` rows share their twin's result), with the Gain."""
+    rows = {"Old": evaluate_method(exp, "Old"), "New": evaluate_method(exp, "New")}
+    old, new = final_metrics(rows["Old"]), final_metrics(rows["New"])
+    for name in names:
+        twin = METHODS[name].same_as
+        if name not in rows:
+            rows[name] = rows[twin] if twin in rows else evaluate_method(exp, name, old, new)
+    for row in rows.values():
+        row["gain"] = gain(row["auc_mAP"], rows["Old"]["auc_mAP"], rows["New"]["auc_mAP"])
+    return rows
+
+
+def reproduce(dataset: str, config: Config, progress: bool = True) -> dict:
+    """Train/evaluate whatever is missing; write table1.json and ablation.json."""
+    start = time.time()
+    exp = Experiment(dataset, config, progress)
+    rows = evaluate_rows(exp, TABLE1_ROWS + ABLATION_ROWS)
+    run_config = {
+        "backbones": {r: asdict(m.config) for r, m in exp.models.items()},
+        "transforms": {n: asdict(t.config) for n, t in exp.transforms.items()},
+        "hyperparameter_selection": exp.selection,
+        "protocol": PROTOCOLS[dataset],
+        "fct": "without side-information",
+        **(exp.setup.extra or {}),
+    }
+    prov = provenance(run_config, time.time() - start, config.name)
+    prov["step_seconds"] = exp.timings
+    prov["backbone_train_seconds"] = {r: m.wall_time_s for r, m in exp.models.items()}
+    prov["transform_fit_seconds"] = {n: sum(h["seconds"] for h in t.history)
+                                     for n, t in exp.transforms.items()}
+    tables = {"table1": {"rows": {n: rows[n] for n in TABLE1_ROWS},
+                         "paper": paper_table1()[dataset]},
+              "ablation": {"rows": {n: rows[n] for n in ABLATION_ROWS}}}
+    folder = config.paths.results / dataset / config.name
+    for name, body in tables.items():
+        body["provenance"] = prov
+        write_json(folder / f"{name}.json", body)
+    return tables
+
+
+def results(dataset: str, config: Config, progress: bool = False) -> dict:
+    """Table 1 and ablation results of a profile: read from the results folder if there,
+    else run them."""
+    folder = config.paths.results / dataset / config.name
+    if (folder / "table1.json").exists() and (folder / "ablation.json").exists():
+        return {name: json.loads((folder / f"{name}.json").read_text())
+                for name in ("table1", "ablation")}
+    return reproduce(dataset, config, progress)
+
+
+def curve_of(result_row: dict) -> BackfillCurve:
+    """A BackfillCurve back from a results-file row."""
+    keys = ("t", "mAP", "top1", "top5", "nfr")
+    return BackfillCurve(**{k: result_row[k] for k in keys},
+                         num_valid_queries=result_row.get("num_valid_queries", 0))

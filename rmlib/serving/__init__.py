@@ -1,0 +1,1 @@
+"""Serving during a live backfill."""
