@@ -45,6 +45,8 @@ class CifarRecipe:
     low_res_epochs_new: int = 0
     train_per_class: int | None = None
     test_per_class: int | None = None
+    tta: str = "flip"  # test-time views of query and gallery images (rmlib.engine.embed)
+    options: tuple[tuple[str, object], ...] = ()  # fast-training options (BackboneConfig)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class MarketRecipe:
     padding: int = 8
     erase: float = 0.5
     triplet_margin: float = 0.3
+    tta: str = "flip"
 
 
 @dataclass(frozen=True)

@@ -91,9 +91,9 @@ def test_progressive_resizing_resumes_across_the_size_change(tmp_path, monkeypat
     sizes = []
     real_crop = rmlib.engine.backbones.random_crop_flip
 
-    def recording_crop(images, padding, gen):
+    def recording_crop(images, padding, gen, flip=None):
         sizes.append(images.shape[-1])
-        return real_crop(images, padding, gen)
+        return real_crop(images, padding, gen, flip)
 
     monkeypatch.setattr(rmlib.engine.backbones, "random_crop_flip", recording_crop)
     runs = tmp_path / "whole"
@@ -147,3 +147,101 @@ def test_smoke_profile_trains_both_on_real_data(smoke_config, tmp_path):
     assert saved["old"]["train_images"] == 1000 and saved["new"]["train_images"] == 2000
     assert result["provenance"]["profile"] == "smoke"
     assert result["provenance"]["git_commit"]
+
+
+# --- fast-training options (rmlib.engine.fast_training), each on its own ------------------
+
+def test_whitening_stem_whitens_the_training_patches(tmp_path):
+    from rmlib.engine.backbones import normalise
+    from rmlib.engine.fast_training import patch_whitening
+
+    data = tiny_images(n=200)
+    x = normalise(torch.from_numpy(data.images), (0.5,) * 3, (0.25,) * 3)
+    w = patch_whitening(x, kernel=3, filters=24)
+    assert w.shape == (24, 3, 3, 3)
+    torch.testing.assert_close(w[12:], -w[:12])
+    out = torch.nn.functional.conv2d(x, w[:12]).permute(1, 0, 2, 3).reshape(12, -1)
+    cov = torch.cov(out)  # the top 12 directions of the patches, each of unit variance
+    torch.testing.assert_close(cov, torch.eye(12), atol=2e-2, rtol=0)
+    cfg = tiny_config(epochs=1, whiten=True)
+    trained = train_backbone(cfg, data, runs=tmp_path, progress=False)
+    stem = trained.model.backbone.stem[0]
+    assert not stem.weight.requires_grad  # fixed: the optimiser never moved it
+    expected = patch_whitening(normalise(torch.from_numpy(data.images), cfg.mean, cfg.std), 3, 24)
+    torch.testing.assert_close(stem.weight.detach(), expected)
+
+
+def test_dirac_init_starts_each_conv_as_the_identity_on_its_inputs():
+    from rmlib.engine.fast_training import dirac_init
+
+    net = FastResNet((8, 16, 16))
+    dirac_init(net)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert not torch.equal(convs[0].weight[:3, :, 1, 1], torch.eye(3))  # the stem is left
+    for conv in convs[1:]:
+        n = min(conv.in_channels, conv.out_channels)
+        x = torch.randn(2, conv.in_channels, 6, 6)
+        torch.testing.assert_close(torch.nn.functional.conv2d(x, conv.weight[:n], padding=1),
+                                   x[:, :n])
+
+
+def test_bn_biases_get_their_own_learning_rate():
+    from rmlib.engine.fast_training import parameter_groups
+
+    model = RetrievalModel(FastResNet((8, 16, 16)), num_classes=4, dim=16)
+    groups = parameter_groups(model, lr=0.1, weight_decay=5e-4, bn_bias_lr=64.0)
+    bn_biases = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    fast = [g for g in groups if g.get("lr") == pytest.approx(6.4)]
+    assert len(fast) == 1 and {id(p) for p in fast[0]["params"]} == bn_biases
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert all(g["weight_decay"] == 0 for g in groups if g["params"][0].ndim <= 1)
+
+
+def test_weight_average_is_what_is_kept_and_resumes(tmp_path):
+    data = tiny_images()
+    cfg = tiny_config(epochs=2, ema=0.9, bn_momentum=0.4)
+    whole = train_backbone(cfg, data, runs=tmp_path / "whole", progress=False)
+    plain = train_backbone(tiny_config(epochs=2, bn_momentum=0.4), data,
+                           runs=tmp_path / "plain", progress=False)
+    bns = [m for m in whole.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.momentum == 0.4 for m in bns)
+    # the average does not change training: the same steps, the same losses
+    assert [h["loss"] for h in whole.history] == [h["loss"] for h in plain.history]
+    differs = [not torch.equal(p, q) for p, q in zip(whole.model.state_dict().values(),
+                                                      plain.model.state_dict().values(),
+                                                      strict=True)]
+    assert any(differs)  # the kept weights are the average, not the last step's
+    train_backbone(cfg, data, runs=tmp_path / "pieces", progress=False, stop_after_epochs=1)
+    resumed = train_backbone(cfg, data, runs=tmp_path / "pieces", progress=False)
+    for (name, p), q in zip(whole.model.state_dict().items(),
+                            resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_alternating_flips_mirror_each_image_every_other_epoch():
+    from rmlib.engine.fast_training import alternating_flips
+
+    first, second, third = (alternating_flips(1000, seed=3, epoch=e) for e in range(3))
+    assert 400 < int(first.sum()) < 600
+    assert torch.equal(second, ~first) and torch.equal(third, first)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    out = random_crop_flip(x, 0, gen, flip=torch.tensor([True, False]))
+    assert torch.equal(out[0], x[0].flip(2)) and torch.equal(out[1], x[1])
+
+
+def test_test_time_views_and_multi_crop_extraction(tmp_path):
+    from rmlib.engine.embed import extract_embeddings, test_time_views
+
+    batch = torch.arange(2 * 3 * 5 * 5, dtype=torch.uint8).view(2, 3, 5, 5)
+    assert [len(test_time_views(batch, v)) for v in ("none", "flip", "flip+shift")] == [1, 2, 6]
+    shifted = test_time_views(batch, "flip+shift")[2]
+    assert torch.equal(shifted[..., 1:, 1:], batch[..., :-1, :-1])  # one pixel down-right
+    trained = train_backbone(tiny_config(epochs=1), tiny_images(), runs=tmp_path,
+                             progress=False)
+    images = tiny_images(n=8, seed=1).images
+    by_views = {v: extract_embeddings(trained, images, views=v)
+                for v in ("none", "flip", "flip+shift")}
+    for emb in by_views.values():
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert not np.allclose(by_views["flip"], by_views["flip+shift"])

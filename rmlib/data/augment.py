@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator
-                     ) -> torch.Tensor:
-    """Random crops of the padded batch (zero padding) and random horizontal flips.
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator,
+                     flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Random crops of the padded batch (zero padding) and horizontal flips: random ones,
+    or those `flip` (B,) marks.
 
     images: (B, C, H, W), any dtype; returns the same shape and dtype.
     """
@@ -15,7 +16,8 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
     padded = torch.nn.functional.pad(images, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    flip = torch.rand(b, generator=generator) < 0.5
+    if flip is None:
+        flip = torch.rand(b, generator=generator) < 0.5
     rows = (dy[:, None] + torch.arange(h)[None, :])  # (B, H)
     cols = dx[:, None] + torch.arange(w)[None, :]  # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)

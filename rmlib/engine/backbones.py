@@ -24,6 +24,14 @@ from rmlib.config import cpu_has_fast_bf16, default_device
 from rmlib.data import CIFAR100_MEAN, CIFAR100_STD, ImageSet
 from rmlib.data.augment import random_crop_flip, random_erase
 from rmlib.data.sampling import pk_batch_count, pk_batches
+from rmlib.engine.fast_training import (
+    alternating_flips,
+    dirac_init,
+    parameter_groups,
+    set_bn_momentum,
+    weight_average,
+    whiten_stem,
+)
 from rmlib.engine.loop import Optimisation, train_epochs
 from rmlib.engine.objectives import Objective
 from rmlib.engine.runs import config_key, run_dir
@@ -63,6 +71,13 @@ class BackboneConfig:
     # `low_res` pixels (about half the compute of full size), the rest at full size.
     low_res_epochs: int = 0
     low_res: int = 24
+    # Fast-training options (rmlib.engine.fast_training), each off by default
+    whiten: bool = False  # first conv fixed to the whitening of the training patches
+    dirac: bool = False  # identity-initialised convolutions
+    bn_bias_lr: float = 1.0  # learning-rate multiplier of the BatchNorm biases
+    ema: float = 0.0  # decay of a moving average of the weights, which is what is kept
+    bn_momentum: float = 0.1
+    flip: str = "random"  # or "alternating" between epochs
 
     def key(self) -> str:
         return config_key(self)
@@ -125,17 +140,26 @@ class TrainedModel:
 
 
 def _optimisation(model: nn.Module, config: BackboneConfig, steps: int) -> Optimisation:
-    """Nesterov SGD, no weight decay on biases and norms, the warm-up/decay schedule."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, momentum=config.momentum, nesterov=True)
+    """Nesterov SGD, no weight decay on biases and norms (BatchNorm biases at their own
+    learning rate), the warm-up/decay schedule, and the weight average if the recipe asks."""
+    groups = parameter_groups(model, config.lr, config.weight_decay, config.bn_bias_lr)
+    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(steps * config.epochs, config.warmup))
+    average = weight_average(model, config.ema) if config.ema else None
     return Optimisation(optimizer, scheduler,
-                        "training diverged at epoch {epoch}; lower the learning rate")
+                        "training diverged at epoch {epoch}; lower the learning rate",
+                        average, model)
+
+
+def _prepare(model: RetrievalModel, config: BackboneConfig, data: _TrainingImages) -> None:
+    """The recipe's initialisation: whitening stem, dirac convolutions, BatchNorm momentum."""
+    if config.whiten:
+        sample = data.images[:5000]  # a fixed sample: no random numbers drawn
+        whiten_stem(model.backbone, normalise(sample, config.mean, config.std))
+    if config.dirac:
+        dirac_init(model.backbone)
+    set_bn_momentum(model, config.bn_momentum)
 
 
 def _finished(config: BackboneConfig, folder: Path, device: torch.device) -> TrainedModel | None:
@@ -173,13 +197,16 @@ class _TrainingImages:
         model.train()
         images, padding = self.at(epoch)
         gen = torch.Generator().manual_seed(c.seed * 1_000_003 + epoch)
+        flips = alternating_flips(len(labels), c.seed, epoch) if c.flip == "alternating" \
+            else None
         if c.sampler is None:
             order = torch.randperm(len(labels), generator=gen).split(c.batch_size)
         else:
             order = pk_batches(labels.cpu(), *c.sampler, gen)
         for idx in order:
             idx = idx.to(images.device)
-            x = normalise(random_crop_flip(images[idx], padding, gen), c.mean, c.std)
+            flip = None if flips is None else flips[idx.cpu()]
+            x = normalise(random_crop_flip(images[idx], padding, gen, flip), c.mean, c.std)
             if c.erase > 0:
                 x = random_erase(x.cpu(), gen, p=c.erase).to(images.device)
             yield x.contiguous(memory_format=torch.channels_last), labels[idx]
@@ -207,9 +234,10 @@ def train_backbone(
                          f"{config.num_classes} classes; filter the training set first")
     write_json(folder / "config.json", asdict(config))
     model = build_model(config).to(device).to(memory_format=torch.channels_last)
+    data = _TrainingImages(config, train, device)
+    _prepare(model, config, data)
     opt = _optimisation(model, config, _steps_per_epoch(config, train.labels))
     history, start = _resume(folder / "checkpoint.pt", model, opt, device)
-    data = _TrainingImages(config, train, device)
     dtype = precision_mode(device, precision)
 
     def loss_of(batch: tuple[torch.Tensor, torch.Tensor]):
@@ -233,12 +261,12 @@ def train_backbone(
                                                                start + stop_after_epochs)
     train_epochs(range(start, stop), lambda epoch: data.batches(model, epoch), loss_of, opt,
                  history, config.role, config.epochs, progress, end_epoch)
-    model.eval()
+    kept = (opt.average.module if opt.average is not None else model).eval()
     if len(history) == config.epochs:
-        save_torch(folder / "model.pt", model.state_dict())
+        save_torch(folder / "model.pt", kept.state_dict())
         write_json(folder / "history.json", history)
         (folder / "checkpoint.pt").unlink(missing_ok=True)
-    return TrainedModel(model, config, history, folder)
+    return TrainedModel(kept, config, history, folder)
 
 
 def _resume(checkpoint: Path, model: nn.Module, opt: Optimisation, device: torch.device

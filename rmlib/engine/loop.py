@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from rmlib import RmlibError
 
@@ -26,6 +27,8 @@ class Optimisation:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     advice: str
+    average: AveragedModel | None = None  # a weight average, updated after every step
+    model: torch.nn.Module | None = None  # what `average` averages
 
     def step(self, loss: torch.Tensor, epoch: int) -> None:
         if not torch.isfinite(loss):
@@ -34,13 +37,21 @@ class Optimisation:
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
+        if self.average is not None:
+            self.average.update_parameters(self.model)
 
     def state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        if self.average is not None:
+            state["average"] = self.average.state_dict()
+        return state
 
     def load(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
 
 
 # The loss of one batch, the number of items it averaged, and sums to report per item

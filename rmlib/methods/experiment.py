@@ -78,7 +78,8 @@ class Experiment:
             images = (self.setup.query if split == "query" else self.setup.gallery).images
         if (role, name) not in self._emb:
             self._emb[role, name] = cached_embeddings(
-                self.model(role), images, f"{self.dataset}-{name}", flip=name != "train",
+                self.model(role), images, f"{self.dataset}-{name}",
+                views="none" if name == "train" else self.setup.test_time_views,
                 precision=self.config.precision)
         return self._emb[role, name]
 

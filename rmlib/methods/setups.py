@@ -61,6 +61,13 @@ class Setup:
         return self.config.name
 
     @property
+    def test_time_views(self) -> str:
+        """How query and gallery images are embedded (rmlib.engine.embed.VIEWS)."""
+        recipe = self.config.profile.cifar if self.dataset == "cifar100" else \
+            self.config.profile.market
+        return recipe.tta
+
+    @property
     def test(self) -> ImageSet:
         """CIFAR-100's test set (queries = gallery)."""
         return self.query
@@ -105,7 +112,8 @@ class Setup:
             return BackboneConfig(
                 dataset="cifar100", arch=r.arch, widths=tuple(r.widths),
                 epochs=r.epochs_old if old else r.epochs_new, batch_size=r.batch_size, lr=r.lr,
-                low_res_epochs=r.low_res_epochs_old if old else r.low_res_epochs_new, **common)
+                low_res_epochs=r.low_res_epochs_old if old else r.low_res_epochs_new,
+                **dict(r.options), **common)
         m = self.config.profile.market
         return BackboneConfig(
             dataset="market1501", arch=m.arch, widths=(),
