@@ -174,7 +174,10 @@ def results(dataset: str, config: Config, progress: bool = False) -> dict:
 
 
 def curve_of(result_row: dict) -> BackfillCurve:
-    """A BackfillCurve back from a results-file row."""
+    """A BackfillCurve back from a results-file row, with its spread over seeds (if any)
+    in `extras`, which `rmlib.report.plot_curves` draws as bands."""
     keys = ("t", "mAP", "top1", "top5", "nfr")
+    spread = {k: result_row[k] for k in ("mAP_std", "top1_std") if k in result_row}
     return BackfillCurve(**{k: result_row[k] for k in keys},
-                         num_valid_queries=result_row.get("num_valid_queries", 0))
+                         num_valid_queries=result_row.get("num_valid_queries", 0),
+                         extras=spread)
