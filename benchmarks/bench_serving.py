@@ -46,7 +46,7 @@ def cifar100_systems(config: Config, queries: int):
     from rmlib.methods.experiment import Experiment
     from rmlib.methods.registry import METHODS
 
-    rm = METHODS["RM"].systems(Experiment("cifar100", config, progress=False))
+    rm = METHODS["RM"].systems(Experiment("cifar100", config, progress=False), 0)
     return (rm.old_gallery, rm.new_gallery, rm.old_query[:queries], rm.new_query[:queries])
 
 

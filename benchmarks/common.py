@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from rmlib.config import Config
-from rmlib.outputs import write_json
+from rmlib.outputs import check_output, write_json
 from rmlib.provenance import commit_at_start, provenance
 
 
@@ -28,6 +28,7 @@ class Benchmark:
         self.config = Config.from_env(profile)
         commit_at_start(self.config.commit)
         self.path = out or self.config.paths.results / "benchmarks" / f"{name}.json"
+        check_output(self.path, "--out")  # before the measurement, not after it
         self.profile = profile
         self.start = time.time()
 

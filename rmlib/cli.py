@@ -112,6 +112,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from rmlib.own_upgrade import fit_command
 
     check_outputs({"--out": args.out}, inputs=[args.train])
+    if args.epochs is not None and args.search_size:
+        raise RmlibError("--search-size chooses the epochs on the hold-out; give it or "
+                         "--epochs, not both")
     info = fit_command(args.train, args.out, rho=args.rho, tau=args.tau, epochs=args.epochs,
                        search_size=args.search_size, progress=not args.quiet)
     selection = info["selection"]

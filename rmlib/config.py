@@ -48,6 +48,9 @@ class CifarRecipe:
     tta: str = "flip"  # test-time views of query and gallery images (rmlib.engine.embed)
     options: tuple[tuple[str, object], ...] = ()  # fast-training options (BackboneConfig)
 
+    def __post_init__(self) -> None:
+        _check_views(self.tta)
+
 
 @dataclass(frozen=True)
 class MarketRecipe:
@@ -63,6 +66,15 @@ class MarketRecipe:
     erase: float = 0.5
     triplet_margin: float = 0.3
     tta: str = "flip"
+
+    def __post_init__(self) -> None:
+        _check_views(self.tta)
+
+
+def _check_views(views: str) -> None:
+    """Refuse unknown test-time views when the recipe is made, not after training."""
+    if views not in ("none", "flip", "flip+shift"):
+        raise RmlibError(f"tta={views!r}; use 'none', 'flip' or 'flip+shift'")
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,9 @@ class TransformRecipe:
     epochs_grid: tuple[int, ...]
     tau_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 1.0)  # 1.0 is the paper's value
     val_per_class: int = 50
+    # Each seed is a backfill order and an initialisation and batch order of the transforms;
+    # the backbones keep one seed each (their variance is not covered by these).
+    seeds: tuple[int, ...] = (0, 1, 2)
 
 
 @dataclass(frozen=True)

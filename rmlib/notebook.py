@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from rmlib.config import Config
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.reproduce import results
+from rmlib.provenance import commit_at_start
 from rmlib.report import provenance_line
 
 
@@ -35,6 +36,7 @@ def open_chapter(dataset: str = "cifar100", profile: str | None = None) -> Chapt
     """The configuration (RMLIB_PROFILE etc.; cpu on a CPU, paper on a GPU) and the results
     of its profile, with the line that says where they come from."""
     config = Config.from_env(profile)
+    commit_at_start(config.commit)  # results record the code the chapter started with
     found = results(dataset, config)
     print(provenance_line(found["table1"]["provenance"]))
     return Chapter(config, found)

@@ -53,6 +53,10 @@ def atomic_write(path: Path | str, write: Callable[[Path], Any]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, _default_mode(path))
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a lost mount: one line, and nothing lost
+        tmp.unlink(missing_ok=True)
+        kept = "its previous content is unchanged" if path.exists() else "nothing was written"
+        raise RmlibError(f"could not write {path} ({exc.strerror or exc}); {kept}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

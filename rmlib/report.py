@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 from rmlib.evaluation.backfill import BackfillCurve
 from rmlib.outputs import save_figure
 
@@ -39,7 +41,11 @@ def summary_text(curve: BackfillCurve, conditions: Mapping | None = None) -> str
 
 def plot_curves(curves: Mapping[str, BackfillCurve], path: Path | str | None = None,
                 title: str = ""):
-    """mAP, top-1 and negative-flip curves of one or more systems against t; saved if path."""
+    """mAP, top-1 and negative-flip curves of one or more systems against t; saved if path.
+
+    A curve that carries the spread over seeds (`extras` "mAP_std", "top1_std", as
+    `curve_of` reads them from a results row) is drawn with a band of one std.
+    """
     import matplotlib
 
     if path is not None:
@@ -49,7 +55,13 @@ def plot_curves(curves: Mapping[str, BackfillCurve], path: Path | str | None = N
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
     for name, curve in curves.items():
         for ax, metric in zip(axes, ("mAP", "top1", "nfr"), strict=True):
-            ax.plot(curve.t, [100 * v for v in getattr(curve, metric)], marker=".", label=name)
+            values = np.array(getattr(curve, metric)) * 100
+            line, = ax.plot(curve.t, values, marker=".", label=name)
+            std = curve.extras.get(f"{metric}_std")
+            if std is not None and any(std):
+                band = 100 * np.asarray(std)
+                ax.fill_between(curve.t, values - band, values + band, alpha=0.2,
+                                color=line.get_color(), linewidth=0)
     for ax, label in zip(axes, ("mAP (%)", "top-1 (%)", "negative flips (%)"), strict=True):
         ax.set_xlabel("backfilled fraction t")
         ax.set_ylabel(label)
@@ -63,15 +75,23 @@ def plot_curves(curves: Mapping[str, BackfillCurve], path: Path | str | None = N
     return fig
 
 
+def _auc(row: Mapping, metric: str) -> str:
+    """'34.23' or, over several seeds, '34.23±0.12' (std over seeds)."""
+    text = f"{100 * row[f'auc_{metric}']:.2f}"
+    if len(row.get("seeds", ())) > 1:
+        text += f"±{100 * row[f'auc_{metric}_std']:.2f}"
+    return text
+
+
 def table1_text(rows: Mapping[str, Mapping], paper: Mapping | None = None) -> str:
-    """Table 1 as fixed-width text: ours (AUC_mAP, AUC_CMC top-1, Gain) beside the paper's."""
-    head = f"{'':10} {'AUC_mAP':>8} {'AUC_CMC':>8} {'Gain':>6}"
+    """Table 1 as fixed-width text: ours (AUC_mAP, AUC_CMC top-1 with their std over
+    seeds, Gain) beside the paper's."""
+    head = f"{'':12} {'AUC_mAP':>11} {'AUC_CMC':>11} {'Gain':>6}"
     if paper:
         head += f"   | paper: {'AUC_mAP':>7} {'AUC_CMC':>7} {'Gain':>5}"
     lines = [head + f"  {'max mAP drop':>12}"]
     for name, r in rows.items():
-        line = (f"{name:10} {100 * r['auc_mAP']:8.2f} {100 * r['auc_top1']:8.2f} "
-                f"{100 * r['gain']:5.0f}%")
+        line = f"{name:12} {_auc(r, 'mAP'):>11} {_auc(r, 'top1'):>11} {100 * r['gain']:5.0f}%"
         if paper:
             p = paper.get(name)
             line += (f"   |        {p[0]:7.1f} {p[1]:7.1f} {p[2]:4.0f}%" if p else

@@ -118,3 +118,51 @@ def test_auc_is_the_trapezoid_rule_and_conditions():
     assert cond["mAP"]["cond6_M0_ge_old"] and not cond["mAP"]["cond7_M1_ge_new"]
     drops = m[:-1] - m[1:]
     assert cond["mAP"]["max_drop"] == pytest.approx(max(drops.max(), 0))
+
+
+def test_average_curves_are_the_mean_and_spread_over_seeds():
+    from rmlib.evaluation.backfill import average_curves
+
+    labels, old, new = two_systems()
+    protocol = Protocol.leave_one_out(labels)
+    curves = [simulate_backfill(old, old, new, new, protocol, seed=s) for s in range(3)]
+    mean, spread = average_curves(curves)
+    for k in KEYS:
+        np.testing.assert_allclose(getattr(mean, k), np.mean([getattr(c, k) for c in curves], 0))
+    aucs = [c.auc("mAP") for c in curves]
+    assert spread["auc_mAP_seeds"] == aucs and len(set(aucs)) > 1
+    assert spread["auc_mAP_std"] == pytest.approx(np.std(aucs, ddof=1))
+    assert mean.auc("mAP") == pytest.approx(np.mean(aucs))
+    np.testing.assert_allclose(spread["mAP_std"],
+                               np.std([c.mAP for c in curves], axis=0, ddof=1))
+    single, one = average_curves(curves[:1])
+    assert one["auc_mAP_std"] == 0 and single.mAP == curves[0].mAP
+
+
+def test_calibrated_merge_repairs_a_mis_scaled_system():
+    """The new system is the old one with every distance tripled: the naive merge sinks
+    the backfilled items, a merge by P(relevant | distance), fitted on other data of the
+    same systems, does not; each system's own ranking is kept."""
+    import torch
+
+    from rmlib.evaluation.calibration import DistanceCalibration
+
+    all_labels, all_x = clustered(1500, 8, 12, 1.1, seed=21)
+    labels, x = all_labels[:600], all_x[:600]
+    train_labels, train_x = all_labels[600:], all_x[600:]  # the same classes, other items
+    protocol = Protocol.leave_one_out(labels)
+    naive = simulate_backfill(x, x, 3 * x, 3 * x, protocol)
+    cal = (DistanceCalibration.fit(train_x, train_labels),
+           DistanceCalibration.fit(3 * train_x, train_labels))
+    calibrated = simulate_backfill(x, x, 3 * x, 3 * x, protocol, calibration=cal)
+    flat = naive.mAP[0]  # both ends are the same system
+    assert min(naive.mAP) < flat - 0.02
+    assert min(calibrated.mAP) > flat - 0.01
+    # each end is one system merged with itself: its own ranking, up to float32 near-ties
+    assert calibrated.mAP[0] == pytest.approx(flat, abs=1e-4)
+    assert calibrated.mAP[-1] == pytest.approx(flat, abs=1e-4)
+    d = torch.linspace(0, float(cal[0].scale), 500)
+    score = cal[0](d)
+    assert (score[1:] > score[:-1]).all()  # strictly increasing: a system's order is kept
+    p = cal[0].probability(d)
+    assert (p[1:] <= p[:-1] + 1e-12).all() and 0 <= float(p.min()) <= float(p.max()) <= 1

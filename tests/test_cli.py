@@ -117,8 +117,13 @@ def test_unreadable_files(tmp_path, capsys):
     assert main(["backfill", str(tmp_path / "single.npz")]) == 2
     np.savez(tmp_path / "objects.npz", old_query=np.array([{"a": 1}], dtype=object))
     assert main(["backfill", str(tmp_path / "objects.npz")]) == 2
+    np.savez_compressed(tmp_path / "packed.npz", old_query=np.zeros((500, 50)))
+    raw = bytearray((tmp_path / "packed.npz").read_bytes())
+    raw[100:140] = b"\x00" * 40  # inside the compressed stream of old_query
+    (tmp_path / "packed.npz").write_bytes(bytes(raw))
+    assert main(["backfill", str(tmp_path / "packed.npz")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 4 and all(line.startswith("rmlib: error:") for line in lines)
+    assert len(lines) == 5 and all(line.startswith("rmlib: error:") for line in lines)
     assert "does not exist" in lines[0] and "not a readable .npz" in lines[1]
     assert "single array (.npy)" in lines[2] and "'old_query' cannot be read" in lines[3]
 

@@ -24,7 +24,7 @@ def test_a_write_that_fails_half_way_leaves_the_previous_file_and_no_partial(tmp
         tmp.write_text('{"auc": 2, "curve": [0.1, ')  # a truncated file, as a full disk leaves
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(RmlibError, match="No space left on device.*previous content"):
         atomic_write(path, half_then_fail)
     assert json.loads(path.read_text()) == {"auc": 1}
     assert _leftovers(tmp_path) == []
@@ -107,7 +107,7 @@ def test_backfill_checks_its_outputs_before_the_work(args, message, emb, tmp_pat
     assert emb.read_bytes() == before
 
 
-def test_backfill_json_that_fails_to_write_keeps_the_previous_result(emb, tmp_path,
+def test_backfill_json_that_fails_to_write_keeps_the_previous_result(emb, tmp_path, capsys,
                                                                     monkeypatch):
     from rmlib import outputs
 
@@ -123,8 +123,10 @@ def test_backfill_json_that_fails_to_write_keeps_the_previous_result(emb, tmp_pa
         return real(path, partial)
 
     monkeypatch.setattr(outputs, "atomic_write", full_disk)
-    with pytest.raises(OSError):
-        main(["backfill", str(emb), "--json", str(out), "--seed", "1"])
+    assert main(["backfill", str(emb), "--json", str(out), "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "No space left on device" in err
+    assert "previous content is unchanged" in err
     assert out.read_text() == before and _leftovers(tmp_path) == []
 
 
@@ -139,3 +141,27 @@ def test_fit_checks_out_before_fitting(out, message, tmp_path, capsys, monkeypat
     monkeypatch.setattr(own_upgrade, "fit_compat", lambda *a, **k: pytest.fail("fitted first"))
     assert main(["fit", str(tmp_path / "train.npz"), "--out", out.format(tmp=tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "reproduce"])
+def test_training_commands_check_their_results_folder_first(command, tmp_path, capsys,
+                                                            monkeypatch):
+    """An unwritable results folder fails in a second, not after an hour of training."""
+    from rmlib.methods import experiment
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("RMLIB_RESULTS", str(tmp_path / "afile"))
+    monkeypatch.setattr(experiment, "SETUPS", {"cifar100": lambda c: pytest.fail("worked")})
+    argv = [command, "cifar100", *(["both"] if command == "train" else []), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is a file, not a folder" in err
+
+
+def test_a_damaged_results_file_is_one_line(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "results" / "cifar100" / "smoke"
+    folder.mkdir(parents=True)
+    (folder / "backbones.json").write_text('{"old": ')
+    monkeypatch.setenv("RMLIB_RESULTS", str(tmp_path / "results"))
+    assert main(["train", "cifar100", "old", "--profile", "smoke", "--quiet"]) == 2
+    assert "backbones.json is not a readable results file" in capsys.readouterr().err

@@ -79,6 +79,10 @@ class BackboneConfig:
     bn_momentum: float = 0.1
     flip: str = "random"  # or "alternating" between epochs
 
+    def __post_init__(self) -> None:
+        if self.flip not in ("random", "alternating"):
+            raise RmlibError(f"flip={self.flip!r}; use 'random' or 'alternating'")
+
     def key(self) -> str:
         return config_key(self)
 
@@ -155,7 +159,13 @@ def _optimisation(model: nn.Module, config: BackboneConfig, steps: int) -> Optim
 def _prepare(model: RetrievalModel, config: BackboneConfig, data: _TrainingImages) -> None:
     """The recipe's initialisation: whitening stem, dirac convolutions, BatchNorm momentum."""
     if config.whiten:
-        sample = data.images[:5000]  # a fixed sample: no random numbers drawn
+        if config.arch != "fast":
+            raise RmlibError(f"the whitening stem is for the 'fast' backbone's 3x3 stem, not "
+                             f"{config.arch!r}; drop whiten from the recipe")
+        # The first 5,000 training images (CIFAR's order is random; no random numbers are
+        # drawn) at full resolution, also for the low-resolution epochs: BatchNorm follows
+        # the stem, and this is the stem benchmarks/backbone_recipes.py measured.
+        sample = data.images[:5000].cpu()
         whiten_stem(model.backbone, normalise(sample, config.mean, config.std))
     if config.dirac:
         dirac_init(model.backbone)
@@ -263,8 +273,8 @@ def train_backbone(
                  history, config.role, config.epochs, progress, end_epoch)
     kept = (opt.average.module if opt.average is not None else model).eval()
     if len(history) == config.epochs:
+        write_json(folder / "history.json", history)  # model.pt last: it marks a finished run
         save_torch(folder / "model.pt", kept.state_dict())
-        write_json(folder / "history.json", history)
         (folder / "checkpoint.pt").unlink(missing_ok=True)
     return TrainedModel(kept, config, history, folder)
 

@@ -16,6 +16,7 @@ for every t at once: O(N log R) per query instead of a full sort per query and r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -137,13 +138,17 @@ def simulate_backfill(
     reference_query: np.ndarray | None = None,
     ts: np.ndarray = T_GRID,
     chunk: int | None = None,
+    calibration: tuple[Callable, Callable] | None = None,
 ) -> BackfillCurve:
     """mAP, top-1, top-5 and negative-flip rate of the rank-merged system at each t in `ts`.
 
     `old_query` is scored against `old_gallery`, `new_query` against `new_gallery`.
     Negative flips are counted against `reference_query` (the deployed old model's query
-    embedding; default `old_query`) on `old_gallery`.
+    embedding; default `old_query`) on `old_gallery`. `calibration`: increasing maps of the
+    old and the new system's distances to the scores they are merged by (default: the
+    distances themselves).
     """
+    old_score, new_score = calibration or (_identity, _identity)
     n = protocol.num_gallery
     old = EuclideanSystem.of(old_query, old_gallery, "the old system's embeddings")
     new = EuclideanSystem.of(new_query, new_gallery, "the new system's embeddings")
@@ -153,30 +158,16 @@ def simulate_backfill(
         raise RmlibError(f"the backfill order must be a permutation of the {n} gallery items")
     ts = np.asarray(ts, dtype=np.float64)
     segment = torch.as_tensor(item_segments(np.asarray(order), ts))
-    ref_correct = None
+    ref_correct = None  # per query: is the deployed old system's top-1 relevant?
     if reference_query is not None:
         reference = EuclideanSystem.of(reference_query, old_gallery, "reference_query")
         ref_correct = torch.as_tensor(top1_correct(reference, protocol))
 
     num_t = len(ts)
-    # per valid query and t: AP, top-1, top-5, negative flip; summed exactly at the end,
-    # so that identical rankings give bit-identical values at every t
-    per_query: list[torch.Tensor] = []
-    for start, stop in _adaptive_chunks(protocol, num_t, chunk):
-        relevant, excluded = protocol.masks(start, stop)
-        index, valid = relevant_slots(relevant)
-        k_old = rank_keys(old.distances(start, stop), excluded)
-        k_new = rank_keys(new.distances(start, stop), excluded)
-        if reference_query is None:  # the old system itself is the reference
-            chunk_ref = relevant.gather(1, k_old.argmin(1, keepdim=True))[:, 0]
-        else:
-            chunk_ref = ref_correct[start:stop]
-        ranks = _merged_ranks(k_old, k_new, index, valid, segment, num_t)
-        ap, hits = scores_from_ranks(ranks, valid[:, None, :].expand_as(ranks))
-        ok = valid.any(1)
-        flips = chunk_ref[:, None] & ~hits[1]
-        columns = [ap, hits[1].double(), hits[5].double(), flips.double()]
-        per_query.append(torch.stack(columns, 2)[ok])
+    per_query = [_chunk_scores(old, new, protocol, start, stop, segment, num_t, ref_correct,
+                               old_score, new_score)
+                 for start, stop in _adaptive_chunks(protocol, num_t, chunk)]
+    # summed exactly: identical rankings give bit-identical values at every t
     scores = torch.cat(per_query).numpy()
     n_valid = len(scores)
     if n_valid == 0:
@@ -186,6 +177,29 @@ def simulate_backfill(
         t=ts.tolist(), mAP=means[:, 0].tolist(), top1=means[:, 1].tolist(),
         top5=means[:, 2].tolist(), nfr=means[:, 3].tolist(), num_valid_queries=n_valid,
     )
+
+
+def _chunk_scores(old: EuclideanSystem, new: EuclideanSystem, protocol: Protocol, start: int,
+                  stop: int, segment: torch.Tensor, num_t: int, ref_correct: torch.Tensor | None,
+                  old_score: Callable, new_score: Callable) -> torch.Tensor:
+    """(valid queries of start:stop, t, 4): AP, top-1, top-5 and negative flip at every t."""
+    relevant, excluded = protocol.masks(start, stop)
+    index, valid = relevant_slots(relevant)
+    k_old = rank_keys(old_score(old.distances(start, stop)), excluded)
+    k_new = rank_keys(new_score(new.distances(start, stop)), excluded)
+    if ref_correct is None:  # the old system itself is the reference
+        chunk_ref = relevant.gather(1, k_old.argmin(1, keepdim=True))[:, 0]
+    else:
+        chunk_ref = ref_correct[start:stop]
+    ranks = _merged_ranks(k_old, k_new, index, valid, segment, num_t)
+    ap, hits = scores_from_ranks(ranks, valid[:, None, :].expand_as(ranks))
+    flips = chunk_ref[:, None] & ~hits[1]
+    columns = [ap, hits[1].double(), hits[5].double(), flips.double()]
+    return torch.stack(columns, 2)[valid.any(1)]
+
+
+def _identity(distances: torch.Tensor) -> torch.Tensor:
+    return distances
 
 
 def _adaptive_chunks(protocol: Protocol, num_t: int, chunk: int | None):
@@ -198,6 +212,27 @@ def _adaptive_chunks(protocol: Protocol, num_t: int, chunk: int | None):
     per_query = max((num_t + 1) * width, protocol.num_gallery)
     size = int(np.clip(HISTOGRAM_BUDGET // per_query, 1, 2048))
     yield from query_chunks(protocol.num_queries, size)
+
+
+def average_curves(curves: list[BackfillCurve]) -> tuple[BackfillCurve, dict]:
+    """The mean curve of several runs (seeds), and the spread: per-run AUCs, their sample
+    standard deviation, and the per-t standard deviation of mAP and top-1 (for bands)."""
+    def stack(metric: str) -> np.ndarray:
+        return np.array([getattr(c, metric) for c in curves], dtype=np.float64)
+
+    def std(x: np.ndarray) -> np.ndarray:
+        return x.std(axis=0, ddof=1) if len(x) > 1 else np.zeros(x.shape[1:])
+
+    mean = BackfillCurve(curves[0].t, *(stack(m).mean(0).tolist()
+                                         for m in ("mAP", "top1", "top5", "nfr")),
+                         num_valid_queries=curves[0].num_valid_queries)
+    spread = {}
+    for metric in ("mAP", "top1"):
+        aucs = np.array([c.auc(metric) for c in curves])
+        spread[f"auc_{metric}_seeds"] = aucs.tolist()
+        spread[f"auc_{metric}_std"] = float(std(aucs[:, None])[0])
+        spread[f"{metric}_std"] = std(stack(metric)).tolist()
+    return mean, spread
 
 
 def check_conditions(curve: BackfillCurve, old_baseline: dict, new_baseline: dict,
@@ -223,7 +258,9 @@ def check_conditions(curve: BackfillCurve, old_baseline: dict, new_baseline: dic
 
 
 def backfill_arrays(arrays: BackfillArrays, seed: int = 0, new_baseline: dict | None = None,
-                    old_baseline: dict | None = None) -> tuple[BackfillCurve, dict]:
+                    old_baseline: dict | None = None,
+                    calibration: tuple[Callable, Callable] | None = None
+                    ) -> tuple[BackfillCurve, dict]:
     """Simulate the backfill of an evaluation file and check conditions (6)-(8).
 
     The old baseline defaults to the deployed old system (reference_query, else old_query,
@@ -233,7 +270,7 @@ def backfill_arrays(arrays: BackfillArrays, seed: int = 0, new_baseline: dict | 
     protocol = arrays.protocol()
     curve = simulate_backfill(
         arrays.old_query, arrays.old_gallery, arrays.new_query, arrays.new_gallery, protocol,
-        seed=seed, reference_query=arrays.reference_query,
+        seed=seed, reference_query=arrays.reference_query, calibration=calibration,
     )
     if old_baseline is not None:
         old = old_baseline

@@ -11,6 +11,7 @@ Every problem is reported as one line that names the array and what to do.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def load_npz(path: Path | str, required: tuple[str, ...], optional: tuple[str, .
         raise RmlibError(f"{path} does not exist; give the path of an .npz file")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise RmlibError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez"
                          ) from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -167,7 +168,7 @@ def load_npz(path: Path | str, required: tuple[str, ...], optional: tuple[str, .
         for key in archive.files:
             try:
                 found[key] = archive[key]
-            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+            except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
                 raise RmlibError(f"{path}: array {key!r} cannot be read ({exc}); store numbers, "
                                  "not Python objects") from exc
     missing = [k for k in required if k not in found]

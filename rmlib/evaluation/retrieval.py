@@ -52,8 +52,10 @@ class EuclideanSystem:
     digit) and its squares overflow float32 long before the distances do. So both sides
     are centred on the gallery's mean (in float64) and divided by a power of two that
     brings them to unit size, which is exact in binary floating point; `distances`
-    multiplies back by that power of two. The results are the true distances, comparable
-    with another system's (rank merge compares them), wherever the embeddings sit.
+    multiplies back by that power of two. The results are the distances to float32
+    accuracy relative to the spread of the embeddings (near-duplicates closer than about
+    3e-4 of it may swap places), comparable with another system's (rank merge compares
+    them), wherever the embeddings sit.
     """
 
     query: torch.Tensor  # float32, centred and scaled

@@ -14,15 +14,17 @@ from rmlib.engine.backbones import TrainedModel, train_backbone
 from rmlib.engine.embed import cached_embeddings
 from rmlib.engine.objectives import InfluenceObjective, Objective
 from rmlib.engine.transforms import TransformConfig, Transforms, cached_transforms
+from rmlib.evaluation.calibration import DistanceCalibration
 from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.methods.selection import select_settings
 from rmlib.methods.setups import ROLES, SETUPS, Setup
 
 
 class Experiment:
-    """The backbones ("old", "new", "bct", "bict"), embeddings ("train" without flip,
-    "query"/"gallery" with flip TTA) and transforms ("rqt", "cl", "mcl", "mcl-rho", "fct",
-    "bict") of one data set and profile, made on demand and remembered."""
+    """The backbones ("old", "new", "bct", "bict"), embeddings ("train" in one view,
+    "query"/"gallery" in the profile's test-time views) and transforms ("rqt", "cl",
+    "mcl", "mcl-rho", "fct", "bict") of one data set and profile, made on demand and
+    remembered, and the distance calibrations of the two systems."""
 
     def __init__(self, dataset: str, config: Config, progress: bool = True,
                  setup: Setup | None = None):
@@ -34,6 +36,7 @@ class Experiment:
         self.timings: dict[str, float] = {}
         self.selection: dict | None = None
         self._emb: dict[tuple[str, str], np.ndarray] = {}
+        self._calibrations: dict[int, tuple[DistanceCalibration, DistanceCalibration]] = {}
 
     # --- backbones and their embeddings --------------------------------------------------
     def model(self, role: str) -> TrainedModel:
@@ -67,8 +70,9 @@ class Experiment:
                               precision=self.config.precision, progress=self.progress)
 
     def embeddings(self, role: str, split: str) -> np.ndarray:
-        """A backbone's embeddings of the "train" (no flip), "query" or "gallery" images
-        (flip TTA). On CIFAR-100 "test", "query" and "gallery" are all the test set."""
+        """A backbone's embeddings of the "train" (one view), "query" or "gallery" images
+        (the profile's test-time views). On CIFAR-100 "test", "query" and "gallery" are
+        all the test set."""
         if split == "train":
             name, images = "train", self.setup.train.images
         elif self.setup.gallery is None:
@@ -131,17 +135,36 @@ class Experiment:
         folder = self.config.paths.runs / self.dataset / self.profile
         return cached_transforms(cfg, old, new, labels, folder, progress)
 
-    def transform(self, name: str) -> Transforms:
-        """'rqt', 'cl', 'mcl', 'mcl-rho', 'fct' or 'bict', trained on all training items."""
-        if name not in self.transforms:
+    def transform(self, name: str, seed: int = 0) -> Transforms:
+        """'rqt', 'cl', 'mcl', 'mcl-rho', 'fct' or 'bict', trained on all training items;
+        `seed` sets their initialisation and batches (the settings are chosen once)."""
+        key = name if seed == 0 else f"{name}@seed{seed}"
+        if key not in self.transforms:
             t0 = time.time()
             objective, rho = name.split("-")[0], name.endswith("-rho")
             chosen = self.settings()
-            kw = {"hidden": chosen["hidden"], "epochs": chosen["epochs"]}
+            kw = {"hidden": chosen["hidden"], "epochs": chosen["epochs"], "seed": seed}
             if objective in ("cl", "mcl"):
                 kw["tau"] = chosen["tau"]
-            self.transforms[name] = self._fit_transform(
+            self.transforms[key] = self._fit_transform(
                 self.transform_config(objective, rho, **kw), self.embeddings("old", "train"),
                 self.embeddings("new", "train"), self.setup.train.labels, self.progress)
-            self.timings[f"transform_{name}"] = time.time() - t0
-        return self.transforms[name]
+            self.timings[f"transform_{key}"] = time.time() - t0
+        return self.transforms[key]
+
+    def calibrations(self, seed: int = 0) -> tuple[DistanceCalibration, DistanceCalibration]:
+        """The old and the new system's distance -> P(relevant), each fitted on pairs of up
+        to 10,000 training items embedded as the test images are (never test images)."""
+        if seed not in self._calibrations:
+            train = self.setup.train
+            rng = np.random.default_rng(seed)
+            sample = np.sort(rng.choice(len(train), min(10_000, len(train)), replace=False))
+            fitted = []
+            for role in ROLES:
+                emb = cached_embeddings(self.model(role), train.images[sample],
+                                        f"{self.dataset}-train-calibration",
+                                        views=self.setup.test_time_views,
+                                        precision=self.config.precision)
+                fitted.append(DistanceCalibration.fit(emb, train.labels[sample], seed=seed))
+            self._calibrations[seed] = (fitted[0], fitted[1])
+        return self._calibrations[seed]

@@ -18,49 +18,75 @@ from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.selection import rm_systems
 
+Systems = Callable[[Experiment, int], BackfillArrays]
+
 
 @dataclass(frozen=True)
 class Method:
     """One row: its name, the backbones and transforms it needs, how it builds its two
-    systems, and what they are in words. `same_as` names a row with the same systems
-    (evaluated once)."""
+    systems for a seed, and what they are in words.
+
+    `seeded`: its systems or its merge depend on the seed (the backfill order, and the
+    initialisation and batches of its transforms), so it is run with every seed of the
+    profile; else once. `calibration`: the maps of each system's distances to the scores
+    the merge compares (default: the distances). `same_as` names a row with the same
+    systems (evaluated once).
+    """
 
     name: str
-    needs: tuple[str, ...]
-    systems: Callable[[Experiment], BackfillArrays]
+    needs: tuple[str, ...]  # backbones and transforms (negative flips always need "old")
+    systems: Systems
     note: str
+    seeded: bool = True
+    calibration: Callable[[Experiment, int], tuple] | None = None
     same_as: str | None = None
 
 
-def _reverse_transform(name: str) -> Callable[[Experiment], BackfillArrays]:
+def _reverse_transform(name: str) -> Systems:
     """The RM systems of a fitted psi (and rho): {psi(rho(phi_new(q))), phi_old(g)} and
     {rho(phi_new(q)), rho(phi_new(g))}."""
-    return lambda e: rm_systems(e.transform(name), e.naive())
+    return lambda e, seed: rm_systems(e.transform(name, seed), e.naive())
 
 
-def _forward_gallery(backbone: str, transform: str) -> Callable[[Experiment], BackfillArrays]:
-    """FCT / BiCT: the old gallery upgraded by h, searched by the new backbone's queries."""
-    def systems(e: Experiment) -> BackfillArrays:
-        (q, g), h = e.pair(backbone), e.transform(transform)
+def _forward_gallery(backbone: str, transform: str, seeded: bool = True) -> Systems:
+    """FCT / BiCT: the old gallery upgraded by h, searched by the new backbone's queries.
+    BiCT's h' is the one its backbone was trained against (seed 0) whatever the seed."""
+    def systems(e: Experiment, seed: int) -> BackfillArrays:
+        (q, g), h = e.pair(backbone), e.transform(transform, seed if seeded else 0)
         return e.systems(q, h.forward(e.pair("old")[1]), q, g)
     return systems
 
 
+def _upgraded_model(e: Experiment, seed: int) -> BackfillArrays:
+    """rho(phi_new) alone for queries and gallery: the better model without any merge."""
+    rho = e.transform("mcl-rho", seed)
+    q, g = (rho.new_side(x) for x in e.pair("new"))
+    return e.systems(q, g, q, g)
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("Old", ("old",), lambda e: e.systems(*e.pair("old"), *e.pair("old")),
-           "phi_old / phi_old, no backfill"),
-    Method("New", ("new",), lambda e: e.systems(*e.pair("new"), *e.pair("new")),
-           "phi_new / phi_new, fully backfilled"),
-    Method("RM_naive", ("old", "new"), lambda e: e.naive(), "rank merge of old/old and new/new"),
+    Method("Old", ("old",), lambda e, s: e.systems(*e.pair("old"), *e.pair("old")),
+           "phi_old / phi_old, no backfill", seeded=False),
+    Method("New", ("old", "new"), lambda e, s: e.systems(*e.pair("new"), *e.pair("new")),
+           "phi_new / phi_new, fully backfilled", seeded=False),
+    Method("RM_naive", ("old", "new"), lambda e, s: e.naive(),
+           "rank merge of old/old and new/new"),
     Method("BCT", ("old", "bct"),
-           lambda e: e.systems(e.pair("bct")[0], e.pair("old")[1], *e.pair("bct")),
+           lambda e, s: e.systems(e.pair("bct")[0], e.pair("old")[1], *e.pair("bct")),
            "phi_bct / phi_old, then phi_bct"),
     Method("FCT", ("old", "new", "transform fct"), _forward_gallery("new", "fct"),
            "phi_new / h(phi_old), no side-information"),
-    Method("BiCT", ("old", "bict", "transform bict"), _forward_gallery("bict", "bict"),
+    Method("BiCT", ("old", "new", "bict", "transform bict"),
+           _forward_gallery("bict", "bict", seeded=False),
            "phi_bict / h'(phi_old), then phi_bict (our reimplementation)"),
     Method("RM", ("old", "new", "transform mcl-rho"), _reverse_transform("mcl-rho"),
            "psi(rho(phi_new)) / phi_old, then rho(phi_new)"),
+    Method("New+rho", ("old", "new", "transform mcl-rho"), _upgraded_model,
+           "rho(phi_new) / rho(phi_new): the upgraded model alone, fully backfilled"),
+    Method("RM_naive+cal", ("old", "new", "calibration"), lambda e, s: e.naive(),
+           "rank merge of old/old and new/new by P(relevant | distance), each system "
+           "calibrated by isotonic regression on training pairs",
+           calibration=lambda e, s: e.calibrations(s)),
     Method("+RQT", ("old", "new", "transform rqt"), _reverse_transform("rqt"),
            "psi_rqt(phi_new) / phi_old, then phi_new"),
     Method("+CL", ("old", "new", "transform cl"), _reverse_transform("cl"),
@@ -71,7 +97,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "psi(rho(phi_new)) / phi_old, then rho(phi_new)", same_as="RM"),
 )}
 
-TABLE1_ROWS = ("Old", "New", "RM_naive", "BCT", "FCT", "BiCT", "RM")
+# The paper's rows, then two references of ours: the upgraded model alone (how much of
+# RM's result is the better model rather than the merge) and a training-free calibration.
+TABLE1_ROWS = ("Old", "New", "RM_naive", "BCT", "FCT", "BiCT", "RM", "New+rho", "RM_naive+cal")
 ABLATION_ROWS = ("RM_naive", "+RQT", "+CL", "+MCL", "+rho")
 
 

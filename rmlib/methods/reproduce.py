@@ -10,15 +10,22 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
+from pathlib import Path
 
+from rmlib import RmlibError
 from rmlib.config import Config
 from rmlib.engine.backbones import count_parameters
-from rmlib.evaluation.backfill import BackfillCurve, backfill_arrays
+from rmlib.evaluation.backfill import (
+    BackfillCurve,
+    average_curves,
+    backfill_arrays,
+    check_conditions,
+)
 from rmlib.evaluation.retrieval import evaluate
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.registry import ABLATION_ROWS, METHODS, TABLE1_ROWS, paper_table1
 from rmlib.methods.setups import ROLES
-from rmlib.outputs import write_json
+from rmlib.outputs import check_output, write_json
 from rmlib.provenance import provenance
 
 PROTOCOLS = {
@@ -46,22 +53,33 @@ def train_backbones(dataset: str, config: Config, roles: tuple[str, ...] = ROLES
                     progress: bool = True) -> dict:
     """Train (or reuse) the requested backbones; add them to backbones.json."""
     start = time.time()
-    exp = Experiment(dataset, config, progress)
     out = config.paths.results / dataset / config.name / "backbones.json"
-    result = json.loads(out.read_text()) if out.exists() else {}
+    check_output(out, "the results file")  # before any training, not after it
+    check_output(config.paths.runs / dataset / "probe", "the run cache")
+    result = _read_json(out) if out.exists() else {}
+    exp = Experiment(dataset, config, progress)
     for role in roles:
         result[role] = backbone_entry(exp, role)
     protocol = ("CIFAR-100 test, leave-one-out" if dataset == "cifar100"
                 else "Market-1501 query/gallery, same-id same-camera removed")
     result["provenance"] = provenance(
         config={"roles": list(roles), "protocol": protocol,
-                "old_classes": exp.setup.num_old_classes, "embedding_flip_tta": True,
+                "old_classes": exp.setup.num_old_classes,
+                "test_time_views": exp.setup.test_time_views,
                 **(exp.setup.extra or {})},
         wall_time_s=time.time() - start, profile=config.name)
     result["provenance"]["train_wall_time_s"] = {
         r: result[r]["train_wall_time_s"] for r in ROLES if r in result}
     write_json(out, result)
     return result
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RmlibError(f"{path} is not a readable results file ({exc}); move it aside "
+                         "and run again") from exc
 
 
 def gain(auc: float, auc_old: float, auc_new: float) -> float:
@@ -78,34 +96,49 @@ def final_metrics(row: dict) -> dict:
 
 def evaluate_method(exp: Experiment, name: str, old: dict | None = None,
                     new: dict | None = None) -> dict:
-    """A method's backfill curves, AUCs and conditions (6)-(8), judged against the
-    deployed old system's metrics `old` and the upgraded model's `new` (default: the
-    method's own end points)."""
+    """A method's backfill curves (the mean over the profile's seeds, if the method depends
+    on them), AUCs with their spread, and conditions (6)-(8) of the mean curve, judged
+    against the deployed old system's metrics `old` and the upgraded model's `new`
+    (default: the method's own end points)."""
     t0 = time.time()
     method = METHODS[name]
-    curve, conditions = backfill_arrays(method.systems(exp), seed=0, new_baseline=new,
-                                        old_baseline=old)
-    return {**curve.to_dict(), "conditions": conditions, "systems": method.note,
-            "eval_seconds": time.time() - t0}
+    seeds = exp.config.profile.transforms.seeds if method.seeded else (0,)
+    runs = [backfill_arrays(method.systems(exp, seed), seed=seed, new_baseline=new,
+                            old_baseline=old, calibration=method.calibration(exp, seed)
+                            if method.calibration else None) for seed in seeds]
+    curve, spread = average_curves([c for c, _ in runs])
+    first = runs[0][1]
+    conditions = check_conditions(curve, old or {m: first[m]["old"] for m in first},
+                                  new or final_metrics(curve.to_dict()))
+    return {**curve.to_dict(), "seeds": list(seeds), **spread, "conditions": conditions,
+            "systems": method.note, "eval_seconds": time.time() - t0}
 
 
 def evaluate_rows(exp: Experiment, names: tuple[str, ...]) -> dict[str, dict]:
     """Old and New first (they are the baselines of every other row), then `names`, each
-    evaluated once (`same_as` rows share their twin's result), with the Gain."""
+    evaluated once (`same_as` rows share their twin's result), with the Gain and, when
+    New+rho is among them, the Gain over the upgraded model."""
     rows = {"Old": evaluate_method(exp, "Old"), "New": evaluate_method(exp, "New")}
     old, new = final_metrics(rows["Old"]), final_metrics(rows["New"])
     for name in names:
         twin = METHODS[name].same_as
         if name not in rows:
             rows[name] = rows[twin] if twin in rows else evaluate_method(exp, name, old, new)
+    auc_old = rows["Old"]["auc_mAP"]
     for row in rows.values():
-        row["gain"] = gain(row["auc_mAP"], rows["Old"]["auc_mAP"], rows["New"]["auc_mAP"])
+        row["gain"] = gain(row["auc_mAP"], auc_old, rows["New"]["auc_mAP"])
+        if "New+rho" in rows:
+            row["gain_upgraded"] = gain(row["auc_mAP"], auc_old, rows["New+rho"]["auc_mAP"])
     return rows
 
 
 def reproduce(dataset: str, config: Config, progress: bool = True) -> dict:
     """Train/evaluate whatever is missing; write table1.json and ablation.json."""
     start = time.time()
+    folder = config.paths.results / dataset / config.name
+    for name in ("table1", "ablation"):  # before any training, not after it
+        check_output(folder / f"{name}.json", "the results file")
+    check_output(config.paths.runs / dataset / "probe", "the run cache")
     exp = Experiment(dataset, config, progress)
     rows = evaluate_rows(exp, TABLE1_ROWS + ABLATION_ROWS)
     run_config = {
@@ -114,6 +147,7 @@ def reproduce(dataset: str, config: Config, progress: bool = True) -> dict:
         "hyperparameter_selection": exp.selection,
         "protocol": PROTOCOLS[dataset],
         "fct": "without side-information",
+        "test_time_views": exp.setup.test_time_views,
         **(exp.setup.extra or {}),
     }
     prov = provenance(run_config, time.time() - start, config.name)
@@ -124,7 +158,6 @@ def reproduce(dataset: str, config: Config, progress: bool = True) -> dict:
     tables = {"table1": {"rows": {n: rows[n] for n in TABLE1_ROWS},
                          "paper": paper_table1()[dataset]},
               "ablation": {"rows": {n: rows[n] for n in ABLATION_ROWS}}}
-    folder = config.paths.results / dataset / config.name
     for name, body in tables.items():
         body["provenance"] = prov
         write_json(folder / f"{name}.json", body)
@@ -136,13 +169,15 @@ def results(dataset: str, config: Config, progress: bool = False) -> dict:
     else run them."""
     folder = config.paths.results / dataset / config.name
     if (folder / "table1.json").exists() and (folder / "ablation.json").exists():
-        return {name: json.loads((folder / f"{name}.json").read_text())
-                for name in ("table1", "ablation")}
+        return {name: _read_json(folder / f"{name}.json") for name in ("table1", "ablation")}
     return reproduce(dataset, config, progress)
 
 
 def curve_of(result_row: dict) -> BackfillCurve:
-    """A BackfillCurve back from a results-file row."""
+    """A BackfillCurve back from a results-file row, with its spread over seeds (if any)
+    in `extras`, which `rmlib.report.plot_curves` draws as bands."""
     keys = ("t", "mAP", "top1", "top5", "nfr")
+    spread = {k: result_row[k] for k in ("mAP_std", "top1_std") if k in result_row}
     return BackfillCurve(**{k: result_row[k] for k in keys},
-                         num_valid_queries=result_row.get("num_valid_queries", 0))
+                         num_valid_queries=result_row.get("num_valid_queries", 0),
+                         extras=spread)
