@@ -1,6 +1,6 @@
 """Benchmark: which cpu-profile backbone recipe buys the most retrieval quality per minute.
 
-    RMLIB_DATA=../shared/data python -m benchmarks.backbone_recipes [--role old] [--out F] \
+    RMLIB_DATA=DATA_ROOT python -m benchmarks.backbone_recipes [--role old] [--out F] \
         [--only NAME ...]
 
 Each recipe trains the `role` backbone on the training images of its classes minus a

@@ -1,7 +1,7 @@
 """Benchmark: the merged online-backfill index against one faiss index of the same size.
 
     python -m benchmarks.bench_serving [--n 1000000] [--dim 128] [--queries 1000] [--k 10]
-    RMLIB_DATA=../shared/data python -m benchmarks.bench_serving --cifar100 cpu \
+    RMLIB_DATA=DATA_ROOT python -m benchmarks.bench_serving --cifar100 cpu \
         --nlist 100 --nprobe 8
 
 Queries per second of the merged search at backfill ratios 0, 0.5 and 1 against a single

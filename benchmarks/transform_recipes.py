@@ -1,6 +1,6 @@
 """Benchmark: which shape of psi/rho buys the most backfill quality per second of fitting.
 
-    RMLIB_DATA=../shared/data python -m benchmarks.transform_recipes [--out F]
+    RMLIB_DATA=DATA_ROOT python -m benchmarks.transform_recipes [--out F]
 
 Each recipe fits MCL with rho (eq. 12-13) on the cached cpu-profile old/new embeddings of
 the training images minus the validation split (`Experiment.validation_split`: 50 per
