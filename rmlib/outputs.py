@@ -145,20 +145,28 @@ def check_output(path: Path | str, option: str, inputs: Iterable[Path | str] = (
         if _same_file(path, Path(source)):
             raise RmlibError(f"{option} {path} is the input file {source}; writing it would "
                              "destroy the input: choose another name")
-    ancestor = path.parent
+    check_folder(path.parent, f"{option} {path}")
+    return path
+
+
+def check_folder(folder: Path | str, what: str) -> Path:
+    """Fail now, with one line, unless `folder` is (or can be made) a writable folder;
+    makes it. `what` names it in the message."""
+    folder = Path(folder)
+    ancestor = folder
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise RmlibError(f"{option} {path}: {ancestor} is a file, not a folder; choose a path "
+        raise RmlibError(f"{what}: {ancestor} is a file, not a folder; choose a path "
                          "inside a folder")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise RmlibError(f"{option} {path}: cannot write in {path.parent} "
-                         f"({exc.strerror or exc}); choose a writable folder") from exc
-    return path
+        raise RmlibError(f"{what}: cannot write in {folder} ({exc.strerror or exc}); "
+                         "choose a writable folder") from exc
+    return folder
 
 
 def check_outputs(outputs: Mapping[str, Path | str | None], inputs: Iterable[Path | str] = (),

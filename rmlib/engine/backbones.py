@@ -264,8 +264,9 @@ def train_backbone(
             print(f"{config.role} epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.3f} "
                   f"train acc {record['train_acc']:.3f} ({record['images_per_s']:.0f} img/s)",
                   flush=True)
-        save_torch(folder / "checkpoint.pt", {"model": model.state_dict(), **opt.state(),
-                                        "history": history, "epoch": epoch + 1})
+        save_torch(folder / "checkpoint.pt",
+                   {"model": model.state_dict(), **opt.state(), "history": history,
+                    "epoch": epoch + 1})
 
     stop = config.epochs if stop_after_epochs is None else min(config.epochs,
                                                                start + stop_after_epochs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -108,17 +108,16 @@ class Transforms:
         raw = json.loads(state["config"])
         config = TransformConfig(**{**raw, "sources": tuple(raw["sources"])})
         d_in, d_out, hidden = state["psi_dims"]
-        psi = EmbeddingTransform(d_in, d_out, hidden, layers=config.layers)
-        psi.load_state_dict(state["psi"])
-        rho = classifier = None
-        if state["rho"]:
-            d = d_in
-            rho = EmbeddingTransform(d, d, hidden, residual=True, layers=config.layers)
-            rho.load_state_dict(state["rho"])
-        if state["classifier"]:
-            classifier = CosineClassifier(d_out, config.num_classes)
-            classifier.load_state_dict(state["classifier"])
-        return cls(config, psi.eval(), rho.eval() if rho else None, classifier, state["history"])
+        forward = config.objective in ("fct", "bict")  # psi: old -> ..., else new -> old
+        d_old, d_new = (d_in, d_out) if forward else (d_out, d_in)
+        with torch.random.fork_rng():  # loading leaves the global random state alone
+            t = build_transforms(replace(config, hidden=hidden), d_old, d_new)
+        t.config, t.history = config, state["history"]
+        for module, name in ((t.psi, "psi"), (t.rho, "rho"), (t.classifier, "classifier")):
+            if module is not None:
+                module.load_state_dict(state[name])
+                module.eval()
+        return t
 
 
 def _loss(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from rmlib.evaluation.retrieval import evaluate
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.registry import ABLATION_ROWS, METHODS, TABLE1_ROWS, paper_table1
 from rmlib.methods.setups import ROLES
-from rmlib.outputs import check_output, write_json
+from rmlib.outputs import check_folder, check_output, write_json
 from rmlib.provenance import provenance
 
 PROTOCOLS = {
@@ -55,7 +55,7 @@ def train_backbones(dataset: str, config: Config, roles: tuple[str, ...] = ROLES
     start = time.time()
     out = config.paths.results / dataset / config.name / "backbones.json"
     check_output(out, "the results file")  # before any training, not after it
-    check_output(config.paths.runs / dataset / "probe", "the run cache")
+    check_folder(config.paths.runs / dataset, "the run cache")
     result = _read_json(out) if out.exists() else {}
     exp = Experiment(dataset, config, progress)
     for role in roles:
@@ -138,7 +138,7 @@ def reproduce(dataset: str, config: Config, progress: bool = True) -> dict:
     folder = config.paths.results / dataset / config.name
     for name in ("table1", "ablation"):  # before any training, not after it
         check_output(folder / f"{name}.json", "the results file")
-    check_output(config.paths.runs / dataset / "probe", "the run cache")
+    check_folder(config.paths.runs / dataset, "the run cache")
     exp = Experiment(dataset, config, progress)
     rows = evaluate_rows(exp, TABLE1_ROWS + ABLATION_ROWS)
     run_config = {
