@@ -51,8 +51,9 @@ def _positive_float(text: str) -> float:
 def _cmd_backfill(args: argparse.Namespace) -> int:
     from rmlib.evaluation.backfill import backfill_arrays
     from rmlib.evaluation.emb_file import load_backfill_arrays
+    from rmlib.figures import plot_curves
     from rmlib.provenance import provenance
-    from rmlib.report import plot_curves, summary_text
+    from rmlib.report import summary_text
 
     check_outputs({"--json": args.json, "--plot": args.plot}, inputs=[args.emb],
                   figures=["--plot"])

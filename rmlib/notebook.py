@@ -1,23 +1,79 @@
 """What a chapter of the book opens with: the configuration, built once from the environment,
-and the results it shows (read from the results folder, or run when missing)."""
+and the results it shows. A chapter never starts a long run by itself: where a profile's
+results or cached models are missing it says what is missing, what making them cost when
+it was measured, and the one command that makes them (with progress bars)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
+from rmlib import RmlibError
 from rmlib.config import Config
+from rmlib.engine.transforms import TransformConfig
+from rmlib.evaluation.backfill import BackfillCurve
 from rmlib.methods.experiment import Experiment
-from rmlib.methods.reproduce import results
+from rmlib.methods.reproduce import curve_of, reproduce
 from rmlib.provenance import commit_at_start
 from rmlib.report import provenance_line
+from rmlib.tables import departures_frame, run_frame, seeds_caption, styled_results
+
+CHEAP_PROFILES = ("smoke",)  # made on the spot when missing: a minute or two on a CPU
+FALLBACK_PROFILE = "cpu"  # committed with the repository; shown when another is missing
+RESULT_FILES = ("table1", "ablation")
+
+
+class NeedsRun(RmlibError):
+    """What a chapter needs and no run has made yet, with the command that makes it."""
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError) as exc:
+        raise RmlibError(f"{path} is not a readable results file ({exc}); move it aside and "
+                         "make it again") from exc
+
+
+def saved_results(dataset: str, config: Config) -> dict | None:
+    """{"table1": ..., "ablation": ..., "backbones": ...} of a profile, or None if a
+    Table 1 / ablation file is missing (backbones.json is optional)."""
+    folder = config.paths.results / dataset / config.name
+    found = {name: _read(folder / f"{name}.json") for name in (*RESULT_FILES, "backbones")}
+    return found if all(found[n] is not None for n in RESULT_FILES) else None
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def _measured_on(prov: dict) -> str:
+    machine = prov.get("machine", {})
+    hw = machine.get("gpu") or machine.get("cpu") or "an unrecorded machine"
+    return f"{hw}, {machine.get('threads', '?')} threads"
+
+
+def reproduce_cost(dataset: str, config: Config) -> str:
+    """'55 min on AMD EPYC, 2 threads (measured)' from the committed results of a profile,
+    or a sentence that says no run of it was measured here."""
+    found = saved_results(dataset, config)
+    if found is None:
+        return f"not measured here for the {config.name} profile"
+    prov = found["table1"]["provenance"]
+    train = (found.get("backbones") or {}).get("provenance", {}).get("wall_time_s", 0.0)
+    return f"{_minutes(train + prov.get('wall_time_s', 0.0))} on {_measured_on(prov)} (measured)"
 
 
 @dataclass
 class Chapter:
-    """A chapter's configuration and the Table 1 / ablation rows of its profile."""
+    """A chapter's configuration and the results of its profile (Table 1, ablation,
+    backbones), with `note` saying where they come from."""
 
+    dataset: str
     config: Config
     results: dict
+    note: str
 
     @property
     def table(self) -> dict:
@@ -27,16 +83,106 @@ class Chapter:
     def ablation(self) -> dict:
         return self.results["ablation"]["rows"]
 
-    def experiment(self, dataset: str = "cifar100") -> Experiment:
-        """The backbones, embeddings and transforms behind the results (cached on disk)."""
-        return Experiment(dataset, self.config, progress=False)
+    @property
+    def provenance(self) -> dict:
+        return self.results["table1"]["provenance"]
+
+    def rows(self, *names: str) -> dict[str, dict]:
+        """Results rows by name, from Table 1 or the ablation (all of Table 1 if none)."""
+        both = {**self.ablation, **self.table}
+        missing = [n for n in names if n not in both]
+        if missing:
+            raise RmlibError(f"no results row {missing} in this profile's results; the rows "
+                             f"are {sorted(both)}")
+        return {n: both[n] for n in names} if names else dict(self.table)
+
+    def curves(self, *names: str) -> dict[str, BackfillCurve]:
+        """The rows' mean backfill curves, with their spread over seeds for the bands."""
+        return {n: curve_of(r) for n, r in self.rows(*names).items()}
+
+    def results_table(self, *names: str, caption: str = "", paper: bool = True):
+        """The rows as an HTML table (mean ± std, conditions, the paper's numbers)."""
+        return styled_results(self.rows(*names), self.results["table1"].get("paper")
+                              if paper else None, caption)
+
+    def seeds_caption(self) -> str:
+        return seeds_caption(self.table, self.provenance)
+
+    def departures(self):
+        """Where this run and the paper part ways, as a table (rmlib.tables)."""
+        return departures_frame(self.table, self.results["table1"].get("paper", {}))
+
+    def run_table(self):
+        """Seconds per step of the run behind the results, and the machine it ran on."""
+        print(f"{_measured_on(self.provenance)}; commit {self.provenance.get('git_commit')}")
+        return run_frame(self.provenance, self.results.get("backbones"))
+
+    def _missing(self, exp: Experiment, roles: tuple[str, ...],
+                 transforms: tuple[str, ...]) -> dict[str, float]:
+        """The cached runs `exp` would have to make, each with its measured seconds."""
+        prov, runs = self.provenance, self.config.paths.runs
+        trained = prov.get("backbone_train_seconds", {})
+        missing = {f"backbone {r}": trained.get(r, 0.0) for r in roles
+                   if not (exp.setup.backbone_config(r).run_dir(runs) / "model.pt").exists()}
+        folder = runs / self.dataset / self.config.name
+        configs = prov["config"].get("transforms", {})
+        fitted = prov.get("transform_fit_seconds", {})
+        for name in transforms:
+            if name not in configs:
+                continue  # results written before this transform existed: make it on use
+            cfg = TransformConfig(**configs[name])
+            if not (folder / f"transform-{cfg.name}-{cfg.key()}" / "t.pt").exists():
+                missing[f"transform {name}"] = fitted.get(name, 0.0)
+        if any(k.startswith("transform") for k in missing):  # their settings come first
+            missing["settings search"] = prov.get("step_seconds", {}).get(
+                "hyperparameter_selection", 0.0)
+        return missing
+
+    def experiment(self, roles: tuple[str, ...] = ("old", "new"),
+                   transforms: tuple[str, ...] = ()) -> Experiment:
+        """The backbones, embeddings and transforms behind the results, from the run cache.
+
+        Raises NeedsRun, with the measured time and the command, when `roles` or
+        `transforms` are not cached and the profile takes more than a few minutes.
+        """
+        exp = Experiment(self.dataset, self.config, progress=False)
+        if self.config.name in CHEAP_PROFILES:
+            return exp
+        missing = self._missing(exp, roles, transforms)
+        if missing:
+            cost = sum(missing.values())
+            command = "reproduce" if len(missing) > len(roles) else "train"
+            which = f" {self.dataset}" + (" both" if command == "train" else "")
+            raise NeedsRun(
+                f"this cell needs the {self.config.name} profile's {', '.join(missing)}, not in "
+                f"the run cache {self.config.paths.runs}; making them took {_minutes(cost)} on "
+                f"{_measured_on(self.provenance)}; run `!python -m rmlib {command}{which} "
+                f"--profile {self.config.name}` (progress bars), then this cell again")
+        return exp
 
 
 def open_chapter(dataset: str = "cifar100", profile: str | None = None) -> Chapter:
-    """The configuration (RMLIB_PROFILE etc.; cpu on a CPU, paper on a GPU) and the results
-    of its profile, with the line that says where they come from."""
+    """The configuration (RMLIB_PROFILE, else cpu on a CPU and paper on a GPU) and the
+    results of its profile. A cheap profile's missing results are made on the spot; a
+    costly one's are replaced by the committed cpu profile's, saying so and how to make
+    them; with neither, NeedsRun says what to run."""
     config = Config.from_env(profile)
     commit_at_start(config.commit)  # results record the code the chapter started with
-    found = results(dataset, config)
-    print(provenance_line(found["table1"]["provenance"]))
-    return Chapter(config, found)
+    found = saved_results(dataset, config)
+    note = ""
+    if found is None and config.name in CHEAP_PROFILES:
+        found = {**reproduce(dataset, config, progress=False), "backbones": None}
+    elif found is None:
+        command = f"`!python -m rmlib reproduce {dataset} --profile {config.name}`"
+        fallback = Config.from_env(FALLBACK_PROFILE) if config.name != FALLBACK_PROFILE else None
+        found = saved_results(dataset, fallback) if fallback else None
+        if found is None:
+            raise NeedsRun(f"no {config.name}-profile results in {config.paths.results}; "
+                           f"making them is {reproduce_cost(dataset, config)}; run {command}")
+        note = (f"No `{config.name}` results yet: this page shows the committed "
+                f"`{FALLBACK_PROFILE}` profile's. {command} makes them "
+                f"({reproduce_cost(dataset, config)}).\n")
+        config = fallback
+    chapter = Chapter(dataset, config, found, note + provenance_line(found["table1"]["provenance"]))
+    print(chapter.note)
+    return chapter

@@ -1,14 +1,12 @@
-"""Tables and figures: the terminal summary of a backfill, curves, Table 1 beside the paper."""
+"""Text for the terminal: the summary of a backfill, Table 1 beside the paper, and the line
+that says which run made a results file. (Figures: `rmlib.figures`; HTML tables:
+`rmlib.tables`.)"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
-
-import numpy as np
 
 from rmlib.evaluation.backfill import BackfillCurve
-from rmlib.outputs import save_figure
 
 
 def curve_table(curve: BackfillCurve, every: int = 2) -> str:
@@ -37,42 +35,6 @@ def summary_text(curve: BackfillCurve, conditions: Mapping | None = None) -> str
                 f"(8) largest drop {100 * c['max_drop']:.2f} pts "
                 f"{'ok' if c['cond8_monotone'] else 'VIOLATED'}")
     return "\n".join(lines)
-
-
-def plot_curves(curves: Mapping[str, BackfillCurve], path: Path | str | None = None,
-                title: str = ""):
-    """mAP, top-1 and negative-flip curves of one or more systems against t; saved if path.
-
-    A curve that carries the spread over seeds (`extras` "mAP_std", "top1_std", as
-    `curve_of` reads them from a results row) is drawn with a band of one std.
-    """
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
-    for name, curve in curves.items():
-        for ax, metric in zip(axes, ("mAP", "top1", "nfr"), strict=True):
-            values = np.array(getattr(curve, metric)) * 100
-            line, = ax.plot(curve.t, values, marker=".", label=name)
-            std = curve.extras.get(f"{metric}_std")
-            if std is not None and any(std):
-                band = 100 * np.asarray(std)
-                ax.fill_between(curve.t, values - band, values + band, alpha=0.2,
-                                color=line.get_color(), linewidth=0)
-    for ax, label in zip(axes, ("mAP (%)", "top-1 (%)", "negative flips (%)"), strict=True):
-        ax.set_xlabel("backfilled fraction t")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    if path is not None:
-        save_figure(fig, path, dpi=120)
-        plt.close(fig)
-    return fig
 
 
 def _auc(row: Mapping, metric: str) -> str:
@@ -120,74 +82,3 @@ def provenance_line(prov: Mapping) -> str:
     if transforms:
         line += f"; final transform fits {transforms / 60:.1f} min"
     return line + "."
-
-
-def nearest_distances(query, gallery, protocol, positive: bool, limit: int = 2000):
-    """Each query's distance to its nearest relevant (positive=True) or irrelevant gallery item.
-
-    Distances of two systems are comparable only if these distributions line up: rank
-    merge compares an old-system distance with a new-system one.
-    """
-    import numpy as np
-    import torch
-
-    from rmlib.evaluation.retrieval import EuclideanSystem
-
-    n = min(limit, len(query))
-    relevant, excluded = protocol.masks(0, n)
-    d = EuclideanSystem.of(query[:n], gallery).distances()
-    mask = relevant if positive else (~relevant & ~excluded)
-    d = d.masked_fill(~mask, float("inf")).min(1).values
-    return d[torch.isfinite(d)].numpy().astype(np.float64)
-
-
-def plot_distance_calibration(systems: Mapping[str, tuple], protocol, path=None, title=""):
-    """Histograms of nearest-positive and nearest-negative distances for each system.
-
-    systems: name -> (query, gallery). Returns the figure.
-    """
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(systems), figsize=(4.2 * len(systems), 3.3),
-                             constrained_layout=True, squeeze=False)
-    for ax, (name, (q, g)) in zip(axes[0], systems.items(), strict=True):
-        pos = nearest_distances(q, g, protocol, True)
-        neg = nearest_distances(q, g, protocol, False)
-        bins = 40
-        ax.hist(pos, bins=bins, alpha=0.6, density=True, label="nearest relevant")
-        ax.hist(neg, bins=bins, alpha=0.6, density=True, label="nearest irrelevant")
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("Euclidean distance")
-    axes[0][0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    if path is not None:
-        save_figure(fig, path, dpi=120)
-    return fig
-
-
-def plot_retrieval_examples(images, rows: Mapping[str, list], query_image, title: str = ""):
-    """A query image and, per system, its merged top-k; frame colour = correct (green) or
-    not (red), caption = the system that scored the item (old/new) and its distance."""
-    import matplotlib.pyplot as plt
-
-    k = max(len(r) for r in rows.values())
-    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.35 * (k + 1), 1.6 * len(rows)),
-                             constrained_layout=True, squeeze=False)
-    for r, (name, items) in enumerate(rows.items()):
-        axes[r][0].imshow(query_image.transpose(1, 2, 0))
-        axes[r][0].set_title("query", fontsize=8)
-        axes[r][0].set_ylabel(name, fontsize=8)
-        for c, (idx, dist, side, ok) in enumerate(items, start=1):
-            ax = axes[r][c]
-            ax.imshow(images[idx].transpose(1, 2, 0))
-            ax.set_title(f"{side} {dist:.2f}", fontsize=7)
-            for spine in ax.spines.values():
-                spine.set_edgecolor("tab:green" if ok else "tab:red")
-                spine.set_linewidth(3)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return fig

@@ -4,8 +4,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+from rmlib.figures import plot_curves  # noqa: E402
 from rmlib.methods.reproduce import curve_of  # noqa: E402
-from rmlib.report import plot_curves, table1_text  # noqa: E402
+from rmlib.report import table1_text  # noqa: E402
 
 
 def row(auc, std=None, seeds=(0,)):

@@ -164,15 +164,6 @@ def reproduce(dataset: str, config: Config, progress: bool = True) -> dict:
     return tables
 
 
-def results(dataset: str, config: Config, progress: bool = False) -> dict:
-    """Table 1 and ablation results of a profile: read from the results folder if there,
-    else run them."""
-    folder = config.paths.results / dataset / config.name
-    if (folder / "table1.json").exists() and (folder / "ablation.json").exists():
-        return {name: _read_json(folder / f"{name}.json") for name in ("table1", "ablation")}
-    return reproduce(dataset, config, progress)
-
-
 def curve_of(result_row: dict) -> BackfillCurve:
     """A BackfillCurve back from a results-file row, with its spread over seeds (if any)
     in `extras`, which `rmlib.report.plot_curves` draws as bands."""

@@ -1,0 +1,206 @@
+"""Results rows as pandas tables for the book: mean plus or minus the std over seeds, the
+paper's numbers beside ours, the paper's conditions as check marks, the best value bold,
+and differences smaller than their noise marked. (The CLI prints `rmlib.report`'s text.)"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+NOISE_FACTOR = 2.0  # a difference is "within noise" when |mean| < 2 x its std over seeds
+
+
+def seed_values(row: Mapping, metric: str = "mAP") -> np.ndarray:
+    """A row's per-seed AUCs (one value for a row that does not depend on the seed)."""
+    return np.asarray(row.get(f"auc_{metric}_seeds", [row[f"auc_{metric}"]]), dtype=np.float64)
+
+
+def difference(a: Mapping, b: Mapping, metric: str = "mAP") -> tuple[float, float]:
+    """AUC(a) - AUC(b) and its std over seeds. Rows evaluated on the same seeds share the
+    backfill order of each seed, so the difference is taken seed by seed (paired)."""
+    va, vb = seed_values(a, metric), seed_values(b, metric)
+    if len(va) == len(vb) and a.get("seeds") == b.get("seeds"):
+        d = va - vb
+    else:  # one side is seed-free: its single value against every seed of the other
+        d = va[:, None] - vb[None, :]
+    d = d.ravel()
+    return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
+
+
+def within_noise(a: Mapping, b: Mapping, metric: str = "mAP") -> bool:
+    """True when AUC(a) - AUC(b) is smaller than NOISE_FACTOR times its std over seeds."""
+    mean, std = difference(a, b, metric)
+    return abs(mean) < NOISE_FACTOR * std
+
+
+def _mean_std(row: Mapping, metric: str) -> str:
+    text = f"{100 * row[f'auc_{metric}']:.2f}"
+    if len(row.get("seeds", ())) > 1:
+        text += f" ± {100 * row[f'auc_{metric}_std']:.2f}"
+    return text
+
+
+def _mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def results_frame(rows: Mapping[str, Mapping], paper: Mapping | None = None) -> pd.DataFrame:
+    """One line per row: AUC mAP and top-1 (numbers, in %), their std, the Gain(s), the
+    conditions (6)-(8) and, if given, the paper's AUC mAP, AUC top-1 and Gain."""
+    records = []
+    for name, r in rows.items():
+        c = r["conditions"]["mAP"]
+        record = {"row": name, "AUC mAP": 100 * r["auc_mAP"], "AUC top-1": 100 * r["auc_top1"],
+                  "mAP std": 100 * r.get("auc_mAP_std", 0.0),
+                  "top-1 std": 100 * r.get("auc_top1_std", 0.0), "seeds": len(r.get("seeds", [0])),
+                  "Gain": 100 * r["gain"]}
+        if "gain_upgraded" in r:
+            record["Gain vs New+rho"] = 100 * r["gain_upgraded"]
+        record.update({"(6) M0 ≥ Old": bool(c["cond6_M0_ge_old"]),
+                       "(7) M1 ≥ New": bool(c["cond7_M1_ge_new"]),
+                       "(8) largest drop": 100 * c["max_drop"]})
+        if paper is not None:
+            p = paper.get(name)
+            record.update({"paper AUC mAP": p[0] if p else np.nan,
+                           "paper AUC top-1": p[1] if p else np.nan,
+                           "paper Gain": p[2] if p else np.nan})
+        records.append(record)
+    return pd.DataFrame.from_records(records).set_index("row")
+
+
+def order_with_ties(rows: Mapping[str, Mapping], metric: str = "mAP") -> dict[str, str]:
+    """Each row's place by AUC (1 = best); a row within noise of the row just above it
+    gets "≈" before its place: the order of the two is not established by this run."""
+    ranked = sorted(rows, key=lambda n: -rows[n][f"auc_{metric}"])
+    places = {}
+    for i, name in enumerate(ranked):
+        tied = i > 0 and within_noise(rows[ranked[i - 1]], rows[name], metric)
+        places[name] = ("≈" if tied else "") + str(i + 1)
+    return places
+
+
+def steps_frame(rows: Mapping[str, Mapping], metric: str = "mAP") -> pd.DataFrame:
+    """An ablation's steps: each row's AUC change over the row before it, its std over
+    seeds, and whether the change is within noise."""
+    names = list(rows)
+    records = []
+    for before, name in zip(names, names[1:], strict=False):
+        mean, std = difference(rows[name], rows[before], metric)
+        records.append({"step": f"{before} → {name}", f"Δ AUC {metric}": 100 * mean,
+                        "std": 100 * std, "within noise": abs(mean) < NOISE_FACTOR * std})
+    return pd.DataFrame.from_records(records).set_index("step")
+
+
+def styled_results(rows: Mapping[str, Mapping], paper: Mapping | None = None,
+                   caption: str = ""):
+    """`results_frame` for a page: mean ± std, check marks, best AUC and Gain in bold, and
+    the order by AUC mAP with ties within noise marked "≈"."""
+    frame = results_frame(rows, paper)
+    shown = pd.DataFrame(index=frame.index)
+    shown["AUC mAP"] = [_mean_std(rows[n], "mAP") for n in frame.index]
+    shown["AUC top-1"] = [_mean_std(rows[n], "top1") for n in frame.index]
+    gains = [c for c in ("Gain", "Gain vs New+rho") if c in frame]
+    for col in gains:
+        shown[col] = frame[col].map(lambda v: f"{v:.0f}%")
+    shown["order"] = pd.Series(order_with_ties(rows))
+    for col in ("(6) M0 ≥ Old", "(7) M1 ≥ New"):
+        shown[col] = frame[col].map(_mark)
+    shown["(8) largest drop"] = frame["(8) largest drop"].map(lambda v: f"{v:.2f} pt")
+    if paper is not None:
+        for col in ("paper AUC mAP", "paper AUC top-1"):
+            shown[col] = frame[col].map(lambda v: "" if np.isnan(v) else f"{v:.1f}")
+        shown["paper Gain"] = frame["paper Gain"].map(lambda v: "" if np.isnan(v) else f"{v:.0f}%")
+
+    def bold_best(column: pd.Series) -> list[str]:
+        source = {"AUC mAP": frame["AUC mAP"], "AUC top-1": frame["AUC top-1"]}.get(
+            column.name, frame[column.name] if column.name in gains else None)
+        if source is None:
+            return [""] * len(column)
+        return ["font-weight: bold" if v == source.max() else "" for v in source]
+
+    styler = shown.style.apply(bold_best).set_table_attributes('class="rmlib-results"')
+    return styler.set_caption(caption) if caption else styler
+
+
+def styled_steps(rows: Mapping[str, Mapping], caption: str = "", metric: str = "mAP"):
+    """`steps_frame` for a page, changes within noise in grey."""
+    frame = steps_frame(rows, metric)
+    shown = pd.DataFrame(index=frame.index)
+    shown[f"Δ AUC {metric}"] = [f"{d:+.2f} ± {s:.2f}" for d, s in
+                                zip(frame[f"Δ AUC {metric}"], frame["std"], strict=True)]
+    shown["within noise"] = frame["within noise"].map(lambda v: "yes" if v else "no")
+
+    def grey(row: pd.Series) -> list[str]:
+        return ["color: grey" if frame.loc[row.name, "within noise"] else ""] * len(row)
+
+    styler = shown.style.apply(grey, axis=1)
+    return styler.set_caption(caption) if caption else styler
+
+
+def seeds_caption(rows: Mapping[str, Mapping], provenance: Mapping) -> str:
+    """What the ± of a results table covers: the seeds, what they vary, and what they do not."""
+    seeds = max((r.get("seeds", [0]) for r in rows.values()), key=len)
+    backbones = provenance.get("config", {}).get("backbones", {})
+    fixed = ", ".join(f"{role} seed {c['seed']}" for role, c in backbones.items() if "seed" in c)
+    if len(seeds) < 2:
+        return f"one run (seed {seeds[0]}): no spread is measured"
+    return (f"mean ± std over seeds {', '.join(map(str, seeds))} of the backfill order, the "
+            f"transforms' initialisation and batches and the calibration sample; one backbone "
+            f"per role ({fixed or 'one seed each'}), so backbone variance is not covered")
+
+
+def _order(rows: Mapping[str, Mapping], names: tuple[str, ...], values: Mapping) -> str:
+    present = [n for n in names if n in rows and n in values]
+    return " > ".join(sorted(present, key=lambda n: -values[n]))
+
+
+def departures_frame(rows: Mapping[str, Mapping], paper: Mapping) -> pd.DataFrame:
+    """The quantities where a run and the paper part ways, side by side (AUC mAP in points,
+    Gains in %); "" where the paper has no such number."""
+    auc = {n: 100 * r["auc_mAP"] for n, r in rows.items()}
+    ref = {n: v[0] for n, v in paper.items()}
+    baselines = ("BCT", "FCT", "BiCT")
+    lines = [
+        ("Old model, AUC mAP", auc["Old"], ref.get("Old")),
+        ("New model, AUC mAP", auc["New"], ref.get("New")),
+        ("New − Old (the Gain's denominator)", auc["New"] - auc["Old"],
+         ref["New"] - ref["Old"] if "New" in ref else None),
+        ("RM_naive − Old", auc["RM_naive"] - auc["Old"], ref["RM_naive"] - ref["Old"]
+         if "RM_naive" in ref else None),
+    ]
+    if "RM_naive+cal" in auc:
+        lines.append(("RM_naive+cal − RM_naive (calibration alone)",
+                      auc["RM_naive+cal"] - auc["RM_naive"], None))
+    if "New+rho" in auc:
+        lines.append(("New+rho − New (rho improves the new model)", auc["New+rho"] - auc["New"],
+                      None))
+    lines.append(("RM Gain over New, %", 100 * rows["RM"]["gain"],
+                  paper["RM"][2] if "RM" in paper else None))
+    if "gain_upgraded" in rows["RM"]:
+        lines.append(("RM Gain over New+rho, %", 100 * rows["RM"]["gain_upgraded"], None))
+    frame = pd.DataFrame(lines, columns=["quantity", "this run", "paper"]).set_index("quantity")
+    frame["this run"] = frame["this run"].map(lambda v: f"{v:.2f}")
+    frame["paper"] = frame["paper"].map(lambda v: "" if v is None or pd.isna(v) else f"{v:.1f}")
+    frame.loc["baselines by AUC mAP"] = [_order(rows, baselines, auc),
+                                         _order(rows, baselines, ref)]
+    return frame
+
+
+def run_frame(provenance: Mapping, backbones: Mapping | None = None) -> pd.DataFrame:
+    """Seconds of each step of the run that wrote a results file, with the backbones'
+    training (possibly from an earlier `train` run, read from the run cache)."""
+    steps = dict(provenance.get("step_seconds", {}))
+    trained = provenance.get("backbone_train_seconds", {})
+    for role, seconds in trained.items():
+        steps[f"backbone_{role}"] = seconds  # the training, not the cache read
+    frame = pd.DataFrame({"seconds": pd.Series(steps)}).rename_axis("step")
+    frame["minutes"] = frame["seconds"] / 60
+    frame.loc["this results file (wall)"] = [provenance.get("wall_time_s", 0.0),
+                                             provenance.get("wall_time_s", 0.0) / 60]
+    if backbones:
+        wall = backbones.get("provenance", {}).get("wall_time_s")
+        if wall:
+            frame.loc["backbones.json run (wall)"] = [wall, wall / 60]
+    return frame.round(1)

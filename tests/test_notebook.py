@@ -1,0 +1,61 @@
+"""A chapter never starts a long run by itself: it shows committed results, or says what is
+missing, what it cost when measured, and the command that makes it."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from rmlib.notebook import NeedsRun, open_chapter
+
+COMMITTED = Path(__file__).resolve().parents[1] / "data" / "results" / "cifar100" / "cpu"
+
+
+@pytest.fixture
+def committed_cpu(tmp_path):
+    """This test's results folder holding the committed cpu-profile results."""
+    if not (COMMITTED / "table1.json").exists():
+        pytest.skip("no committed cpu-profile results")
+    folder = tmp_path / "results" / "cifar100" / "cpu"
+    folder.mkdir(parents=True)
+    for name in ("table1", "ablation", "backbones"):
+        shutil.copy(COMMITTED / f"{name}.json", folder)
+    return folder
+
+
+def test_a_missing_costly_profile_shows_the_committed_cpu_results_and_the_command(
+        committed_cpu, capsys):
+    chapter = open_chapter("cifar100", "paper")
+    assert chapter.config.name == "cpu" and "RM" in chapter.table
+    printed = capsys.readouterr().out
+    assert "No `paper` results yet" in printed
+    assert "python -m rmlib reproduce cifar100 --profile paper" in printed
+    assert "Profile `cpu`" in printed  # and where the shown numbers come from
+
+
+def test_with_no_results_at_all_a_chapter_says_what_to_run():
+    with pytest.raises(NeedsRun, match=r"no cpu-profile results .*reproduce cifar100 "
+                                       r"--profile cpu"):
+        open_chapter("cifar100", "cpu")
+
+
+def test_missing_backbones_are_named_with_their_measured_time_not_trained(
+        committed_cpu, cifar_root, monkeypatch, tmp_path):
+    monkeypatch.setenv("RMLIB_DATA", str(cifar_root))
+    chapter = open_chapter("cifar100", "cpu")
+    with pytest.raises(NeedsRun) as raised:
+        chapter.experiment()
+    message = str(raised.value)
+    assert "backbone old, backbone new" in message and "\n" not in message
+    assert "train cifar100 both --profile cpu" in message
+    assert re.search(r"making them took \d+ min on \S", message)  # measured, from the file
+    assert not (tmp_path / "runs" / "cifar100" / "cpu").exists()  # nothing was started
+
+
+def test_missing_transforms_ask_for_the_whole_reproduce_run(
+        committed_cpu, cifar_root, monkeypatch):
+    monkeypatch.setenv("RMLIB_DATA", str(cifar_root))
+    chapter = open_chapter("cifar100", "cpu")
+    with pytest.raises(NeedsRun, match="transform mcl-rho.*settings search.*reproduce"):
+        chapter.experiment(transforms=("mcl-rho",))
