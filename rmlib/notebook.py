@@ -14,7 +14,7 @@ from rmlib.config import Config
 from rmlib.engine.transforms import TransformConfig
 from rmlib.evaluation.backfill import BackfillCurve
 from rmlib.methods.experiment import Experiment
-from rmlib.methods.reproduce import curve_of, reproduce
+from rmlib.methods.reproduce import curve_of, reproduce, train_backbones
 from rmlib.provenance import commit_at_start
 from rmlib.report import provenance_line
 from rmlib.tables import departures_frame, run_frame, seeds_caption, styled_results
@@ -171,7 +171,8 @@ def open_chapter(dataset: str = "cifar100", profile: str | None = None) -> Chapt
     found = saved_results(dataset, config)
     note = ""
     if found is None and config.name in CHEAP_PROFILES:
-        found = {**reproduce(dataset, config, progress=False), "backbones": None}
+        found = {**reproduce(dataset, config, progress=False),
+                 "backbones": train_backbones(dataset, config, progress=False)}
     elif found is None:
         command = f"`!python -m rmlib reproduce {dataset} --profile {config.name}`"
         fallback = Config.from_env(FALLBACK_PROFILE) if config.name != FALLBACK_PROFILE else None

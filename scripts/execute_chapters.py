@@ -32,6 +32,7 @@ def main() -> None:
         nb = nbformat.read(path, as_version=4)
         NotebookClient(nb, timeout=3600, kernel_name="python3",
                        resources={"metadata": {"path": str(path.parent)}}).execute()
+        nb.metadata.pop("widgets", None)  # progress bars are for readers, not the record
         nbformat.write(nb, path)
         print(f"{path.relative_to(ROOT)}: executed in {time.time() - start:.0f} s")
 

@@ -31,3 +31,27 @@ def test_every_chapter_has_a_colab_launch_and_cites_rmlib_code():
         cells = json.loads(path.read_text())["cells"]
         sources = ["".join(c["source"]) for c in cells]
         assert any("google.colab" in s for s in sources), f"{path.name}: no Colab install cell"
+
+
+def test_committed_outputs_carry_no_progress_bars_or_widget_warnings():
+    import json
+
+    for path in sorted((ROOT / "book").glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        assert "widgets" not in nb.get("metadata", {}), f"{path.name}: widget state committed"
+        for cell in nb["cells"]:
+            for out in cell.get("outputs", []):
+                text = "".join(out.get("text", "")) + json.dumps(out.get("data", {}))
+                assert "IProgress not found" not in text, path.name
+                assert "widget-view+json" not in text, f"{path.name}: a progress bar committed"
+                assert "it/s]" not in text, f"{path.name}: a text progress bar committed"
+
+
+def test_the_colab_cell_clones_the_repository_so_results_and_scripts_come_with_it():
+    import json
+
+    for path in sorted((ROOT / "book").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        colab = next("".join(c["source"]) for c in cells if "google.colab" in "".join(c["source"]))
+        assert "git clone" in colab and "--depth 1" in colab, path.name
+        assert "pip install" in colab, path.name

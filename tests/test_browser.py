@@ -9,9 +9,11 @@ import http.server
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
@@ -62,6 +64,18 @@ def broken_images(driver) -> list[str]:
         ".filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src);")
 
 
+def chapter_pages() -> list[str]:
+    """Every page of the book, in the order of _toc.yml (book/intro, book/problem, ...)."""
+    import yaml
+
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    return [toc["root"]] + [c["file"] for c in toc.get("chapters", [])]
+
+
+MATH_PAGES = ("book/rank_merge", "book/rqt", "book/mcl", "book/rho", "book/baselines",
+              "book/table1")
+
+
 def test_index_loads_with_its_images(browser, site):
     browser.get(site + "/index.html")  # redirects to the intro
     assert "Online Backfilling" in browser.title
@@ -69,13 +83,46 @@ def test_index_loads_with_its_images(browser, site):
     assert broken_images(browser) == []
 
 
-def test_table1_page_shows_the_table_and_figures(browser, site):
-    browser.get(site + "/book/table1.html")
+@pytest.mark.parametrize("page", chapter_pages())
+def test_every_page_loads_with_every_image(browser, site, page):
+    browser.get(f"{site}/{page}.html")
+    main = browser.find_element("tag name", "main").text
+    assert len(main) > 200, f"{page} is (nearly) empty"
+    assert "Traceback" not in main, page
+    assert broken_images(browser) == [], page
+
+
+def typeset(browser) -> None:
+    """Wait until MathJax (served with the book) has typeset the page."""
+    browser.set_script_timeout(30)
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "const wait = () => (window.MathJax && MathJax.startup && MathJax.startup.promise)"
+        "  ? MathJax.startup.promise.then(() => done(true)) : setTimeout(wait, 100);"
+        "wait();")
+
+
+@pytest.mark.parametrize("page", MATH_PAGES)
+def test_method_chapters_show_numbered_rendered_equations(browser, site, page):
+    browser.get(f"{site}/{page}.html")
+    typeset(browser)
+    rendered = browser.execute_script("return document.querySelectorAll('mjx-container').length;")
+    numbered = browser.execute_script(
+        "return document.querySelectorAll('div.math-wrapper, div.math').length;")
+    assert rendered >= 1 and numbered >= 1, (page, rendered, numbered)
     text = browser.find_element("tag name", "main").text
-    assert "Table 1" in text
-    for row in ("Old", "New", "RM_naive", "BCT", "FCT", "BiCT", "RM"):
-        assert f"\n{row} " in text, row
-    assert "AUC_mAP" in text and "Profile" in text
-    images = browser.execute_script("return document.images.length;")
-    assert images >= 1
+    for raw in ("$$", "\\frac", "\\mathrm", "\\begin{"):
+        assert raw not in text, (page, raw)
+
+
+def test_table1_page_shows_an_html_table_with_every_row(browser, site):
+    from rmlib.methods.registry import TABLE1_ROWS
+
+    browser.get(site + "/book/table1.html")
+    tables = browser.find_elements("css selector", "table.rmlib-results")
+    assert tables, "no results table on the Table 1 page"
+    heads = [th.text for th in tables[0].find_elements("css selector", "tbody th")]
+    assert heads == list(TABLE1_ROWS)
+    assert "Profile" in browser.find_element("tag name", "main").text
+    assert browser.execute_script("return document.images.length;") >= 2
     assert broken_images(browser) == []
