@@ -1,0 +1,132 @@
+"""Which gallery items to re-embed first: backfill order policies.
+
+The paper backfills in a random order. Any permutation of the gallery is an order; the
+evaluator (`simulate_backfill(order=...)`), the CLI (`backfill --order`) and the live
+index (`OnlineBackfillIndex.next_batch`) take one. The policies:
+
+- `random`: `default_rng(seed).permutation(N)`, the paper's.
+- `uncertainty`: the largest *predicted* benefit first. A small head, trained on the
+  training set's embeddings (never the evaluation set), predicts from an item's old
+  embedding alone how much re-embedding it will help the merged system; in the spirit of
+  FastFill's sigma head (Jaeckle et al. 2023), which orders by the predicted error of
+  the transformed old embedding.
+- `oracle`: the same benefit measured on the evaluation set, with its new embeddings and
+  its labels: an upper bound that no deployment can run (it needs what the backfill is
+  about to compute), reported as such.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from rmlib import RmlibError
+from rmlib.evaluation.backfill import backfill_order
+from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.evaluation.retrieval import EuclideanSystem, query_chunks
+
+POLICIES = ("random", "uncertainty", "oracle")
+
+
+def item_benefit(arrays: BackfillArrays, nearest_irrelevant: int = 10,
+                 chunk: int = 1024) -> np.ndarray:
+    """Per gallery item g, how much re-embedding it helps the merged ranking.
+
+    When g is backfilled, its distance to a query q changes from the old system's
+    d_old(q, g) to the new system's d_new(q, g), so g moves up for q by
+    delta(q, g) = d_old(q, g) - d_new(q, g). Moving up helps for the queries relevant to g
+    and hurts for the irrelevant ones that g is close to. The benefit is the mean delta
+    over g's relevant queries minus the mean delta over its `nearest_irrelevant` closest
+    irrelevant queries (closest by the smaller of the two distances). Items without a
+    relevant query get only the second term.
+    """
+    protocol = arrays.protocol()
+    old = EuclideanSystem.of(arrays.old_query, arrays.old_gallery)
+    new = EuclideanSystem.of(arrays.new_query, arrays.new_gallery)
+    n, k = protocol.num_gallery, nearest_irrelevant
+    rel_sum = torch.zeros(n, dtype=torch.float64)
+    rel_count = torch.zeros(n, dtype=torch.float64)
+    near_dist = torch.full((k, n), float("inf"))  # the k closest irrelevant queries so far
+    near_delta = torch.zeros(k, n)
+    for start, stop in query_chunks(len(protocol.query_labels), chunk):
+        d_old, d_new = old.distances(start, stop), new.distances(start, stop)
+        delta = d_old - d_new
+        relevant, excluded = protocol.masks(start, stop)
+        rel_sum += (delta * relevant).sum(0, dtype=torch.float64)
+        rel_count += relevant.sum(0, dtype=torch.float64)
+        closeness = torch.minimum(d_old, d_new).masked_fill(relevant | excluded, float("inf"))
+        dist = torch.cat([near_dist, closeness])
+        kept = torch.topk(dist, k, dim=0, largest=False).indices
+        near_dist = dist.gather(0, kept)
+        near_delta = torch.cat([near_delta, delta]).gather(0, kept)
+    found = torch.isfinite(near_dist)
+    hurt = (near_delta * found).sum(0) / found.sum(0).clamp_min(1)
+    helped = torch.where(rel_count > 0, rel_sum / rel_count.clamp_min(1), 0.0)
+    return (helped - hurt.double()).numpy()
+
+
+def order_by_priority(priority: np.ndarray) -> np.ndarray:
+    """The backfill order of a priority per item: highest first, ties by item index."""
+    priority = np.asarray(priority, dtype=np.float64)
+    if priority.ndim != 1 or not np.isfinite(priority).all():
+        raise RmlibError("a backfill priority must be one finite number per gallery item")
+    return np.argsort(-priority, kind="stable")
+
+
+class BenefitHead(nn.Module):
+    """An item's old embedding -> its predicted benefit (standardised units)."""
+
+    def __init__(self, dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(1)
+
+
+def fit_benefit_head(old_embeddings: np.ndarray, benefit: np.ndarray, seed: int = 0,
+                     epochs: int = 40, batch_size: int = 256, lr: float = 1e-3
+                     ) -> BenefitHead:
+    """Regress the benefit of training items on their old embeddings (mean squared error
+    on standardised targets, Adam); the head then ranks items it has never seen."""
+    x = torch.as_tensor(np.asarray(old_embeddings, dtype=np.float32))
+    y = torch.as_tensor(np.asarray(benefit, dtype=np.float32))
+    if len(x) != len(y) or len(x) < 2:
+        raise RmlibError(f"the benefit head needs one target per item and at least 2 items, "
+                         f"got {len(x)} embeddings and {len(y)} targets")
+    y = (y - y.mean()) / y.std().clamp_min(1e-12)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = BenefitHead(x.shape[1])
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=generator).split(batch_size):
+            loss = nn.functional.mse_loss(head(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def predicted_benefit(head: BenefitHead, old_embeddings: np.ndarray) -> np.ndarray:
+    return head(torch.as_tensor(np.asarray(old_embeddings, dtype=np.float32))).numpy()
+
+
+def policy_order(policy: str, arrays: BackfillArrays, seed: int = 0,
+                 train: BackfillArrays | None = None) -> np.ndarray:
+    """The backfill order of `policy` for the gallery of `arrays`. `uncertainty` learns its
+    head from `train` (the same two systems built on training items, with their labels)."""
+    n = len(arrays.old_gallery)
+    if policy == "random":
+        return backfill_order(n, seed)
+    if policy == "oracle":
+        return order_by_priority(item_benefit(arrays))
+    if policy == "uncertainty":
+        if train is None:
+            raise RmlibError("the uncertainty order learns from training items: pass their "
+                             "systems as `train`")
+        head = fit_benefit_head(train.old_gallery, item_benefit(train), seed)
+        return order_by_priority(predicted_benefit(head, arrays.old_gallery))
+    raise RmlibError(f"unknown backfill order {policy!r}; use one of {', '.join(POLICIES)}")
