@@ -55,27 +55,65 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     from rmlib.provenance import provenance
     from rmlib.report import summary_text
 
-    check_outputs({"--json": args.json, "--plot": args.plot}, inputs=[args.emb],
+    inputs = [args.emb] + [Path(p) for p in (args.order_train, args.order)
+                           if p is not None and p not in ("random", "uncertainty", "oracle")]
+    check_outputs({"--json": args.json, "--plot": args.plot}, inputs=inputs,
                   figures=["--plot"])
     start = time.time()
     arrays = load_backfill_arrays(args.emb)
-    curve, conditions = backfill_arrays(arrays, seed=args.seed)
+    order = _order(args, arrays)
+    curve, conditions = backfill_arrays(arrays, seed=args.seed, order=order)
     protocol = ("leave-one-out" if arrays.leave_one_out
                 else "camera" if arrays.query_cams is not None else "plain")
     print(f"{args.emb}: {len(arrays.old_query)} queries, {len(arrays.old_gallery)} gallery items, "
-          f"{protocol} protocol, backfill order seed {args.seed}")
+          f"{protocol} protocol, backfill order {args.order}"
+          + (f" (seed {args.seed})" if args.order in ("random", "uncertainty") else ""))
     print(summary_text(curve, conditions))
     if args.json:
         out = curve.to_dict()
         out["conditions"] = conditions
         out["provenance"] = provenance(
-            config={"input": str(args.emb), "seed": args.seed, "protocol": protocol},
+            config={"input": str(args.emb), "seed": args.seed, "protocol": protocol,
+                    "order": str(args.order), "order_train": str(args.order_train or "")},
             wall_time_s=time.time() - start)
         write_json(args.json, out)
         print(f"wrote {args.json}")
     if args.plot:
         plot_curves({Path(args.emb).stem: curve}, args.plot, title=str(args.emb))
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _order(args: argparse.Namespace, arrays):
+    """The backfill order --order asks for (None: the seeded random order)."""
+    from rmlib.evaluation.emb_file import load_backfill_arrays
+    from rmlib.methods.orders import POLICIES, load_order, policy_order
+
+    if args.order not in POLICIES:
+        return load_order(args.order, len(arrays.old_gallery))
+    if args.order == "uncertainty" and args.order_train is None:
+        raise RmlibError("--order uncertainty learns from labelled training items: give "
+                         "--order-train TRAIN_EMB.npz (the same two systems built on them)")
+    if args.order_train is not None and args.order != "uncertainty":
+        raise RmlibError("--order-train is for --order uncertainty only")
+    train = load_backfill_arrays(args.order_train) if args.order_train else None
+    return None if args.order == "random" else policy_order(args.order, arrays, args.seed, train)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from rmlib.methods.beyond import heterogeneous, order_policies
+    from rmlib.report import table1_text
+
+    if args.study == "orders":
+        result = order_policies(args.dataset, args.config, progress=not args.quiet)
+        for method, rows in result["rows"].items():
+            print(f"{method}, by backfill order ({args.config.name} profile):")
+            print(table1_text({p + (" (upper bound)" if r["upper_bound"] else ""): r
+                               for p, r in rows.items()}))
+    else:
+        result = heterogeneous(args.dataset, args.config, progress=not args.quiet)
+        print(f"upgrade across architectures, {args.config.name} profile:")
+        print(table1_text(result["rows"]))
     return 0
 
 
@@ -163,6 +201,14 @@ def _add_backfill(sub) -> None:
                         "[, gallery_labels, query_cams, gallery_cams, reference_query]")
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the backfill order, a non-negative integer (default 0)")
+    p.add_argument("--order", default="random", metavar="random|uncertainty|oracle|FILE",
+                   help="which items are re-embedded first: random (the paper's, seeded), "
+                        "uncertainty (largest predicted benefit first, learned from "
+                        "--order-train), oracle (measured with the new embeddings and labels: "
+                        "an upper bound), or a .npy / text file of gallery indices")
+    p.add_argument("--order-train", type=Path, metavar="TRAIN_EMB.npz",
+                   help="for --order uncertainty: the same two systems on labelled training "
+                        "items (never the evaluation set), in EMB.npz's format")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the curves and AUCs as JSON")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="save the curves as a figure")
 
@@ -188,6 +234,21 @@ def _add_training(sub, name: str) -> None:
     p.add_argument("dataset", choices=["cifar100", "market1501"])
     if name == "train":
         p.add_argument("which", choices=["old", "new", "both"])
+    p.add_argument("--profile", choices=list(PROFILES),
+                   help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")
+    _quiet(p)
+
+
+def _add_study(sub) -> None:
+    p = _command(
+        sub, "study", _cmd_study, "run a study beyond the paper (backfill orders, an upgrade "
+        "across architectures)",
+        "orders: RM_naive and RM under the random, uncertainty and oracle backfill orders, "
+        "with every seed, into <results>/<dataset>/<profile>/order_policies.json. "
+        "heterogeneous: Old, New, RM_naive, RM and New+rho with a CIFAR ResNet-20 old model, "
+        "into heterogeneous.json.")
+    p.add_argument("study", choices=["orders", "heterogeneous"])
+    p.add_argument("dataset", choices=["cifar100"])
     p.add_argument("--profile", choices=list(PROFILES),
                    help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")
     _quiet(p)
@@ -237,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(sub, "reproduce")
     _add_fit(sub)
     _add_apply(sub)
+    _add_study(sub)
     return parser
 
 

@@ -54,6 +54,45 @@ class FastResNet(nn.Module):
         return torch.amax(x, dim=(2, 3))
 
 
+class _BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a shortcut (a 1x1 projection where the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet (depth 6n + 2: three stages of n basic blocks, widths
+    16/32/64 by default): deep, narrow and residual, unlike the fast net, so that an
+    upgrade from it to the fast net is one across architectures."""
+
+    def __init__(self, depth: int = 20, widths: tuple[int, int, int] = (16, 32, 64)):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"a CIFAR ResNet has depth 6n + 2 (20, 32, 44, ...), not {depth}")
+        n = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        blocks, c = [], widths[0]
+        for stage, w in enumerate(widths):
+            for i in range(n):
+                blocks.append(_BasicBlock(c, w, 2 if stage and i == 0 else 1))
+                c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.out_features = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x)).mean(dim=(2, 3))
+
+
 def resnet18_cifar() -> nn.Module:
     """ResNet-18 with a CIFAR stem (3x3 stride-1 first conv, no max-pool), 512-d features."""
     from torchvision.models import resnet18
@@ -102,9 +141,12 @@ def build_backbone(arch: str, widths: tuple[int, ...] | None = None) -> nn.Modul
         return FastResNet(tuple(widths) if widths else (32, 64, 128))
     if arch == "resnet18":
         return resnet18_cifar()
+    if arch == "resnet20":
+        return CifarResNet(20, tuple(widths) if widths else (16, 32, 64))
     if arch in ("reid18", "reid50"):
         return reid_resnet(int(arch[4:]))
-    raise ValueError(f"unknown backbone {arch!r}; use 'fast', 'resnet18', 'reid18' or 'reid50'")
+    raise ValueError(f"unknown backbone {arch!r}; use 'fast', 'resnet18', 'resnet20', "
+                     "'reid18' or 'reid50'")
 
 
 class CosineClassifier(nn.Module):

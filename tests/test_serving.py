@@ -125,3 +125,34 @@ def test_live_scores_refuse_a_protocol_of_another_gallery():
     index = OnlineBackfillIndex(old_g, new_dim=12)
     with pytest.raises(RmlibError, match="gallery items"):
         live_scores(index, new_q, old_q, Protocol.leave_one_out(np.zeros(30, int)))
+
+
+def test_a_policy_order_drives_the_live_backfill_and_matches_the_offline_curve():
+    """The live index re-embeds the items an order policy puts first (next_batch), and
+    what it serves is the evaluator's curve under that same order."""
+    from rmlib.evaluation.backfill import simulate_backfill
+    from rmlib.evaluation.emb_file import BackfillArrays
+    from rmlib.methods.orders import policy_order
+    from rmlib.serving.index import live_scores
+
+    rng = np.random.default_rng(5)
+    n, classes = 100, 5
+    labels = rng.integers(0, classes, n)
+    old = (rng.normal(size=(classes, 8))[labels] + rng.normal(size=(n, 8))).astype("f4")
+    new = (rng.normal(size=(classes, 12))[labels] + 0.5 * rng.normal(size=(n, 12))).astype("f4")
+    arrays = BackfillArrays(old, old, new, new, labels)
+    order = policy_order("oracle", arrays)
+    ts = np.array([0.0, 0.3, 0.6, 1.0])
+    curve = simulate_backfill(old, old, new, new, arrays.protocol(), order=order, ts=ts)
+    index = OnlineBackfillIndex(old, new_dim=12)
+    for j, t in enumerate(ts):
+        while index.num_new < backfilled_count(t, n):
+            batch = index.next_batch(order, min(7, backfilled_count(t, n) - index.num_new))
+            assert not index.part_of(batch).any()  # only items still in the old part
+            index.backfill(batch, new[batch])
+        assert sorted(np.flatnonzero(index.part_of(np.arange(n)))) == \
+            sorted(order[: backfilled_count(t, n)].tolist())
+        live = live_scores(index, new, old, arrays.protocol(), chunk=16).summary()
+        assert live["mAP"] == pytest.approx(curve.mAP[j], abs=1e-6)
+    with pytest.raises(RmlibError, match="every gallery id once"):
+        index.next_batch(order[:-1], 5)

@@ -17,6 +17,8 @@ index (`OnlineBackfillIndex.next_batch`) take one. The policies:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -130,3 +132,24 @@ def policy_order(policy: str, arrays: BackfillArrays, seed: int = 0,
         head = fit_benefit_head(train.old_gallery, item_benefit(train), seed)
         return order_by_priority(predicted_benefit(head, arrays.old_gallery))
     raise RmlibError(f"unknown backfill order {policy!r}; use one of {', '.join(POLICIES)}")
+
+
+def load_order(path: Path | str, num_gallery: int) -> np.ndarray:
+    """A user's own backfill order: a .npy integer array or a text file of one gallery
+    index per line, each of the `num_gallery` items exactly once."""
+    path = Path(path)
+    try:
+        order = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64,
+                                                                        ndmin=1)
+    except (OSError, ValueError) as exc:
+        raise RmlibError(f"{path} is not a backfill order ({exc}); give a .npy integer array "
+                         "or a text file with one gallery index per line") from exc
+    order = np.asarray(order)
+    if order.ndim != 1 or not np.issubdtype(order.dtype, np.integer):
+        raise RmlibError(f"{path} holds a {order.dtype} array of shape {order.shape}; a backfill "
+                         "order is a 1-D array of integer gallery indices")
+    if len(order) != num_gallery or not np.array_equal(np.sort(order), np.arange(num_gallery)):
+        raise RmlibError(f"{path} is not a permutation of the {num_gallery} gallery items "
+                         f"(it has {len(order)} entries, {len(np.unique(order))} distinct); "
+                         "list every index 0..N-1 exactly once")
+    return order.astype(np.int64)

@@ -12,7 +12,7 @@ The smoke profile takes a small real, class-balanced subset of both CIFAR-100 sp
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -55,6 +55,8 @@ class Setup:
     query_cams: np.ndarray | None = None
     gallery_cams: np.ndarray | None = None
     extra: dict | None = None
+    old_backbone: dict | None = None  # fields that replace the old model's config (an upgrade
+    # across architectures: rmlib.methods.beyond)
 
     @property
     def profile(self) -> str:
@@ -109,11 +111,12 @@ class Setup:
                   "seed": 0 if old else 1}
         if self.dataset == "cifar100":
             r = self.config.profile.cifar
-            return BackboneConfig(
+            config = BackboneConfig(
                 dataset="cifar100", arch=r.arch, widths=tuple(r.widths),
                 epochs=r.epochs_old if old else r.epochs_new, batch_size=r.batch_size, lr=r.lr,
                 low_res_epochs=r.low_res_epochs_old if old else r.low_res_epochs_new,
                 **dict(r.options), **common)
+            return replace(config, **self.old_backbone) if old and self.old_backbone else config
         m = self.config.profile.market
         return BackboneConfig(
             dataset="market1501", arch=m.arch, widths=(),

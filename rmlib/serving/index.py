@@ -108,6 +108,19 @@ class OnlineBackfillIndex:
         return np.array([int(self._in_new[int(i)]) for i in _ids(ids)], dtype=np.int64)
 
     # --- backfill ---------------------------------------------------------------------------
+    def next_batch(self, order: np.ndarray, size: int) -> np.ndarray:
+        """The first `size` ids of a backfill `order` (all gallery ids, most urgent first:
+        `rmlib.methods.orders`) that are still in the old part: what the backfill job
+        re-embeds next. Asked again after a restart, it gives the items not yet moved."""
+        order = _ids(order)
+        if len(order) != len(self._in_new) or set(order.tolist()) != self._in_new.keys():
+            raise RmlibError(f"a backfill order lists every gallery id once; got {len(order)} "
+                             f"ids for a gallery of {len(self._in_new)}")
+        if size < 1:
+            raise RmlibError(f"a backfill batch has at least one item, not {size}")
+        waiting = np.array([not self._in_new[i] for i in order.tolist()], dtype=bool)
+        return order[waiting][:size]
+
     def backfill(self, ids: np.ndarray, new_embeddings: np.ndarray) -> None:
         """Move a batch of items to the new part (or re-embed items already there).
 

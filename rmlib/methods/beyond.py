@@ -1,0 +1,117 @@
+"""Two studies beyond the paper, each written to its own results file with provenance.
+
+- `order_policies`: which items to backfill first (rmlib.methods.orders), for RM_naive and
+  RM, each policy with every seed of the profile: `order_policies.json`.
+- `heterogeneous`: an upgrade across architectures. The old model is a CIFAR ResNet-20
+  (deep, narrow, residual, 64-d embeddings) instead of the fast net; the new model is
+  Table 1's. Rows Old, New, RM_naive, RM and New+rho: `heterogeneous.json`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+
+from rmlib.config import Config
+from rmlib.engine.embed import cached_embeddings
+from rmlib.evaluation.backfill import average_curves, check_conditions, simulate_backfill
+from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.methods.experiment import Experiment
+from rmlib.methods.orders import POLICIES, policy_order
+from rmlib.methods.registry import METHODS
+from rmlib.methods.reproduce import evaluate_rows, final_metrics
+from rmlib.methods.selection import rm_systems
+from rmlib.methods.setups import SETUPS
+from rmlib.outputs import check_folder, check_output, write_json
+from rmlib.provenance import provenance
+
+ORDER_METHODS = ("RM_naive", "RM")
+TRAIN_SAMPLE = 10_000  # training items the uncertainty head learns from
+HETEROGENEOUS_OLD = {"arch": "resnet20", "widths": (16, 32, 64), "dim": 64, "whiten": False}
+HETEROGENEOUS_ROWS = ("RM_naive", "RM", "New+rho")
+
+
+def training_systems(exp: Experiment, method: str, seed: int) -> BackfillArrays:
+    """`method`'s two systems on a fixed sample of training items, embedded with the test
+    images' views (so the head sees embeddings like the ones it will rank)."""
+    train = exp.setup.train
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(len(train), min(TRAIN_SAMPLE, len(train)), replace=False))
+    old, new = (cached_embeddings(exp.model(role), train.images[sample],
+                                  f"{exp.dataset}-train-calibration",  # calibrations(0)'s sample
+                                  views=exp.setup.test_time_views,
+                                  precision=exp.config.precision) for role in ("old", "new"))
+    naive = BackfillArrays(old, old, new, new, train.labels[sample])
+    if method == "RM_naive":
+        return naive
+    if method == "RM":
+        return rm_systems(exp.transform("mcl-rho", seed), naive)
+    raise ValueError(f"no training systems for {method!r}; use one of {ORDER_METHODS}")
+
+
+def evaluate_order(exp: Experiment, method: str, policy: str, old: dict, new: dict) -> dict:
+    """One method under one order policy: the mean curve over the profile's seeds (each
+    seed: its transforms, and its random order or head), the AUCs with their spread."""
+    t0 = time.time()
+    curves = []
+    for seed in exp.config.profile.transforms.seeds:
+        arrays = METHODS[method].systems(exp, seed)
+        train = training_systems(exp, method, seed) if policy == "uncertainty" else None
+        order = policy_order(policy, arrays, seed, train)
+        curves.append(simulate_backfill(
+            arrays.old_query, arrays.old_gallery, arrays.new_query, arrays.new_gallery,
+            arrays.protocol(), order=order, reference_query=arrays.reference_query))
+    curve, spread = average_curves(curves)
+    return {**curve.to_dict(), "seeds": list(exp.config.profile.transforms.seeds), **spread,
+            "conditions": check_conditions(curve, old, new), "policy": policy,
+            "upper_bound": policy == "oracle", "eval_seconds": time.time() - t0}
+
+
+def order_policies(dataset: str, config: Config, policies: tuple[str, ...] = POLICIES,
+                   progress: bool = False) -> dict:
+    """Every order policy for RM_naive and RM; writes order_policies.json."""
+    start = time.time()
+    out = config.paths.results / dataset / config.name / "order_policies.json"
+    check_output(out, "the results file")
+    check_folder(config.paths.runs / dataset, "the run cache")
+    exp = Experiment(dataset, config, progress)
+    base = evaluate_rows(exp, ())
+    old, new = final_metrics(base["Old"]), final_metrics(base["New"])
+    rows = {method: {policy: evaluate_order(exp, method, policy, old, new)
+                     for policy in policies} for method in ORDER_METHODS}
+    result = {"rows": rows, "reference": {n: base[n] for n in ("Old", "New")},
+              "provenance": provenance(
+                  {"methods": list(ORDER_METHODS), "policies": list(policies),
+                   "train_sample": TRAIN_SAMPLE, "seeds": list(config.profile.transforms.seeds),
+                   "oracle": "uses the evaluation set's new embeddings and labels: an upper "
+                             "bound, not a policy a deployment can run",
+                   "transforms": {n: asdict(t.config) for n, t in exp.transforms.items()}},
+                  time.time() - start, config.name)}
+    write_json(out, result)
+    return result
+
+
+def heterogeneous(dataset: str, config: Config, progress: bool = False) -> dict:
+    """Old, New, RM_naive, RM and New+rho with a ResNet-20 old model; writes
+    heterogeneous.json. The settings search reruns: it depends on the two models."""
+    start = time.time()
+    out = config.paths.results / dataset / config.name / "heterogeneous.json"
+    check_output(out, "the results file")
+    check_folder(config.paths.runs / dataset, "the run cache")
+    setup = replace(SETUPS[dataset](config), old_backbone=HETEROGENEOUS_OLD)
+    exp = Experiment(dataset, config, progress, setup=setup)
+    rows = evaluate_rows(exp, HETEROGENEOUS_ROWS)
+    prov = provenance(
+        {"backbones": {r: asdict(m.config) for r, m in exp.models.items()},
+         "old_backbone": {k: list(v) if isinstance(v, tuple) else v
+                          for k, v in HETEROGENEOUS_OLD.items()},
+         "hyperparameter_selection": exp.selection,
+         "transforms": {n: asdict(t.config) for n, t in exp.transforms.items()}},
+        time.time() - start, config.name)
+    prov["step_seconds"] = exp.timings
+    prov["backbone_train_seconds"] = {r: m.wall_time_s for r, m in exp.models.items()}
+    result = {"rows": rows, "provenance": prov}
+    write_json(out, result)
+    return result
