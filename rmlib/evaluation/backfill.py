@@ -60,6 +60,27 @@ def item_segments(order: np.ndarray, ts: np.ndarray) -> np.ndarray:
     return np.searchsorted(counts, position, side="right")
 
 
+def backfilled_mask(order: np.ndarray, t: float) -> torch.Tensor:
+    """G_t^new as a boolean mask over the gallery: the first floor(t * N) items of `order`."""
+    n = len(order)
+    is_new = torch.zeros(n, dtype=torch.bool)
+    is_new[torch.as_tensor(order[: backfilled_count(t, n)])] = True
+    return is_new
+
+
+def merged_ranking(old_distances: torch.Tensor, new_distances: torch.Tensor,
+                   is_new: torch.Tensor, excluded: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank merge (eq. 3-5) of queries (Q, N): the gallery, best first, and the merged distances.
+
+    An item of G_t^new (`is_new`) is scored by the new system's distance, any other item by
+    the old system's; all N are ranked by those scores, ties by gallery index. The first of
+    each ranking is the choice of eq. 3-4 between the two systems' nearest items.
+    """
+    merged = torch.where(is_new, new_distances, old_distances)
+    return torch.argsort(rank_keys(merged, excluded), dim=1), merged
+
+
 @dataclass
 class BackfillCurve:
     """Metrics of the merged system along the backfill, fractions in [0, 1]."""
@@ -84,6 +105,27 @@ class BackfillCurve:
         return out
 
 
+def counts_below(keys: torch.Tensor, sorted_thresholds: torch.Tensor, segment: torch.Tensor,
+                 num_segments: int) -> torch.Tensor:
+    """counts[c, j, m]: the gallery items i with segment[i] <= j and keys[c, i] below
+    sorted_thresholds[c, m] (for the last m, any key), in one histogram pass.
+
+    keys (C, N) and sorted_thresholds (C, B - 1) are rank keys; segment (N,) holds values in
+    0..num_segments - 1. Result: int32 (C, num_segments, B).
+    """
+    c = keys.shape[0]
+    n_bins = sorted_thresholds.shape[1] + 1
+    # bucket b: the number of thresholds <= key, so the item is below thresholds b, b + 1, ..
+    bucket = torch.searchsorted(sorted_thresholds, keys, right=True)  # the hot spot
+    bucket.add_((segment * n_bins)[None, :])  # one histogram cell per (row, segment, bucket)
+    bucket.add_((torch.arange(c, device=keys.device) * (num_segments * n_bins))[:, None])
+    hist = torch.bincount(bucket.view(-1), minlength=c * num_segments * n_bins)
+    hist = hist.view(c, num_segments, n_bins).to(torch.int32).cumsum(2, dtype=torch.int32)
+    for j in range(1, num_segments):  # prefix sum over segments, slice by slice (contiguous)
+        hist[:, j] += hist[:, j - 1]
+    return hist
+
+
 def _merged_ranks(
     k_old: torch.Tensor, k_new: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
     segment: torch.Tensor, num_t: int,
@@ -98,23 +140,8 @@ def _merged_ranks(
     sorted_thr, order = torch.sort(thresholds, dim=1)
     where = torch.empty_like(order)
     where.scatter_(1, order, torch.arange(2 * width, device=order.device).expand(c, -1))
-    n_bins = 2 * width + 1
-    n_seg = num_t + 1
-
-    row_cell = torch.arange(c, device=index.device) * (n_seg * n_bins)
-    cell = row_cell[:, None] + (segment * n_bins)[None, :]
-
-    def cumulative(keys: torch.Tensor) -> torch.Tensor:
-        # bucket b: the number of thresholds <= key, so the item is smaller than thresholds b..
-        bucket = torch.searchsorted(sorted_thr, keys, right=True)  # the hot spot
-        hist = torch.bincount(bucket.add_(cell).view(-1), minlength=c * n_seg * n_bins)
-        hist = hist.view(c, n_seg, n_bins).to(torch.int32).cumsum(2, dtype=torch.int32)
-        for j in range(1, n_seg):  # prefix sum over segments, slice by slice (contiguous)
-            hist[:, j] += hist[:, j - 1]
-        return hist
-
-    new_cum = cumulative(k_new)  # [q, j, m]: backfilled by step j, new key < threshold m
-    old_cum = cumulative(k_old)
+    new_cum = counts_below(k_new, sorted_thr, segment, num_t + 1)  # [q, j, m]: backfilled
+    old_cum = counts_below(k_old, sorted_thr, segment, num_t + 1)  # by step j, key < thr m
     old_total = old_cum[:, -1:, :]
     old_not_yet = old_total - old_cum  # [q, j, m]: not backfilled at step j, old key < thr m
 
@@ -259,9 +286,11 @@ def check_conditions(curve: BackfillCurve, old_baseline: dict, new_baseline: dic
 
 def backfill_arrays(arrays: BackfillArrays, seed: int = 0, new_baseline: dict | None = None,
                     old_baseline: dict | None = None,
-                    calibration: tuple[Callable, Callable] | None = None
-                    ) -> tuple[BackfillCurve, dict]:
+                    calibration: tuple[Callable, Callable] | None = None,
+                    order: np.ndarray | None = None) -> tuple[BackfillCurve, dict]:
     """Simulate the backfill of an evaluation file and check conditions (6)-(8).
+
+    `order`: which items are re-embedded first (default: the random order of `seed`).
 
     The old baseline defaults to the deployed old system (reference_query, else old_query,
     on the old gallery); the new baseline to the file's own new system (M_1 itself). Pass
@@ -270,8 +299,8 @@ def backfill_arrays(arrays: BackfillArrays, seed: int = 0, new_baseline: dict | 
     protocol = arrays.protocol()
     curve = simulate_backfill(
         arrays.old_query, arrays.old_gallery, arrays.new_query, arrays.new_gallery, protocol,
-        seed=seed, reference_query=arrays.reference_query, calibration=calibration,
-    )
+        order=order, seed=seed, reference_query=arrays.reference_query,
+        calibration=calibration)
     if old_baseline is not None:
         old = old_baseline
     elif arrays.reference_query is None:
@@ -287,12 +316,11 @@ def merged_top_k(arrays: BackfillArrays, query: int, t: float, k: int = 8, seed:
     """One query's merged top-k at ratio t: (gallery index, distance, 'old'|'new', relevant)."""
     protocol = arrays.protocol()
     relevant, excluded = protocol.masks(query, query + 1)
-    n = protocol.num_gallery
-    is_new = torch.zeros(n, dtype=torch.bool)
-    is_new[torch.as_tensor(backfill_order(n, seed)[: backfilled_count(t, n)])] = True
+    is_new = backfilled_mask(backfill_order(protocol.num_gallery, seed), t)
     old = EuclideanSystem.of(arrays.old_query, arrays.old_gallery)
     new = EuclideanSystem.of(arrays.new_query, arrays.new_gallery)
-    dist = torch.where(is_new, new.distances(query, query + 1), old.distances(query, query + 1))
-    top = torch.argsort(rank_keys(dist, excluded), dim=1)[0, :k]
+    ranking, dist = merged_ranking(old.distances(query, query + 1),
+                                   new.distances(query, query + 1), is_new, excluded)
+    top = ranking[0, :k]
     return [(int(i), float(dist[0, i]), "new" if is_new[i] else "old", bool(relevant[0, i]))
             for i in top]
