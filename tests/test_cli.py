@@ -227,3 +227,43 @@ def test_provenance_is_dirty_only_when_code_changed(tmp_path, monkeypatch):
     assert not provenance.git_commit().endswith("+dirty")
     (tmp_path / "rmlib/a.py").write_text("1")
     assert provenance.git_commit().endswith("+dirty")
+
+
+def test_backfill_order_policies_and_a_users_own_order(loo_file, tmp_path, capsys):
+    path, a = loo_file
+    out = {}
+    for order in ("random", "oracle"):
+        assert main(["backfill", str(path), "--order", order, "--json",
+                     str(tmp_path / f"{order}.json")]) == 0
+        out[order] = json.loads((tmp_path / f"{order}.json").read_text())
+    assert out["oracle"]["provenance"]["config"]["order"] == "oracle"
+    assert out["oracle"]["auc_mAP"] > out["random"]["auc_mAP"]
+    # a user's own order, as text: the oracle's, reversed, is the worst case
+    from rmlib.evaluation.emb_file import load_backfill_arrays
+    from rmlib.methods.orders import policy_order
+
+    worst = policy_order("oracle", load_backfill_arrays(path))[::-1]
+    np.savetxt(tmp_path / "mine.txt", worst, fmt="%d")
+    assert main(["backfill", str(path), "--order", str(tmp_path / "mine.txt"), "--json",
+                 str(tmp_path / "mine.json")]) == 0
+    mine = json.loads((tmp_path / "mine.json").read_text())
+    assert mine["auc_mAP"] < out["random"]["auc_mAP"]
+    # uncertainty learns from a training file in the same format (here: the same items)
+    assert main(["backfill", str(path), "--order", "uncertainty", "--order-train",
+                 str(path)]) == 0
+    assert "backfill order uncertainty (seed 0)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--order", "uncertainty"], "give --order-train"),
+    (["--order", "oracle", "--order-train", "{path}"], "--order-train is for --order uncertainty"),
+    (["--order", "{tmp}/missing.npy"], "is not a backfill order"),
+    (["--order", "{tmp}/short.txt"], "is not a permutation of the 150 gallery items"),
+])
+def test_bad_orders_are_one_line(argv, message, loo_file, tmp_path, capsys):
+    path, _ = loo_file
+    np.savetxt(tmp_path / "short.txt", np.arange(149), fmt="%d")
+    argv = [x.format(path=path, tmp=tmp_path) for x in argv]
+    assert main(["backfill", str(path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
