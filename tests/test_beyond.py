@@ -11,7 +11,7 @@ def test_order_policies_write_every_policy_with_seeds_for_both_merges(smoke_conf
     path = smoke_config.paths.results / "cifar100" / "smoke" / "order_policies.json"
     assert json.loads(path.read_text())["rows"].keys() == {"RM_naive", "RM"}
     seeds = list(smoke_config.profile.transforms.seeds)
-    for method, rows in result["rows"].items():
+    for rows in result["rows"].values():
         assert tuple(rows) == POLICIES
         for policy, row in rows.items():
             assert row["seeds"] == seeds and len(row["auc_mAP_seeds"]) == len(seeds)
