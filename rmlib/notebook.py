@@ -105,6 +105,23 @@ class Chapter:
         return styled_results(self.rows(*names), self.results["table1"].get("paper")
                               if paper else None, caption)
 
+    def study(self, name: str) -> dict:
+        """A study beyond the paper ("orders" or "heterogeneous") of this chapter's profile:
+        read from its results file, made on the spot for a cheap profile, else NeedsRun."""
+        from rmlib.methods.beyond import heterogeneous, order_policies
+
+        make = {"orders": order_policies, "heterogeneous": heterogeneous}[name]
+        path = self.config.paths.results / self.dataset / self.config.name / \
+            f"{'order_policies' if name == 'orders' else name}.json"
+        found = _read(path)
+        if found is not None:
+            return found
+        if self.config.name in CHEAP_PROFILES:
+            return make(self.dataset, self.config)
+        raise NeedsRun(f"no {name} study of the {self.config.name} profile in {path.parent}; "
+                       f"run `!python -m rmlib study {name} {self.dataset} --profile "
+                       f"{self.config.name}` (progress bars)")
+
     def seeds_caption(self) -> str:
         return seeds_caption(self.table, self.provenance)
 

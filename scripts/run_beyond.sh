@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The cpu-profile runs of the "Beyond the paper" chapter, whose results are committed under
+# data/results/cifar100/cpu/ (order_policies.json, heterogeneous.json). Run after
+# scripts/run_cpu_profile.sh: they reuse its cached backbones, transforms and embeddings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RMLIB_PROFILE=cpu PYTHONUNBUFFERED=1
+/usr/bin/time -v python -m rmlib study orders cifar100 --quiet
+/usr/bin/time -v python -m rmlib study heterogeneous cifar100 --quiet
