@@ -72,19 +72,27 @@ def mined_pairs(dist: torch.Tensor, labels: torch.Tensor, mine: bool, exclude_se
     return pos, neg
 
 
+def log_similarity_sum(dist: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per row i, log sum_{k in mask_i} s_ik with s_ik = exp(-dist_ik / tau).
+
+    One sum of eq. 10-11, in log space: logsumexp over the masked logits -dist / tau. The
+    plain sum of exponentials underflows for small tau. An empty row gives -inf (log 0).
+    """
+    return torch.logsumexp((-dist / tau).masked_fill(~mask, NEG_INF), 1)
+
+
 def contrastive_terms(dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float,
                       extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Per-anchor -log(sum_pos s / (sum_pos s + sum_neg s [+ sum_extra_neg s])).
 
     `dist` (B, B): anchors x items of one system, with its `pos`/`neg` masks (`mined_pairs`);
     `extra`: the other system's distances and negatives, which join the denominator (eq. 11).
+    Anchors without a positive are left out.
     """
-    logits = -dist / tau
-    sums = [torch.logsumexp(logits.masked_fill(~pos, NEG_INF), 1),
-            torch.logsumexp(logits.masked_fill(~neg, NEG_INF), 1)]
+    sums = [log_similarity_sum(dist, pos, tau), log_similarity_sum(dist, neg, tau)]
     if extra is not None:
         other, other_neg = extra
-        sums.append(torch.logsumexp((-other / tau).masked_fill(~other_neg, NEG_INF), 1))
+        sums.append(log_similarity_sum(other, other_neg, tau))
     numerator = sums[0]
     denominator = torch.logsumexp(torch.stack(sums, 1), dim=1)  # log of the sum of the sums
     valid = pos.any(1)
