@@ -255,7 +255,7 @@ def train_backbone(
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             embedding, logits = model(x)
             loss = objective(model, embedding, logits.float(), y, config)
-        return loss, len(y), {"train_acc": int((logits.argmax(1) == y).sum())}
+        return loss, len(y), {"train_acc": (logits.argmax(1) == y).sum()}
 
     def end_epoch(epoch: int, record: dict, items: int) -> None:
         record.update(lr=opt.optimizer.param_groups[0]["lr"],

@@ -1,9 +1,13 @@
 """The one training loop of rmlib: backbones and transforms alike run their epochs here.
 
 A caller brings the batches of each epoch and the loss of a batch; the loop takes the
-optimisation steps (refusing a non-finite loss), keeps the running sums, shows a bar, and
-after each epoch appends a record to the history and calls the caller's hook (to save a
+optimisation steps, keeps the running sums, shows a bar, and after each epoch refuses a
+non-finite loss, appends a record to the history and calls the caller's hook (to save a
 checkpoint, print, or add fields).
+
+The running sums stay on the loss's device and are read once per epoch (and, when a
+progress bar is shown, every `POSTFIX_EVERY` steps): a GPU is never made to wait for the
+host inside an epoch.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from rmlib import RmlibError
 
+POSTFIX_EVERY = 50  # steps between progress-bar readings of the running sums (host syncs)
+
 
 @dataclass
 class Optimisation:
@@ -30,15 +36,19 @@ class Optimisation:
     average: AveragedModel | None = None  # a weight average, updated after every step
     model: torch.nn.Module | None = None  # what `average` averages
 
-    def step(self, loss: torch.Tensor, epoch: int) -> None:
-        if not torch.isfinite(loss):
-            raise RmlibError(f"{self.advice.format(epoch=epoch + 1)} (loss {loss.item()})")
+    def step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         if self.average is not None:
             self.average.update_parameters(self.model)
+
+    def refuse(self, loss_sum: float, epoch: int) -> None:
+        """Stop with the advice if an epoch's loss was not finite (checked once an epoch,
+        before its checkpoint is written, so a diverged run never overwrites a good one)."""
+        if not torch.isfinite(torch.tensor(loss_sum)):
+            raise RmlibError(f"{self.advice.format(epoch=epoch + 1)} (loss {loss_sum})")
 
     def state(self) -> dict:
         state = {"optimizer": self.optimizer.state_dict(),
@@ -55,8 +65,8 @@ class Optimisation:
 
 
 # The loss of one batch, the number of items it averaged, and sums to report per item
-# (e.g. {"train_acc": correct predictions}).
-StepResult = tuple[torch.Tensor, int, dict[str, float]]
+# (e.g. {"train_acc": correct predictions}, as numbers or tensors on the loss's device).
+StepResult = tuple[torch.Tensor, int, dict[str, float | torch.Tensor]]
 
 
 def train_epochs(epochs: range, batches: Callable[[int], Iterable[Any]],
@@ -68,20 +78,21 @@ def train_epochs(epochs: range, batches: Callable[[int], Iterable[Any]],
     from tqdm.auto import tqdm
 
     for epoch in epochs:
-        t0, seen, sums = time.time(), 0, {"loss": 0.0}
+        t0, seen, sums = time.time(), 0, {}
         bar = tqdm(batches(epoch), desc=f"{desc} epoch {epoch + 1}/{total}", disable=not progress,
                    leave=False, mininterval=2.0)
         for step, batch in enumerate(bar):
             loss, count, extras = loss_of(batch)
-            opt.step(loss, epoch)
-            sums["loss"] += loss.item() * count
-            for name, value in extras.items():
+            opt.step(loss)
+            for name, value in {"loss": loss.detach() * count, **extras}.items():
                 sums[name] = sums.get(name, 0) + value
             seen += count
-            if step % 20 == 0:
-                bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()})
+            if progress and step % POSTFIX_EVERY == 0:
+                bar.set_postfix({k: f"{float(v) / seen:.3f}" for k, v in sums.items()})
         bar.close()
-        record = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in sums.items()},
+        totals = {k: float(v) for k, v in sums.items()}  # the epoch's one read of the device
+        opt.refuse(totals.get("loss", 0.0), epoch)
+        record = {"epoch": epoch + 1, **{k: v / max(seen, 1) for k, v in totals.items()},
                   "seconds": time.time() - t0}
         history.append(record)
         if end_epoch is not None:

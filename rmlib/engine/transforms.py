@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from rmlib import RmlibError
 from rmlib.config import default_device
-from rmlib.data.sampling import pk_batch_count, pk_batches
+from rmlib.data.sampling import pk_batch_count, pk_batches, pk_batches_vectorised
 from rmlib.engine.loop import Optimisation, train_epochs
 from rmlib.engine.runs import config_key
 from rmlib.losses import cl_loss, mcl_loss, mean_distance_loss
@@ -164,7 +164,7 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
     t = build_transforms(config, np.shape(old)[1], np.shape(new)[1])
     o_all = torch.as_tensor(np.asarray(old, np.float32)).to(device)
     n_all = torch.as_tensor(np.asarray(new, np.float32)).to(device)
-    y_all = torch.as_tensor(np.asarray(labels, np.int64))  # on the CPU: batches are drawn here
+    y_all = torch.as_tensor(np.asarray(labels, np.int64))
     y_dev = y_all.to(device)
     modules = [m.to(device).train() for m in t.modules()]
     params = [p for m in modules for p in m.parameters()]
@@ -176,12 +176,17 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
                                                     pct_start=0.1)
     opt = Optimisation(optimizer, scheduler,
                        f"{config.name} training diverged; raise tau or lower the learning rate")
-    gen = torch.Generator().manual_seed(config.seed)
+    # On a CPU the batches are pk_batches' (the committed results' random streams); on a
+    # GPU they are drawn on the device, so that no step waits for the host.
+    on_host = device.type == "cpu"
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    draw = pk_batches if on_host else pk_batches_vectorised
 
     def batches(epoch: int) -> Iterator[torch.Tensor]:
-        for idx in pk_batches(y_all, config.classes_per_batch, config.per_class, gen):
+        for idx in draw(y_all if on_host else y_dev, config.classes_per_batch,
+                        config.per_class, gen):
             if len(idx) >= 2:
-                yield idx.to(device)
+                yield idx
 
     def loss_of(idx: torch.Tensor):
         return _loss(t, o_all[idx], n_all[idx], y_dev[idx]), len(idx), {}

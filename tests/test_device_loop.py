@@ -1,0 +1,86 @@
+"""The training loop and the transforms' batches as a GPU needs them: batches drawn on the
+device, and no read of the device inside an epoch (counted here on the CPU)."""
+
+import numpy as np
+import pytest
+import torch
+
+from rmlib import RmlibError
+from rmlib.data.sampling import pk_batch_count, pk_batches_vectorised
+from rmlib.engine import transforms as transforms_module
+from rmlib.engine.transforms import TransformConfig, fit_transforms
+
+SYNCS = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "__index__")
+
+
+@pytest.mark.parametrize("classes,per_class", [(4, 3), (16, 8), (1, 1)])
+def test_vectorised_pk_batches_keep_every_rule_of_pk_batches(classes, per_class):
+    labels = torch.as_tensor(np.random.default_rng(0).integers(0, 10, 203))
+    gen = torch.Generator().manual_seed(3)
+    batches = pk_batches_vectorised(labels, classes, per_class, gen)
+    assert len(batches) == pk_batch_count(labels.numpy(), classes, per_class)
+    everything = torch.cat(batches)
+    assert sorted(everything.tolist()) == list(range(203))  # each item once
+    for batch in batches:
+        assert len(batch) <= classes * per_class
+        assert len(torch.unique(labels[batch])) <= classes
+    again = pk_batches_vectorised(labels, classes, per_class, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+@pytest.mark.parametrize("classes,per_class", [(4, 3), (5, 4), (2, 6)])
+def test_with_full_groups_every_batch_is_p_groups_of_k(classes, per_class):
+    """12 items per class: every group is full, so each class in a batch comes in whole
+    groups of K and every anchor has a positive."""
+    labels = torch.arange(10).repeat_interleave(12)[torch.randperm(120)]
+    batches = pk_batches_vectorised(labels, classes, per_class, torch.Generator().manual_seed(0))
+    for batch in batches[:-1]:
+        assert len(batch) == classes * per_class
+    for batch in batches:
+        counts = torch.bincount(labels[batch])
+        assert bool(((counts % per_class) == 0).all())
+
+
+def count_device_reads(monkeypatch) -> dict[str, int]:
+    counts = dict.fromkeys(SYNCS, 0)
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+def embeddings(n=512, classes=16, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    old = rng.normal(size=(classes, 8))[labels] + 0.3 * rng.normal(size=(n, 8))
+    new = rng.normal(size=(classes, 12))[labels] + 0.3 * rng.normal(size=(n, 12))
+    return old.astype("f4"), new.astype("f4"), labels
+
+
+def test_a_transform_fit_reads_the_device_a_few_times_per_epoch_not_per_step(monkeypatch):
+    """With the batches drawn as on a GPU, the loop itself reads the device once an epoch
+    (the epoch's sums) and the sampler twice; the RQT loss has no read of its own."""
+    old, new, labels = embeddings()
+    monkeypatch.setattr(transforms_module, "pk_batches", pk_batches_vectorised)
+    config = TransformConfig(objective="rqt", epochs=3, hidden=32, classes_per_batch=4,
+                             per_class=4)
+    steps = transforms_module.steps_per_epoch(config, labels) * config.epochs
+    counts = count_device_reads(monkeypatch)
+    t = fit_transforms(config, old, new, labels, progress=False,
+                       device=torch.device("cpu"))
+    reads = sum(counts.values())
+    assert steps >= 90 and reads <= 6 * config.epochs, (steps, counts)
+    assert len(t.history) == 3 and all(np.isfinite(h["loss"]) for h in t.history)
+
+
+def test_a_diverged_fit_stops_at_the_end_of_its_epoch_with_the_advice():
+    old, new, labels = embeddings(n=64, classes=4)
+    old[0] = np.inf  # the loss of every epoch that sees item 0 is not finite
+    config = TransformConfig(objective="rqt", epochs=2, hidden=8, classes_per_batch=2,
+                             per_class=4)
+    with pytest.raises(RmlibError, match=r"rqt training diverged.*\(loss (nan|inf)\)"):
+        fit_transforms(config, old, new, labels, progress=False, device=torch.device("cpu"))
