@@ -204,3 +204,17 @@ def run_frame(provenance: Mapping, backbones: Mapping | None = None) -> pd.DataF
         if wall:
             frame.loc["backbones.json run (wall)"] = [wall, wall / 60]
     return frame.round(1)
+
+
+def comparisons_frame(rows: Mapping[str, Mapping],
+                      questions: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """Each (question, a, b): AUC mAP of a minus b in points, its std over seeds (paired by
+    seed) and whether the difference exceeds its noise: a claim the table can back."""
+    records = []
+    for question, a, b in questions:
+        mean, std = difference(rows[a], rows[b])
+        records.append({"question": question, "difference": f"{a} − {b}",
+                        "Δ AUC mAP (points)": f"{100 * mean:+.2f} ± {100 * std:.2f}",
+                        "established": "yes" if abs(mean) >= NOISE_FACTOR * std else
+                        "no (within noise)"})
+    return pd.DataFrame.from_records(records).set_index("question")
