@@ -106,10 +106,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
     if args.study == "orders":
         result = order_policies(args.dataset, args.config, progress=not args.quiet)
-        for method, rows in result["rows"].items():
-            print(f"{method}, by backfill order ({args.config.name} profile):")
-            print(table1_text({p + (" (upper bound)" if r["upper_bound"] else ""): r
-                               for p, r in rows.items()}))
+        rows = {f"{method} · {policy}" + (" (upper bound)" if row["upper_bound"] else ""): row
+                for method, by_policy in result["rows"].items()
+                for policy, row in by_policy.items()}
+        print(f"by backfill order, {args.config.name} profile:")
+        print(table1_text(rows))
     else:
         result = heterogeneous(args.dataset, args.config, progress=not args.quiet)
         print(f"upgrade across architectures, {args.config.name} profile:")

@@ -48,12 +48,13 @@ def _auc(row: Mapping, metric: str) -> str:
 def table1_text(rows: Mapping[str, Mapping], paper: Mapping | None = None) -> str:
     """Table 1 as fixed-width text: ours (AUC_mAP, AUC_CMC top-1 with their std over
     seeds, Gain) beside the paper's."""
-    head = f"{'':12} {'AUC_mAP':>11} {'AUC_CMC':>11} {'Gain':>6}"
+    width = max([12, *map(len, rows)])
+    head = f"{'':{width}} {'AUC_mAP':>11} {'AUC_CMC':>11} {'Gain':>6}"
     if paper:
         head += f"   | paper: {'AUC_mAP':>7} {'AUC_CMC':>7} {'Gain':>5}"
     lines = [head + f"  {'max mAP drop':>12}"]
     for name, r in rows.items():
-        line = f"{name:12} {_auc(r, 'mAP'):>11} {_auc(r, 'top1'):>11} {100 * r['gain']:5.0f}%"
+        line = f"{name:{width}} {_auc(r, 'mAP'):>11} {_auc(r, 'top1'):>11} {100 * r['gain']:5.0f}%"
         if paper:
             p = paper.get(name)
             line += (f"   |        {p[0]:7.1f} {p[1]:7.1f} {p[2]:4.0f}%" if p else

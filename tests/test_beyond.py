@@ -2,11 +2,14 @@
 
 import json
 
+from rmlib.cli import main
 from rmlib.methods.beyond import HETEROGENEOUS_OLD, heterogeneous, order_policies
 from rmlib.methods.orders import POLICIES
 
 
-def test_order_policies_write_every_policy_with_seeds_for_both_merges(smoke_config):
+def test_order_policies_write_every_policy_with_seeds_for_both_merges(smoke_config, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setenv("RMLIB_DATA", str(smoke_config.paths.data))
     result = order_policies("cifar100", smoke_config)
     path = smoke_config.paths.results / "cifar100" / "smoke" / "order_policies.json"
     assert json.loads(path.read_text())["rows"].keys() == {"RM_naive", "RM"}
@@ -16,8 +19,10 @@ def test_order_policies_write_every_policy_with_seeds_for_both_merges(smoke_conf
         for policy, row in rows.items():
             assert row["seeds"] == seeds and len(row["auc_mAP_seeds"]) == len(seeds)
             assert row["upper_bound"] == (policy == "oracle")
-            assert 0 < row["auc_mAP"] < 1 and "auc_mAP_std" in row
+            assert 0 < row["auc_mAP"] < 1 and "auc_mAP_std" in row and "gain" in row
     assert "upper bound" in result["provenance"]["config"]["oracle"]
+    main(["study", "orders", "cifar100", "--profile", "smoke", "--quiet"])  # prints its table
+    assert "RM · oracle (upper bound)" in capsys.readouterr().out
 
 
 def test_heterogeneous_upgrade_trains_an_old_model_of_another_architecture(smoke_config):

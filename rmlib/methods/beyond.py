@@ -21,7 +21,7 @@ from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.orders import POLICIES, policy_order
 from rmlib.methods.registry import METHODS
-from rmlib.methods.reproduce import evaluate_rows, final_metrics
+from rmlib.methods.reproduce import evaluate_rows, final_metrics, gain
 from rmlib.methods.selection import rm_systems
 from rmlib.methods.setups import SETUPS
 from rmlib.outputs import check_folder, check_output, write_json
@@ -81,6 +81,9 @@ def order_policies(dataset: str, config: Config, policies: tuple[str, ...] = POL
     old, new = final_metrics(base["Old"]), final_metrics(base["New"])
     rows = {method: {policy: evaluate_order(exp, method, policy, old, new)
                      for policy in policies} for method in ORDER_METHODS}
+    for by_policy in rows.values():
+        for row in by_policy.values():
+            row["gain"] = gain(row["auc_mAP"], base["Old"]["auc_mAP"], base["New"]["auc_mAP"])
     result = {"rows": rows, "reference": {n: base[n] for n in ("Old", "New")},
               "provenance": provenance(
                   {"methods": list(ORDER_METHODS), "policies": list(policies),
