@@ -166,3 +166,27 @@ def test_calibrated_merge_repairs_a_mis_scaled_system():
     assert (score[1:] > score[:-1]).all()  # strictly increasing: a system's order is kept
     p = cal[0].probability(d)
     assert (p[1:] <= p[:-1] + 1e-12).all() and 0 <= float(p.min()) <= float(p.max()) <= 1
+
+
+def test_negative_flips_count_against_the_deployed_old_system_whatever_the_old_part():
+    """An FCT-like row searches an upgraded old gallery h(phi_old(g)) with new queries; its
+    negative flips are still counted against phi_old(q) on phi_old(g). At t = 1 it is the
+    same system as the naive merge's, so it flips the same queries."""
+    from rmlib.evaluation.backfill import backfill_arrays
+    from rmlib.evaluation.emb_file import BackfillArrays
+
+    labels, old = clustered(120, 8, 6, 1.0, seed=1)
+    _, new = clustered(120, 12, 6, 0.6, seed=2)
+    upgraded = np.tanh(old @ np.random.default_rng(3).normal(size=(8, 12))).astype("f4")
+    naive = BackfillArrays(old, old, new, new, labels)
+    fct = BackfillArrays(new, upgraded, new, new, labels, reference_query=old,
+                         reference_gallery=old)
+    curve_naive, cond_naive = backfill_arrays(naive)
+    curve_fct, cond_fct = backfill_arrays(fct)
+    assert curve_fct.nfr[-1] == curve_naive.nfr[-1] > 0
+    assert cond_fct["mAP"]["old"] == cond_naive["mAP"]["old"]  # the deployed old system's mAP
+    with pytest.raises(RmlibError, match="reference_gallery is given without reference_query"):
+        BackfillArrays(new, upgraded, new, new, labels, reference_gallery=old)
+    with pytest.raises(RmlibError, match="reference_gallery has 119 rows"):
+        BackfillArrays(new, upgraded, new, new, labels, reference_query=old,
+                       reference_gallery=old[:-1])

@@ -166,14 +166,15 @@ def simulate_backfill(
     ts: np.ndarray = T_GRID,
     chunk: int | None = None,
     calibration: tuple[Callable, Callable] | None = None,
+    reference_gallery: np.ndarray | None = None,
 ) -> BackfillCurve:
     """mAP, top-1, top-5 and negative-flip rate of the rank-merged system at each t in `ts`.
 
     `old_query` is scored against `old_gallery`, `new_query` against `new_gallery`.
-    Negative flips are counted against `reference_query` (the deployed old model's query
-    embedding; default `old_query`) on `old_gallery`. `calibration`: increasing maps of the
-    old and the new system's distances to the scores they are merged by (default: the
-    distances themselves).
+    Negative flips are counted against the deployed old system: `reference_query` (default
+    `old_query`) on `reference_gallery` (default `old_gallery`). `calibration`: increasing
+    maps of the old and the new system's distances to the scores they are merged by
+    (default: the distances themselves).
     """
     old_score, new_score = calibration or (_identity, _identity)
     n = protocol.num_gallery
@@ -187,7 +188,9 @@ def simulate_backfill(
     segment = torch.as_tensor(item_segments(np.asarray(order), ts))
     ref_correct = None  # per query: is the deployed old system's top-1 relevant?
     if reference_query is not None:
-        reference = EuclideanSystem.of(reference_query, old_gallery, "reference_query")
+        reference = EuclideanSystem.of(
+            reference_query, old_gallery if reference_gallery is None else reference_gallery,
+            "reference_query")
         ref_correct = torch.as_tensor(top1_correct(reference, protocol))
 
     num_t = len(ts)
@@ -300,13 +303,13 @@ def backfill_arrays(arrays: BackfillArrays, seed: int = 0, new_baseline: dict | 
     curve = simulate_backfill(
         arrays.old_query, arrays.old_gallery, arrays.new_query, arrays.new_gallery, protocol,
         order=order, seed=seed, reference_query=arrays.reference_query,
-        calibration=calibration)
+        reference_gallery=arrays.reference_gallery, calibration=calibration)
     if old_baseline is not None:
         old = old_baseline
     elif arrays.reference_query is None:
         old = {"mAP": curve.mAP[0], "top1": curve.top1[0]}
     else:
-        old = evaluate(arrays.reference_query, arrays.old_gallery, protocol).summary()
+        old = evaluate(*arrays.reference_side(), protocol).summary()
     new = new_baseline or {"mAP": curve.mAP[-1], "top1": curve.top1[-1]}
     return curve, check_conditions(curve, old, new)
 

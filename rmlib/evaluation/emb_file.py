@@ -3,8 +3,10 @@
 Required float arrays old_query (Q, d_old), old_gallery (N, d_old), new_query (Q, d_new),
 new_gallery (N, d_new) and int query_labels (Q,). Optional: gallery_labels (N,) (absent:
 leave-one-out, the gallery is the query set and query i is gallery item i); query_cams and
-gallery_cams (present: Market-1501's camera protocol); reference_query (Q, d_old), the
-deployed old model's query embedding that defines negative flips (default old_query).
+gallery_cams (present: Market-1501's camera protocol); reference_query (Q, d_ref), the
+deployed old model's query embedding that defines negative flips (default old_query), and
+reference_gallery (N, d_ref), the deployed old gallery it searches (default old_gallery:
+give it when old_gallery is not what the old system served, e.g. an upgraded h(phi_old)).
 Every problem is reported as one line that names the array and what to do.
 """
 
@@ -22,7 +24,8 @@ from rmlib.evaluation.retrieval import Protocol
 from rmlib.outputs import save_npz
 
 REQUIRED = ("old_query", "old_gallery", "new_query", "new_gallery", "query_labels")
-OPTIONAL = ("gallery_labels", "query_cams", "gallery_cams", "reference_query")
+OPTIONAL = ("gallery_labels", "query_cams", "gallery_cams", "reference_query",
+            "reference_gallery")
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,18 @@ class BackfillArrays:
     query_cams: np.ndarray | None = None
     gallery_cams: np.ndarray | None = None
     reference_query: np.ndarray | None = None
+    reference_gallery: np.ndarray | None = None  # the deployed old gallery (negative flips)
 
     def __post_init__(self) -> None:
         validate(self)
+
+    def reference_side(self) -> tuple[np.ndarray, np.ndarray]:
+        """The deployed old system that negative flips are counted against: (queries,
+        gallery), by default the file's own old system."""
+        query = self.reference_query if self.reference_query is not None else self.old_query
+        gallery = self.reference_gallery if self.reference_gallery is not None \
+            else self.old_gallery
+        return query, gallery
 
     @property
     def leave_one_out(self) -> bool:
@@ -105,7 +117,8 @@ def _ints(name: str, a: np.ndarray, length: int, what: str) -> np.ndarray:
 def validate(arrays: BackfillArrays) -> None:
     """Check shapes, dtypes and values; normalise dtypes in place (float32, int64)."""
     set_ = object.__setattr__
-    for name in ("old_query", "old_gallery", "new_query", "new_gallery", "reference_query"):
+    for name in ("old_query", "old_gallery", "new_query", "new_gallery", "reference_query",
+                 "reference_gallery"):
         value = getattr(arrays, name)
         if value is not None:
             set_(arrays, name, embedding_array(name, value))
@@ -118,8 +131,17 @@ def validate(arrays: BackfillArrays) -> None:
                              "both systems must embed the same items in the same order")
     dims = [("old_gallery", arrays.old_gallery, "old_query", arrays.old_query),
             ("new_gallery", arrays.new_gallery, "new_query", arrays.new_query)]
+    if arrays.reference_gallery is not None:
+        if arrays.reference_query is None:
+            raise RmlibError("reference_gallery is given without reference_query; give both "
+                             "(the deployed old system's queries and gallery) or neither")
+        if len(arrays.reference_gallery) != n:
+            raise RmlibError(f"reference_gallery has {len(arrays.reference_gallery)} rows; "
+                             f"expected {n}, one per gallery item")
     if arrays.reference_query is not None:
-        dims.append(("reference_query", arrays.reference_query, "old_gallery", arrays.old_gallery))
+        ref_gallery, ref_name = arrays.reference_side()[1], (
+            "reference_gallery" if arrays.reference_gallery is not None else "old_gallery")
+        dims.append(("reference_query", arrays.reference_query, ref_name, ref_gallery))
         if len(arrays.reference_query) != q:
             raise RmlibError(f"reference_query has {len(arrays.reference_query)} rows; "
                              f"expected {q}, one per query")

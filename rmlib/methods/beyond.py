@@ -62,7 +62,8 @@ def evaluate_order(exp: Experiment, method: str, policy: str, old: dict, new: di
         order = policy_order(policy, arrays, seed, train)
         curves.append(simulate_backfill(
             arrays.old_query, arrays.old_gallery, arrays.new_query, arrays.new_gallery,
-            arrays.protocol(), order=order, reference_query=arrays.reference_query))
+            arrays.protocol(), order=order, reference_query=arrays.reference_query,
+            reference_gallery=arrays.reference_gallery))
     curve, spread = average_curves(curves)
     return {**curve.to_dict(), "seeds": list(exp.config.profile.transforms.seeds), **spread,
             "conditions": check_conditions(curve, old, new), "policy": policy,

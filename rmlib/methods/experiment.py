@@ -94,7 +94,7 @@ class Experiment:
     def systems(self, old_q: np.ndarray, old_g: np.ndarray, new_q: np.ndarray,
                 new_g: np.ndarray) -> BackfillArrays:
         """Two systems over the gallery; negative flips against the old model's queries."""
-        return self.setup.arrays(old_q, old_g, new_q, new_g, reference=self.pair("old")[0])
+        return self.setup.arrays(old_q, old_g, new_q, new_g, reference=self.pair("old"))
 
     def naive(self) -> BackfillArrays:
         """RM_naive: the old system {phi_old(q), phi_old(g)}, the new {phi_new(q), phi_new(g)}."""

@@ -20,16 +20,16 @@ from rmlib.evaluation.emb_file import BackfillArrays
 def rm_systems(t: Transforms, arrays: BackfillArrays) -> BackfillArrays:
     """The RM systems from the naive ones: {psi(rho(new_q)), old_g} and {rho(new_q), rho(new_g)}.
 
-    Negative flips stay defined against the deployed old queries (reference_query, else
-    the naive file's old_query).
+    Negative flips stay defined against the deployed old system (reference_query, else the
+    naive file's old_query, on its reference_gallery, else its old_gallery, which RM keeps).
     """
-    reference = arrays.reference_query if arrays.reference_query is not None else arrays.old_query
+    reference = arrays.reference_side()[0]
     return BackfillArrays(
         old_query=t.reverse(arrays.new_query), old_gallery=arrays.old_gallery,
         new_query=t.new_side(arrays.new_query), new_gallery=t.new_side(arrays.new_gallery),
         query_labels=arrays.query_labels, gallery_labels=arrays.gallery_labels,
         query_cams=arrays.query_cams, gallery_cams=arrays.gallery_cams,
-        reference_query=reference)
+        reference_query=reference, reference_gallery=arrays.reference_gallery)
 
 
 def validation_auc(config: TransformConfig, old: np.ndarray, new: np.ndarray,

@@ -82,14 +82,17 @@ class Setup:
                                self.gallery_cams)
 
     def arrays(self, old_q: np.ndarray, old_g: np.ndarray, new_q: np.ndarray,
-               new_g: np.ndarray, reference: np.ndarray | None = None) -> BackfillArrays:
-        """Two retrieval systems over this setup's gallery, as the evaluator reads them."""
+               new_g: np.ndarray, reference: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> BackfillArrays:
+        """Two retrieval systems over this setup's gallery, as the evaluator reads them;
+        `reference`: the deployed old system (queries, gallery) for negative flips."""
+        ref_q, ref_g = reference if reference is not None else (None, None)
         if self.gallery is None:
             return BackfillArrays(old_q, old_g, new_q, new_g, self.query.labels,
-                                  reference_query=reference)
+                                  reference_query=ref_q, reference_gallery=ref_g)
         return BackfillArrays(old_q, old_g, new_q, new_g, self.query.labels,
                               self.gallery.labels, self.query_cams, self.gallery_cams,
-                              reference)
+                              ref_q, ref_g)
 
     def training_set(self, role: str) -> ImageSet:
         """The old model's share of the training images, or all of them."""
