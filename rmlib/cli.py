@@ -106,7 +106,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
     if args.study == "orders":
         result = order_policies(args.dataset, args.config, progress=not args.quiet)
-        rows = {f"{method} · {policy}" + (" (upper bound)" if row["upper_bound"] else ""): row
+        rows = {f"{method} · {policy}" + (" (privileged)" if row["privileged"] else ""): row
                 for method, by_policy in result["rows"].items()
                 for policy, row in by_policy.items()}
         print(f"by backfill order, {args.config.name} profile:")
@@ -206,7 +206,7 @@ def _add_backfill(sub) -> None:
                    help="which items are re-embedded first: random (the paper's, seeded), "
                         "uncertainty (largest predicted benefit first, learned from "
                         "--order-train), oracle (measured with the new embeddings and labels: "
-                        "an upper bound), or a .npy / text file of gallery indices")
+                        "privileged, a reference), or a .npy / text file of gallery indices")
     p.add_argument("--order-train", type=Path, metavar="TRAIN_EMB.npz",
                    help="for --order uncertainty: the same two systems on labelled training "
                         "items (never the evaluation set), in EMB.npz's format")

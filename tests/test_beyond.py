@@ -18,11 +18,11 @@ def test_order_policies_write_every_policy_with_seeds_for_both_merges(smoke_conf
         assert tuple(rows) == POLICIES
         for policy, row in rows.items():
             assert row["seeds"] == seeds and len(row["auc_mAP_seeds"]) == len(seeds)
-            assert row["upper_bound"] == (policy == "oracle")
+            assert row["privileged"] == (policy == "oracle")
             assert 0 < row["auc_mAP"] < 1 and "auc_mAP_std" in row and "gain" in row
-    assert "upper bound" in result["provenance"]["config"]["oracle"]
+    assert "privileged" in result["provenance"]["config"]["oracle"]
     main(["study", "orders", "cifar100", "--profile", "smoke", "--quiet"])  # prints its table
-    assert "RM · oracle (upper bound)" in capsys.readouterr().out
+    assert "RM · oracle (privileged)" in capsys.readouterr().out
 
 
 def test_heterogeneous_upgrade_trains_an_old_model_of_another_architecture(smoke_config):

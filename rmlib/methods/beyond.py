@@ -67,7 +67,7 @@ def evaluate_order(exp: Experiment, method: str, policy: str, old: dict, new: di
     curve, spread = average_curves(curves)
     return {**curve.to_dict(), "seeds": list(exp.config.profile.transforms.seeds), **spread,
             "conditions": check_conditions(curve, old, new), "policy": policy,
-            "upper_bound": policy == "oracle", "eval_seconds": time.time() - t0}
+            "privileged": policy == "oracle", "eval_seconds": time.time() - t0}
 
 
 def order_policies(dataset: str, config: Config, policies: tuple[str, ...] = POLICIES,
@@ -89,8 +89,9 @@ def order_policies(dataset: str, config: Config, policies: tuple[str, ...] = POL
               "provenance": provenance(
                   {"methods": list(ORDER_METHODS), "policies": list(policies),
                    "train_sample": TRAIN_SAMPLE, "seeds": list(config.profile.transforms.seeds),
-                   "oracle": "uses the evaluation set's new embeddings and labels: an upper "
-                             "bound, not a policy a deployment can run",
+                   "oracle": "uses the evaluation set's new embeddings and labels: a "
+                             "privileged greedy order, a reference for what an order can "
+                             "buy, not a policy a deployment can run (and not a bound)",
                    "transforms": {n: asdict(t.config) for n, t in exp.transforms.items()}},
                   time.time() - start, config.name)}
     write_json(out, result)

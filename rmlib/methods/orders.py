@@ -11,8 +11,9 @@ index (`OnlineBackfillIndex.next_batch`) take one. The policies:
   FastFill's sigma head (Jaeckle et al. 2023), which orders by the predicted error of
   the transformed old embedding.
 - `oracle`: the same benefit measured on the evaluation set, with its new embeddings and
-  its labels: an upper bound that no deployment can run (it needs what the backfill is
-  about to compute), reported as such.
+  its labels: a privileged order that no deployment can run (it needs what the backfill
+  is about to compute), reported as such. It is greedy per item, so it is a reference for
+  what an order can buy, not a bound on every metric.
 """
 
 from __future__ import annotations
