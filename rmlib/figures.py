@@ -27,6 +27,17 @@ def _pyplot(headless: bool):
     return plt, sns
 
 
+def _finish(fig, plt, title: str, path: Path | str | None, *legend):
+    """Legend to the right of the panels, the title, and the file if `path` is given."""
+    fig.legend(*legend, loc="outside right center", fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    if path is not None:
+        save_figure(fig, path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
 def plot_curves(curves: Mapping[str, BackfillCurve], path: Path | str | None = None,
                 title: str = "", metrics: tuple[str, ...] = ("mAP", "top1", "nfr")):
     """One panel per metric against the backfilled fraction t, one line per system; saved
@@ -48,14 +59,7 @@ def plot_curves(curves: Mapping[str, BackfillCurve], path: Path | str | None = N
                                 color=colour, linewidth=0)
     for ax, metric in zip(axes[0], metrics, strict=True):
         ax.set(xlabel="backfilled fraction t", ylabel=CURVE_PANELS[metric], xlim=(0, 1))
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title)
-    if path is not None:
-        save_figure(fig, path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, plt, title, path, *axes[0][0].get_legend_handles_labels())
 
 
 def nearest_distances(query, gallery, protocol, positive: bool, limit: int = 2000):
@@ -96,13 +100,7 @@ def plot_distance_calibration(systems: Mapping[str, tuple], protocol, path=None,
                      label=f"{name}: nearest {'relevant' if positive else 'irrelevant'}")
     ax.set(xlabel="Euclidean distance from a query to its nearest item",
            ylabel="density (share of queries per unit distance)")
-    fig.legend(loc="outside right center", fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title)
-    if path is not None:
-        save_figure(fig, path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, plt, title, path)
 
 
 def plot_retrieval_examples(images, rows: Mapping[str, list], query_image, title: str = ""):
