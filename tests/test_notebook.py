@@ -59,3 +59,19 @@ def test_missing_transforms_ask_for_the_whole_reproduce_run(
     chapter = open_chapter("cifar100", "cpu")
     with pytest.raises(NeedsRun, match="transform mcl-rho.*settings search.*reproduce"):
         chapter.experiment(transforms=("mcl-rho",))
+
+
+def test_smoke_results_of_an_older_rmlib_are_made_again(committed_cpu, smoke_config,
+                                                        monkeypatch):
+    """A cheap profile's results without rows the registry has now are remade, not shown."""
+    import json
+
+    monkeypatch.setenv("RMLIB_DATA", str(smoke_config.paths.data))
+    folder = committed_cpu.parent / "smoke"
+    folder.mkdir()
+    for name in ("table1", "ablation"):
+        body = json.loads((committed_cpu / f"{name}.json").read_text())
+        body["rows"].pop("New+rho", None)
+        (folder / f"{name}.json").write_text(json.dumps(body))
+    chapter = open_chapter("cifar100", "smoke")
+    assert "New+rho" in chapter.table and chapter.provenance["profile"] == "smoke"
