@@ -5,16 +5,14 @@ it was measured, and the one command that makes them (with progress bars)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from rmlib import RmlibError
 from rmlib.config import Config
-from rmlib.engine.transforms import TransformConfig
+from rmlib.engine.transforms import TransformConfig, transform_path
 from rmlib.evaluation.backfill import BackfillCurve
 from rmlib.methods.experiment import Experiment
-from rmlib.methods.reproduce import curve_of, reproduce, train_backbones
+from rmlib.methods.reproduce import curve_of, read_results, reproduce, train_backbones
 from rmlib.provenance import commit_at_start
 from rmlib.report import provenance_line
 from rmlib.tables import departures_frame, run_frame, seeds_caption, styled_results
@@ -28,19 +26,11 @@ class NeedsRun(RmlibError):
     """What a chapter needs and no run has made yet, with the command that makes it."""
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path.exists() else None
-    except (OSError, ValueError) as exc:
-        raise RmlibError(f"{path} is not a readable results file ({exc}); move it aside and "
-                         "make it again") from exc
-
-
 def saved_results(dataset: str, config: Config) -> dict | None:
     """{"table1": ..., "ablation": ..., "backbones": ...} of a profile, or None if a
     Table 1 / ablation file is missing (backbones.json is optional)."""
     folder = config.paths.results / dataset / config.name
-    found = {name: _read(folder / f"{name}.json") for name in (*RESULT_FILES, "backbones")}
+    found = {name: read_results(folder / f"{name}.json") for name in (*RESULT_FILES, "backbones")}
     return found if all(found[n] is not None for n in RESULT_FILES) else None
 
 
@@ -62,15 +52,12 @@ def _measured_on(prov: dict) -> str:
     return f"{hw}, {machine.get('threads', '?')} threads"
 
 
-def reproduce_cost(dataset: str, config: Config) -> str:
-    """'55 min on AMD EPYC, 2 threads (measured)' from the committed results of a profile,
-    or a sentence that says no run of it was measured here."""
-    found = saved_results(dataset, config)
-    if found is None:
-        return f"not measured here for the {config.name} profile"
+def run_cost(found: dict) -> str:
+    """'71 min on AMD EPYC, 2 threads': what the run behind a profile's results took
+    (its train and reproduce steps), as their provenance recorded it."""
     prov = found["table1"]["provenance"]
     train = (found.get("backbones") or {}).get("provenance", {}).get("wall_time_s", 0.0)
-    return f"{_minutes(train + prov.get('wall_time_s', 0.0))} on {_measured_on(prov)} (measured)"
+    return f"{_minutes(train + prov.get('wall_time_s', 0.0))} on {_measured_on(prov)}"
 
 
 @dataclass
@@ -116,12 +103,11 @@ class Chapter:
     def study(self, name: str) -> dict:
         """A study beyond the paper ("orders" or "heterogeneous") of this chapter's profile:
         read from its results file, made on the spot for a cheap profile, else NeedsRun."""
-        from rmlib.methods.beyond import heterogeneous, order_policies
+        from rmlib.methods.beyond import heterogeneous, order_policies, study_path
 
         make = {"orders": order_policies, "heterogeneous": heterogeneous}[name]
-        path = self.config.paths.results / self.dataset / self.config.name / \
-            f"{'order_policies' if name == 'orders' else name}.json"
-        found = _read(path)
+        path = study_path(self.dataset, self.config, name)
+        found = read_results(path)
         if found is not None:
             return found
         if self.config.name in CHEAP_PROFILES:
@@ -155,8 +141,7 @@ class Chapter:
         for name in transforms:
             if name not in configs:
                 continue  # results written before this transform existed: make it on use
-            cfg = TransformConfig(**configs[name])
-            if not (folder / f"transform-{cfg.name}-{cfg.key()}" / "t.pt").exists():
+            if not transform_path(TransformConfig(**configs[name]), folder).exists():
                 missing[f"transform {name}"] = fitted.get(name, 0.0)
         if any(k.startswith("transform") for k in missing):  # their settings come first
             missing["settings search"] = prov.get("step_seconds", {}).get(
@@ -176,12 +161,13 @@ class Chapter:
         missing = self._missing(exp, roles, transforms)
         if missing:
             cost = sum(missing.values())
-            command = "reproduce" if len(missing) > len(roles) else "train"
-            which = f" {self.dataset}" + (" both" if command == "train" else "")
+            # `train` makes the old and new backbones; anything else needs `reproduce`
+            only_base = set(missing) <= {"backbone old", "backbone new"}
+            which = f"train {self.dataset} both" if only_base else f"reproduce {self.dataset}"
             raise NeedsRun(
                 f"this cell needs the {self.config.name} profile's {', '.join(missing)}, not in "
                 f"the run cache {self.config.paths.runs}; making them took {_minutes(cost)} on "
-                f"{_measured_on(self.provenance)}; run `!python -m rmlib {command}{which} "
+                f"{_measured_on(self.provenance)}; run `!python -m rmlib {which} "
                 f"--profile {self.config.name}` (progress bars), then this cell again")
         return exp
 
@@ -205,11 +191,11 @@ def open_chapter(dataset: str = "cifar100", profile: str | None = None) -> Chapt
         fallback = Config.from_env(FALLBACK_PROFILE) if config.name != FALLBACK_PROFILE else None
         found = saved_results(dataset, fallback) if fallback else None
         if found is None:
-            raise NeedsRun(f"no {config.name}-profile results in {config.paths.results}; "
-                           f"making them is {reproduce_cost(dataset, config)}; run {command}")
+            raise NeedsRun(f"no {config.name}-profile results in {config.paths.results}, and "
+                           f"no run of it was measured here; run {command}")
         note = (f"No `{config.name}` results yet: this page shows the committed "
-                f"`{FALLBACK_PROFILE}` profile's. {command} makes them "
-                f"({reproduce_cost(dataset, config)}).\n")
+                f"`{FALLBACK_PROFILE}` profile's. {command} makes them (not measured here; "
+                f"the `{FALLBACK_PROFILE}` run took {run_cost(found)}).\n")
         config = fallback
     chapter = Chapter(dataset, config, found, note + provenance_line(found["table1"]["provenance"]))
     print(chapter.note)

@@ -37,11 +37,11 @@ def summary_text(curve: BackfillCurve, conditions: Mapping | None = None) -> str
     return "\n".join(lines)
 
 
-def _auc(row: Mapping, metric: str) -> str:
+def auc_text(row: Mapping, metric: str, sep: str = "±") -> str:
     """'34.23' or, over several seeds, '34.23±0.12' (std over seeds)."""
     text = f"{100 * row[f'auc_{metric}']:.2f}"
     if len(row.get("seeds", ())) > 1:
-        text += f"±{100 * row[f'auc_{metric}_std']:.2f}"
+        text += f"{sep}{100 * row[f'auc_{metric}_std']:.2f}"
     return text
 
 
@@ -54,7 +54,8 @@ def table1_text(rows: Mapping[str, Mapping], paper: Mapping | None = None) -> st
         head += f"   | paper: {'AUC_mAP':>7} {'AUC_CMC':>7} {'Gain':>5}"
     lines = [head + f"  {'max mAP drop':>12}"]
     for name, r in rows.items():
-        line = f"{name:{width}} {_auc(r, 'mAP'):>11} {_auc(r, 'top1'):>11} {100 * r['gain']:5.0f}%"
+        line = (f"{name:{width}} {auc_text(r, 'mAP'):>11} {auc_text(r, 'top1'):>11} "
+                f"{100 * r['gain']:5.0f}%")
         if paper:
             p = paper.get(name)
             line += (f"   |        {p[0]:7.1f} {p[1]:7.1f} {p[2]:4.0f}%" if p else

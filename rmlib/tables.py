@@ -9,6 +9,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from rmlib.report import auc_text
+
 NOISE_FACTOR = 2.0  # a difference is "within noise" when |mean| < 2 x its std over seeds
 
 
@@ -29,17 +31,13 @@ def difference(a: Mapping, b: Mapping, metric: str = "mAP") -> tuple[float, floa
     return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
 
 
-def within_noise(a: Mapping, b: Mapping, metric: str = "mAP") -> bool:
-    """True when AUC(a) - AUC(b) is smaller than NOISE_FACTOR times its std over seeds."""
-    mean, std = difference(a, b, metric)
+def _is_noise(mean: float, std: float) -> bool:
     return abs(mean) < NOISE_FACTOR * std
 
 
-def _mean_std(row: Mapping, metric: str) -> str:
-    text = f"{100 * row[f'auc_{metric}']:.2f}"
-    if len(row.get("seeds", ())) > 1:
-        text += f" ± {100 * row[f'auc_{metric}_std']:.2f}"
-    return text
+def within_noise(a: Mapping, b: Mapping, metric: str = "mAP") -> bool:
+    """True when AUC(a) - AUC(b) is smaller than NOISE_FACTOR times its std over seeds."""
+    return _is_noise(*difference(a, b, metric))
 
 
 def _mark(ok: bool) -> str:
@@ -89,7 +87,7 @@ def steps_frame(rows: Mapping[str, Mapping], metric: str = "mAP") -> pd.DataFram
     for before, name in zip(names, names[1:], strict=False):
         mean, std = difference(rows[name], rows[before], metric)
         records.append({"step": f"{before} → {name}", f"Δ AUC {metric}": 100 * mean,
-                        "std": 100 * std, "within noise": abs(mean) < NOISE_FACTOR * std})
+                        "std": 100 * std, "within noise": _is_noise(mean, std)})
     return pd.DataFrame.from_records(records).set_index("step")
 
 
@@ -99,8 +97,8 @@ def styled_results(rows: Mapping[str, Mapping], paper: Mapping | None = None,
     the order by AUC mAP with ties within noise marked "≈"."""
     frame = results_frame(rows, paper)
     shown = pd.DataFrame(index=frame.index)
-    shown["AUC mAP"] = [_mean_std(rows[n], "mAP") for n in frame.index]
-    shown["AUC top-1"] = [_mean_std(rows[n], "top1") for n in frame.index]
+    shown["AUC mAP"] = [auc_text(rows[n], "mAP", " ± ") for n in frame.index]
+    shown["AUC top-1"] = [auc_text(rows[n], "top1", " ± ") for n in frame.index]
     gains = [c for c in ("Gain", "Gain vs New+rho") if c in frame]
     for col in gains:
         shown[col] = frame[col].map(lambda v: f"{v:.0f}%")
@@ -215,6 +213,6 @@ def comparisons_frame(rows: Mapping[str, Mapping],
         mean, std = difference(rows[a], rows[b])
         records.append({"question": question, "difference": f"{a} − {b}",
                         "Δ AUC mAP (points)": f"{100 * mean:+.2f} ± {100 * std:.2f}",
-                        "established": "yes" if abs(mean) >= NOISE_FACTOR * std else
-                        "no (within noise)"})
+                        "established": "no (within noise)" if _is_noise(mean, std) else
+                        "yes"})
     return pd.DataFrame.from_records(records).set_index("question")

@@ -198,12 +198,16 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
     return t
 
 
+def transform_path(config: TransformConfig, folder: Path) -> Path:
+    """Where the transforms of `config` are cached: `<folder>/transform-<name>-<key>/t.pt`."""
+    return Path(folder) / f"transform-{config.name}-{config.key()}" / "t.pt"
+
+
 def cached_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
                       labels: np.ndarray, folder: Path, progress: bool = True) -> Transforms:
-    """fit_transforms, cached as `<folder>/transform-<name>-<key>/t.pt`."""
-    path = folder / f"transform-{config.name}-{config.key()}" / "t.pt"
-    return cached(path, lambda: fit_transforms(config, old, new, labels, progress),
-                  save_transforms,
+    """fit_transforms, cached at `transform_path(config, folder)`."""
+    return cached(transform_path(config, folder),
+                  lambda: fit_transforms(config, old, new, labels, progress), save_transforms,
                   lambda p: Transforms.from_state(torch.load(p, weights_only=True)))
 
 

@@ -139,9 +139,9 @@ def validate(arrays: BackfillArrays) -> None:
             raise RmlibError(f"reference_gallery has {len(arrays.reference_gallery)} rows; "
                              f"expected {n}, one per gallery item")
     if arrays.reference_query is not None:
-        ref_gallery, ref_name = arrays.reference_side()[1], (
-            "reference_gallery" if arrays.reference_gallery is not None else "old_gallery")
-        dims.append(("reference_query", arrays.reference_query, ref_name, ref_gallery))
+        ref_name = "old_gallery" if arrays.reference_gallery is None else "reference_gallery"
+        dims.append(("reference_query", arrays.reference_query, ref_name,
+                     arrays.reference_side()[1]))
         if len(arrays.reference_query) != q:
             raise RmlibError(f"reference_query has {len(arrays.reference_query)} rows; "
                              f"expected {q}, one per query")

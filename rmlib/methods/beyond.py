@@ -11,39 +11,37 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 
 from rmlib.config import Config
-from rmlib.engine.embed import cached_embeddings
-from rmlib.evaluation.backfill import average_curves, check_conditions, simulate_backfill
 from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.orders import POLICIES, policy_order
-from rmlib.methods.registry import METHODS
-from rmlib.methods.reproduce import evaluate_rows, final_metrics, gain
+from rmlib.methods.reproduce import evaluate_method, evaluate_rows, final_metrics, gain
 from rmlib.methods.selection import rm_systems
 from rmlib.methods.setups import SETUPS
 from rmlib.outputs import check_folder, check_output, write_json
 from rmlib.provenance import provenance
 
 ORDER_METHODS = ("RM_naive", "RM")
-TRAIN_SAMPLE = 10_000  # training items the uncertainty head learns from
+STUDY_FILES = {"orders": "order_policies", "heterogeneous": "heterogeneous"}
 HETEROGENEOUS_OLD = {"arch": "resnet20", "widths": (16, 32, 64), "dim": 64, "whiten": False}
 HETEROGENEOUS_ROWS = ("RM_naive", "RM", "New+rho")
 
 
+def study_path(dataset: str, config: Config, study: str) -> Path:
+    """Where a study's results file lives: beside Table 1's."""
+    return config.paths.results / dataset / config.name / f"{STUDY_FILES[study]}.json"
+
+
 def training_systems(exp: Experiment, method: str, seed: int) -> BackfillArrays:
-    """`method`'s two systems on a fixed sample of training items, embedded with the test
-    images' views (so the head sees embeddings like the ones it will rank)."""
-    train = exp.setup.train
-    rng = np.random.default_rng(0)
-    sample = np.sort(rng.choice(len(train), min(TRAIN_SAMPLE, len(train)), replace=False))
-    old, new = (cached_embeddings(exp.model(role), train.images[sample],
-                                  f"{exp.dataset}-train-calibration",  # calibrations(0)'s sample
-                                  views=exp.setup.test_time_views,
-                                  precision=exp.config.precision) for role in ("old", "new"))
-    naive = BackfillArrays(old, old, new, new, train.labels[sample])
+    """`method`'s two systems on the training sample of seed 0 (`Experiment.training_sample`,
+    embedded with the test images' views, so the head sees embeddings like the ones it will
+    rank); the transforms are those of `seed`."""
+    (old, labels), (new, _) = exp.training_sample("old"), exp.training_sample("new")
+    naive = BackfillArrays(old, old, new, new, labels)
     if method == "RM_naive":
         return naive
     if method == "RM":
@@ -52,29 +50,21 @@ def training_systems(exp: Experiment, method: str, seed: int) -> BackfillArrays:
 
 
 def evaluate_order(exp: Experiment, method: str, policy: str, old: dict, new: dict) -> dict:
-    """One method under one order policy: the mean curve over the profile's seeds (each
-    seed: its transforms, and its random order or head), the AUCs with their spread."""
-    t0 = time.time()
-    curves = []
-    for seed in exp.config.profile.transforms.seeds:
-        arrays = METHODS[method].systems(exp, seed)
+    """One method under one order policy: `evaluate_method` with, for each seed, that
+    seed's transforms and its random order or head."""
+    def order(arrays: BackfillArrays, seed: int) -> np.ndarray:
         train = training_systems(exp, method, seed) if policy == "uncertainty" else None
-        order = policy_order(policy, arrays, seed, train)
-        curves.append(simulate_backfill(
-            arrays.old_query, arrays.old_gallery, arrays.new_query, arrays.new_gallery,
-            arrays.protocol(), order=order, reference_query=arrays.reference_query,
-            reference_gallery=arrays.reference_gallery))
-    curve, spread = average_curves(curves)
-    return {**curve.to_dict(), "seeds": list(exp.config.profile.transforms.seeds), **spread,
-            "conditions": check_conditions(curve, old, new), "policy": policy,
-            "privileged": policy == "oracle", "eval_seconds": time.time() - t0}
+        return policy_order(policy, arrays, seed, train)
+
+    return {**evaluate_method(exp, method, old, new, order=order), "policy": policy,
+            "privileged": policy == "oracle"}
 
 
 def order_policies(dataset: str, config: Config, policies: tuple[str, ...] = POLICIES,
                    progress: bool = False) -> dict:
     """Every order policy for RM_naive and RM; writes order_policies.json."""
     start = time.time()
-    out = config.paths.results / dataset / config.name / "order_policies.json"
+    out = study_path(dataset, config, "orders")
     check_output(out, "the results file")
     check_folder(config.paths.runs / dataset, "the run cache")
     exp = Experiment(dataset, config, progress)
@@ -88,7 +78,8 @@ def order_policies(dataset: str, config: Config, policies: tuple[str, ...] = POL
     result = {"rows": rows, "reference": {n: base[n] for n in ("Old", "New")},
               "provenance": provenance(
                   {"methods": list(ORDER_METHODS), "policies": list(policies),
-                   "train_sample": TRAIN_SAMPLE, "seeds": list(config.profile.transforms.seeds),
+                   "train_sample": len(exp.training_sample("old")[1]),
+                   "seeds": list(config.profile.transforms.seeds),
                    "oracle": "uses the evaluation set's new embeddings and labels: a "
                              "privileged greedy order, a reference for what an order can "
                              "buy, not a policy a deployment can run (and not a bound)",
@@ -102,7 +93,7 @@ def heterogeneous(dataset: str, config: Config, progress: bool = False) -> dict:
     """Old, New, RM_naive, RM and New+rho with a ResNet-20 old model; writes
     heterogeneous.json. The settings search reruns: it depends on the two models."""
     start = time.time()
-    out = config.paths.results / dataset / config.name / "heterogeneous.json"
+    out = study_path(dataset, config, "heterogeneous")
     check_output(out, "the results file")
     check_folder(config.paths.runs / dataset, "the run cache")
     setup = replace(SETUPS[dataset](config), old_backbone=HETEROGENEOUS_OLD)

@@ -152,19 +152,23 @@ class Experiment:
             self.timings[f"transform_{key}"] = time.time() - t0
         return self.transforms[key]
 
+    def training_sample(self, role: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """A backbone's embeddings of up to 10,000 training items drawn with `seed`, embedded
+        as the test images are (the calibrations and the learned backfill order fit on
+        these, never on test images), and their labels."""
+        train = self.setup.train
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(len(train), min(10_000, len(train)), replace=False))
+        emb = cached_embeddings(self.model(role), train.images[sample],
+                                f"{self.dataset}-train-calibration",
+                                views=self.setup.test_time_views, precision=self.config.precision)
+        return emb, train.labels[sample]
+
     def calibrations(self, seed: int = 0) -> tuple[DistanceCalibration, DistanceCalibration]:
-        """The old and the new system's distance -> P(relevant), each fitted on pairs of up
-        to 10,000 training items embedded as the test images are (never test images)."""
+        """The old and the new system's distance -> P(relevant), each fitted on pairs of
+        `training_sample(role, seed)` (never test images)."""
         if seed not in self._calibrations:
-            train = self.setup.train
-            rng = np.random.default_rng(seed)
-            sample = np.sort(rng.choice(len(train), min(10_000, len(train)), replace=False))
-            fitted = []
-            for role in ROLES:
-                emb = cached_embeddings(self.model(role), train.images[sample],
-                                        f"{self.dataset}-train-calibration",
-                                        views=self.setup.test_time_views,
-                                        precision=self.config.precision)
-                fitted.append(DistanceCalibration.fit(emb, train.labels[sample], seed=seed))
-            self._calibrations[seed] = (fitted[0], fitted[1])
+            old, new = (DistanceCalibration.fit(*self.training_sample(role, seed), seed=seed)
+                        for role in ROLES)
+            self._calibrations[seed] = (old, new)
         return self._calibrations[seed]

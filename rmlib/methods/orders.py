@@ -100,8 +100,9 @@ def fit_benefit_head(old_embeddings: np.ndarray, benefit: np.ndarray, seed: int 
                          f"got {len(x)} embeddings and {len(y)} targets")
     y = (y - y.mean()) / y.std().clamp_min(1e-12)
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    head = BenefitHead(x.shape[1])
+    with torch.random.fork_rng():  # a seeded initialisation that leaves the caller's stream
+        torch.manual_seed(seed)
+        head = BenefitHead(x.shape[1])
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=generator).split(batch_size):

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 from rmlib import RmlibError
 from rmlib.config import Config
@@ -21,6 +24,7 @@ from rmlib.evaluation.backfill import (
     backfill_arrays,
     check_conditions,
 )
+from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.evaluation.retrieval import evaluate
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.registry import ABLATION_ROWS, METHODS, TABLE1_ROWS, paper_table1
@@ -56,7 +60,7 @@ def train_backbones(dataset: str, config: Config, roles: tuple[str, ...] = ROLES
     out = config.paths.results / dataset / config.name / "backbones.json"
     check_output(out, "the results file")  # before any training, not after it
     check_folder(config.paths.runs / dataset, "the run cache")
-    result = _read_json(out) if out.exists() else {}
+    result = read_results(out) or {}
     exp = Experiment(dataset, config, progress)
     for role in roles:
         result[role] = backbone_entry(exp, role)
@@ -74,7 +78,10 @@ def train_backbones(dataset: str, config: Config, roles: tuple[str, ...] = ROLES
     return result
 
 
-def _read_json(path: Path) -> dict:
+def read_results(path: Path) -> dict | None:
+    """A results file's content, None if there is none; a damaged one is one clear line."""
+    if not path.exists():
+        return None
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -95,17 +102,23 @@ def final_metrics(row: dict) -> dict:
 
 
 def evaluate_method(exp: Experiment, name: str, old: dict | None = None,
-                    new: dict | None = None) -> dict:
+                    new: dict | None = None,
+                    order: Callable[[BackfillArrays, int], np.ndarray] | None = None) -> dict:
     """A method's backfill curves (the mean over the profile's seeds, if the method depends
     on them), AUCs with their spread, and conditions (6)-(8) of the mean curve, judged
     against the deployed old system's metrics `old` and the upgraded model's `new`
-    (default: the method's own end points)."""
+    (default: the method's own end points). `order(arrays, seed)`: the backfill order of
+    a seed (default: the random order of the seed)."""
     t0 = time.time()
     method = METHODS[name]
     seeds = exp.config.profile.transforms.seeds if method.seeded else (0,)
-    runs = [backfill_arrays(method.systems(exp, seed), seed=seed, new_baseline=new,
-                            old_baseline=old, calibration=method.calibration(exp, seed)
-                            if method.calibration else None) for seed in seeds]
+    runs = []
+    for seed in seeds:
+        arrays = method.systems(exp, seed)
+        runs.append(backfill_arrays(
+            arrays, seed=seed, new_baseline=new, old_baseline=old,
+            calibration=method.calibration(exp, seed) if method.calibration else None,
+            order=order(arrays, seed) if order else None))
     curve, spread = average_curves([c for c, _ in runs])
     first = runs[0][1]
     conditions = check_conditions(curve, old or {m: first[m]["old"] for m in first},

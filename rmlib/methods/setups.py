@@ -55,8 +55,7 @@ class Setup:
     query_cams: np.ndarray | None = None
     gallery_cams: np.ndarray | None = None
     extra: dict | None = None
-    old_backbone: dict | None = None  # fields that replace the old model's config (an upgrade
-    # across architectures: rmlib.methods.beyond)
+    old_backbone: dict | None = None  # old-model config fields replaced (rmlib.methods.beyond)
 
     @property
     def profile(self) -> str:
