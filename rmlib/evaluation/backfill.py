@@ -28,6 +28,7 @@ from rmlib.evaluation.retrieval import (
     NO_RANK,
     EuclideanSystem,
     Protocol,
+    chunk_size,
     evaluate,
     exact_column_sums,
     query_chunks,
@@ -38,7 +39,6 @@ from rmlib.evaluation.retrieval import (
 )
 
 T_GRID = np.round(np.linspace(0.0, 1.0, 21), 10)
-HISTOGRAM_BUDGET = 40_000_000  # histogram cells per query chunk (memory bound)
 
 
 def backfill_order(num_gallery: int, seed: int = 0) -> np.ndarray:
@@ -120,7 +120,7 @@ def counts_below(keys: torch.Tensor, sorted_thresholds: torch.Tensor, segment: t
     bucket.add_((segment * n_bins)[None, :])  # one histogram cell per (row, segment, bucket)
     bucket.add_((torch.arange(c, device=keys.device) * (num_segments * n_bins))[:, None])
     hist = torch.bincount(bucket.view(-1), minlength=c * num_segments * n_bins)
-    hist = hist.view(c, num_segments, n_bins).to(torch.int32).cumsum(2, dtype=torch.int32)
+    hist = hist.view(c, num_segments, n_bins).cumsum(2, dtype=torch.int32)
     for j in range(1, num_segments):  # prefix sum over segments, slice by slice (contiguous)
         hist[:, j] += hist[:, j - 1]
     return hist
@@ -233,15 +233,11 @@ def _identity(distances: torch.Tensor) -> torch.Tensor:
 
 
 def _adaptive_chunks(protocol: Protocol, num_t: int, chunk: int | None):
-    """Query chunks sized so that the (chunk, t, 2R+1) histograms stay within budget."""
-    if chunk is not None:
-        yield from query_chunks(protocol.num_queries, chunk)
-        return
-    _, counts = np.unique(protocol.gallery_labels, return_counts=True)
-    width = 2 * int(counts.max()) + 1
-    per_query = max((num_t + 1) * width, protocol.num_gallery)
-    size = int(np.clip(HISTOGRAM_BUDGET // per_query, 1, 2048))
-    yield from query_chunks(protocol.num_queries, size)
+    """Query chunks sized for the CPU's caches, with room for the (chunk, t, 2R+1) histograms."""
+    if chunk is None:
+        _, counts = np.unique(protocol.gallery_labels, return_counts=True)
+        chunk = chunk_size(protocol.num_gallery, (num_t + 1) * (2 * int(counts.max()) + 1))
+    yield from query_chunks(protocol.num_queries, chunk)
 
 
 def average_curves(curves: list[BackfillCurve]) -> tuple[BackfillCurve, dict]:
