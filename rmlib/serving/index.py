@@ -1,4 +1,4 @@
-"""Serving during a live backfill: one merged faiss index that grows as items are re-embedded.
+"""Serving during a live backfill: one merged index that grows as items are re-embedded.
 
 Two searchable parts over one gallery: the *old part* holds old-model embeddings of the
 items not yet backfilled, the *new part* the new-model embeddings of those that are. A
@@ -8,15 +8,28 @@ rho_new(q) for the new part and rho_rev(q) = psi(rho_new(q)) for the old part (o
 query embeddings), and gets one merged top-k, ranked by distance with ties broken by id,
 as the offline evaluator ranks them.
 
-Exact (flat) indexes by default; `approximate=True` uses IVF indexes (they support removal),
-whose recall against exact search the benchmark reports.
+The parts live in faiss indexes in this process (`backend="faiss"`, the default) or in
+two collections of a Milvus database (`backend="milvus"`, `rmlib.serving.parts`). Exact
+(flat) search by default; `approximate=True` uses IVF indexes, whose recall against exact
+search the benchmark reports.
+
+A batch is two writes (insert into the new part, then delete from the old part), so a
+search that runs between them would find a moving item in both parts; the index serves
+each moving item from one part only (the old part until the insert is complete, the new
+part after), and changes that rule only when no search is in flight. With Milvus, the
+batch is also written ahead in a journal (`rmlib.serving.journal`): a process killed in
+the middle of a batch is resumed by `OnlineBackfillIndex.reopen`, which finishes the
+move of every item that reached the new part and leaves the rest whole in the old part.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 
@@ -28,6 +41,10 @@ from rmlib.evaluation.retrieval import (
     query_chunks,
     relevant_slots,
 )
+from rmlib.serving.journal import BackfillJournal
+from rmlib.serving.parts import FaissParts, MilvusParts
+
+DEFAULT_MILVUS_URI = "online_backfill.db"  # a Milvus Lite file in the working directory
 
 
 def _as_rows(name: str, x: np.ndarray, dim: int) -> np.ndarray:
@@ -46,13 +63,9 @@ def _ids(ids: np.ndarray) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def _part(dim: int, approximate: bool, train: np.ndarray | None, nlist: int, nprobe: int):
-    if not approximate:
-        return faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist, faiss.METRIC_L2)
-    ivf.train(train)
-    ivf.nprobe = nprobe
-    return ivf  # IVF lists carry ids and support removal themselves
+def _id_sum(ids: np.ndarray) -> int:
+    """A checksum of a set of ids (with their count, it tells a gallery from another)."""
+    return int(np.sum(ids, dtype=np.uint64))
 
 
 @dataclass
@@ -64,39 +77,148 @@ class SearchResult:
     parts: np.ndarray
 
 
+class _SearchGate:
+    """Searches run side by side; a batch changes which part serves its moving items only
+    when no search is in flight, so a search never mixes two rules."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._searches = 0
+
+    @contextmanager
+    def searching(self) -> Iterator[None]:
+        with self._cond:
+            self._searches += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._searches -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def changing(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._searches == 0)
+            yield
+
+
 class OnlineBackfillIndex:
-    """A gallery during its backfill: an old part and a new part, searched as one."""
+    """A gallery during its backfill: an old part and a new part, searched as one.
+
+    backend="faiss" keeps both parts in this process. backend="milvus" keeps them in the
+    Milvus database at `uri` (default: a Milvus Lite file, `online_backfill.db`; a server
+    by "http://host:19530"), as collections `<name>_old` and `<name>_new`, with the
+    journal at `journal` (default: beside a Milvus Lite file; required for a server).
+    """
 
     def __init__(self, old_gallery: np.ndarray, new_dim: int, ids: np.ndarray | None = None,
                  approximate: bool = False, nlist: int = 1024, nprobe: int = 16,
-                 new_training_sample: np.ndarray | None = None):
+                 new_training_sample: np.ndarray | None = None, backend: str = "faiss",
+                 uri: str | None = None, name: str = "gallery", journal: str | Path | None = None,
+                 token: str = "", overwrite: bool = False):
         old_gallery = _as_rows("old_gallery", old_gallery, np.asarray(old_gallery).shape[-1])
         ids = np.arange(len(old_gallery), dtype=np.int64) if ids is None else _ids(ids)
         if len(ids) != len(old_gallery):
             raise RmlibError(f"{len(ids)} ids for {len(old_gallery)} gallery rows")
         if len(np.unique(ids)) != len(ids):
             raise RmlibError("gallery ids must be unique")
+        if ids.min(initial=0) < 0:
+            raise RmlibError("gallery ids must be non-negative (-1 marks a missing result)")
         if approximate and new_training_sample is None:
             raise RmlibError("an approximate index needs new_training_sample (new-model "
                              "embeddings to train its coarse quantizer)")
-        self.old_dim, self.new_dim = old_gallery.shape[1], new_dim
-        nlist = min(nlist, len(old_gallery))
-        self._old = _part(self.old_dim, approximate, old_gallery, nlist, nprobe)
-        sample = None if new_training_sample is None else _as_rows(
-            "new_training_sample", new_training_sample, new_dim)
-        self._new = _part(new_dim, approximate, sample, min(nlist, len(sample))
-                          if sample is not None else nlist, nprobe)
-        self._old.add_with_ids(old_gallery, ids)
-        self._in_new = dict.fromkeys(ids.tolist(), False)  # id -> is it in the new part?
+        dims = {"old": old_gallery.shape[1], "new": new_dim}
+        if backend == "faiss":
+            training = None if not approximate else {
+                "old": old_gallery,
+                "new": _as_rows("new_training_sample", new_training_sample, new_dim)}
+            parts = FaissParts(dims, approximate, training, min(nlist, len(old_gallery)),
+                               nprobe)
+            journal = None
+        elif backend == "milvus":
+            uri = uri or DEFAULT_MILVUS_URI
+            journal = BackfillJournal(_journal_path(uri, name, journal))
+            parts = MilvusParts(uri, name, token, nprobe)
+            if parts.exists() and not overwrite:
+                raise RmlibError(
+                    f"Milvus at {uri!r} already holds a live index named {name!r}: resume it "
+                    f"with OnlineBackfillIndex.reopen(uri={uri!r}, name={name!r}), or pass "
+                    "overwrite=True to start it again")
+            parts.drop()
+            journal.start({"name": name, "num_items": len(ids), "id_sum": _id_sum(ids),
+                           "old_dim": dims["old"], "new_dim": dims["new"]})
+            parts.create(dims, approximate, nlist)
+        else:
+            raise RmlibError(f"unknown backend {backend!r}: use 'faiss' or 'milvus'")
+        parts.put("old", ids, old_gallery, replace=False)
+        if journal is not None:
+            journal.created()
+        self._setup(parts, journal, dims, np.sort(ids), np.zeros(len(ids), dtype=bool))
+
+    @classmethod
+    def reopen(cls, uri: str = DEFAULT_MILVUS_URI, name: str = "gallery",
+               journal: str | Path | None = None, token: str = "", nprobe: int = 16
+               ) -> OnlineBackfillIndex:
+        """Resume a Milvus-backed index, e.g. after its process was killed mid-batch: the
+        journal's unfinished batch is completed, and every item is in exactly one part."""
+        journal = BackfillJournal(_journal_path(uri, name, journal))
+        header = journal.header()
+        if not header["complete"]:
+            raise RmlibError(f"creating the live index {name!r} at {uri!r} did not finish; "
+                             "create it again with OnlineBackfillIndex(..., overwrite=True)")
+        parts = MilvusParts(uri, name, token, nprobe)
+        dims = parts.open()
+        pending = journal.pending()
+        if pending is not None:  # the move of a batch was interrupted: finish it
+            moving = pending[0]
+            parts.delete("old", moving[parts.contains("new", moving)])
+            journal.done()
+        old, new = parts.ids("old"), parts.ids("new")
+        ids = np.sort(np.concatenate([old, new]))
+        both = np.intersect1d(old, new)
+        if len(both):
+            raise RmlibError(f"{len(both)} items are in both parts (e.g. ids {both[:3]}) "
+                             f"although the journal {journal.path} has no unfinished batch; "
+                             "was the index changed by another program?")
+        if len(ids) != header["num_items"] or _id_sum(ids) != header["id_sum"]:
+            raise RmlibError(f"the live index {name!r} holds {len(ids)} items, its journal "
+                             f"says {header['num_items']} (or other ids): items were lost "
+                             "outside rmlib; create it again with overwrite=True")
+        index = cls.__new__(cls)
+        index._setup(parts, journal, dims, ids, np.isin(ids, new))
+        return index
+
+    def _setup(self, parts, journal: BackfillJournal | None, dims: dict[str, int],
+               sorted_ids: np.ndarray, in_new: np.ndarray) -> None:
+        self._parts, self._journal = parts, journal
+        self.old_dim, self.new_dim = dims["old"], dims["new"]
+        self._sorted_ids, self._in_new = sorted_ids, in_new  # id -> is it in the new part?
+        self._gate = _SearchGate()
+        self._moving = np.empty(0, dtype=np.int64)  # ids of the batch in flight (old -> new)
+        self._insert_done = False  # has the batch in flight reached the new part?
+        self._broken: str | None = None
+
+    def close(self) -> None:
+        """Release the database connection (the data stays)."""
+        self._parts.close()
 
     # --- state ----------------------------------------------------------------------------
-    @property
-    def num_old(self) -> int:
-        return int(self._old.ntotal)
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self._sorted_ids, ids).clip(max=len(self._sorted_ids) - 1)
+        unknown = ids[self._sorted_ids[pos] != ids]
+        if len(unknown):
+            raise RmlibError(f"{len(unknown)} unknown id(s), e.g. {unknown[:3].tolist()}; "
+                             "nothing was changed")
+        return pos
 
     @property
     def num_new(self) -> int:
-        return int(self._new.ntotal)
+        return int(self._in_new.sum())
+
+    @property
+    def num_old(self) -> int:
+        return len(self._in_new) - self.num_new
 
     @property
     def ratio(self) -> float:
@@ -105,7 +227,7 @@ class OnlineBackfillIndex:
 
     def part_of(self, ids: np.ndarray) -> np.ndarray:
         """1 where an id is in the new part, 0 where in the old part."""
-        return np.array([int(self._in_new[int(i)]) for i in _ids(ids)], dtype=np.int64)
+        return self._in_new[self._positions(_ids(ids))].astype(np.int64)
 
     # --- backfill ---------------------------------------------------------------------------
     def next_batch(self, order: np.ndarray, size: int) -> np.ndarray:
@@ -113,37 +235,52 @@ class OnlineBackfillIndex:
         `rmlib.methods.orders`) that are still in the old part: what the backfill job
         re-embeds next. Asked again after a restart, it gives the items not yet moved."""
         order = _ids(order)
-        if len(order) != len(self._in_new) or set(order.tolist()) != self._in_new.keys():
+        if len(order) != len(self._sorted_ids) or not np.array_equal(np.sort(order),
+                                                                      self._sorted_ids):
             raise RmlibError(f"a backfill order lists every gallery id once; got {len(order)} "
-                             f"ids for a gallery of {len(self._in_new)}")
+                             f"ids for a gallery of {len(self._sorted_ids)}")
         if size < 1:
             raise RmlibError(f"a backfill batch has at least one item, not {size}")
-        waiting = np.array([not self._in_new[i] for i in order.tolist()], dtype=bool)
-        return order[waiting][:size]
+        return order[~self._in_new[self._positions(order)]][:size]
 
     def backfill(self, ids: np.ndarray, new_embeddings: np.ndarray) -> None:
         """Move a batch of items to the new part (or re-embed items already there).
 
         Unknown or repeated ids are an error that changes nothing.
         """
+        if self._broken:
+            raise RmlibError(self._broken)
         ids = _ids(ids)
         emb = _as_rows("new_embeddings", new_embeddings, self.new_dim)
         if len(emb) != len(ids):
             raise RmlibError(f"{len(ids)} ids but {len(emb)} embeddings in the backfill batch")
-        unknown = [int(i) for i in ids if int(i) not in self._in_new]
-        if unknown:
-            raise RmlibError(f"{len(unknown)} unknown id(s) in the backfill batch, e.g. "
-                             f"{unknown[:3]}; nothing was changed")
+        pos = self._positions(ids)
         if len(np.unique(ids)) != len(ids):
             raise RmlibError("the backfill batch repeats an id; nothing was changed")
-        in_new = np.array([self._in_new[int(i)] for i in ids])
-        if (~in_new).any():
-            self._old.remove_ids(ids[~in_new])
-        if in_new.any():  # re-embedding: replace the new-part entry
-            self._new.remove_ids(ids[in_new])
-        self._new.add_with_ids(emb, ids)
-        for i in ids.tolist():
-            self._in_new[i] = True
+        was_new = self._in_new[pos]
+        moving = np.sort(ids[~was_new])
+        try:
+            if self._journal is not None:
+                self._journal.begin(ids)
+            with self._gate.changing():
+                self._moving, self._insert_done = moving, False
+            self._parts.put("new", ids, emb, replace=bool(was_new.any()))
+            if self._journal is not None:
+                self._journal.inserted()
+            with self._gate.changing():  # from now on the moving items are served as new
+                self._insert_done = True
+            self._parts.delete("old", moving)
+            with self._gate.changing():
+                self._in_new[pos] = True
+                self._moving = np.empty(0, dtype=np.int64)
+            if self._journal is not None:
+                self._journal.done()
+        except Exception as e:
+            if self._journal is None:
+                raise
+            self._broken = (f"a backfill batch was interrupted ({e}); resume with "
+                            "OnlineBackfillIndex.reopen(uri, name), which finishes it")
+            raise RmlibError(self._broken) from e
 
     # --- search -----------------------------------------------------------------------------
     def search(self, new_queries: np.ndarray, old_queries: np.ndarray, k: int = 10
@@ -154,18 +291,37 @@ class OnlineBackfillIndex:
         oq = _as_rows("old_queries", old_queries, self.old_dim)
         if len(nq) != len(oq):
             raise RmlibError(f"{len(nq)} new queries but {len(oq)} old queries")
-        found = []
-        for tag, index, q in ((0, self._old, oq), (1, self._new, nq)):
-            kk = min(k, int(index.ntotal))
-            if kk > 0:
-                d, i = index.search(q, kk)
+        if k < 1:
+            raise RmlibError(f"k is at least 1, not {k}")
+        with self._gate.searching():
+            moving = self._moving  # served by the old part until the insert is done
+            hidden = {"old": moving if self._insert_done else moving[:0],
+                      "new": moving[:0] if self._insert_done else moving}
+            size = {"old": self.num_old, "new": self.num_new + len(moving)}
+            found = []
+            for tag, part, q in ((0, "old", oq), (1, "new", nq)):
+                kk = min(k + len(hidden[part]), size[part])
+                if kk == 0:
+                    continue
+                d, i = self._parts.search(part, q, kk)
+                if len(hidden[part]):
+                    drop = np.isin(i, hidden[part])
+                    d, i = np.where(drop, np.inf, d), np.where(drop, -1, i)
                 found.append((d, i, np.full(i.shape, tag)))
         d, i, part = (np.concatenate([f[j] for f in found], 1) for j in range(3))
-        d = np.where(i < 0, np.inf, d)  # faiss pads missing results with id -1
-        order = np.lexsort((i, d), axis=1)[:, :k]
+        order = np.lexsort((i, d), axis=1)[:, :k]  # missing results (inf) sort last
         rows = np.arange(len(d))[:, None]
         return SearchResult(np.sqrt(np.maximum(d[rows, order], 0)), i[rows, order],
                             part[rows, order])
+
+
+def _journal_path(uri: str, name: str, journal: str | Path | None) -> Path:
+    if journal is not None:
+        return Path(journal)
+    if "://" in uri:
+        raise RmlibError(f"a live index on the Milvus server {uri!r} needs journal=PATH, a "
+                         "local file that survives the backfill process")
+    return Path(f"{uri}.{name}.journal")
 
 
 def live_scores(index: OnlineBackfillIndex, new_queries: np.ndarray, old_queries: np.ndarray,

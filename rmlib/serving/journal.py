@@ -1,0 +1,106 @@
+"""The backfill journal: a small write-ahead note that lets a killed backfill finish cleanly.
+
+A batch moves items between two collections of a vector database in two steps (insert
+into the new part, then delete from the old part), and no database makes the pair atomic.
+The journal records, before anything is touched, which ids the batch moves; then that
+the insert is complete; and clears the note when the batch is done. After a crash,
+`pending()` tells the restarted process which ids may be half-moved: every one of them
+that reached the new part is deleted from the old part, every other one is still whole
+in the old part (deletes start only after the insert is complete). So no item is lost
+and none is in both parts, whatever instant the process died at.
+
+The file holds a header line (the gallery it belongs to) and at most one batch, so it
+stays small however long the backfill runs. Every change is written to a temporary file,
+synced and renamed over the journal, or appended and synced: a reader sees the old or
+the new state, never half a line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from rmlib import RmlibError
+
+VERSION = 1
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BackfillJournal:
+    """The journal of one live index: its header and the batch in flight, if any."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # --- writing ---------------------------------------------------------------------------
+    def _replace(self, records: list[dict]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        _sync_dir(self.path)
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def start(self, header: dict) -> None:
+        """A new index: its header, marked incomplete until `created()`."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._replace([{"journal": VERSION, **header, "complete": False}])
+
+    def created(self) -> None:
+        """Every item of the gallery is in the old part."""
+        self._replace([self.header() | {"complete": True}])
+
+    def begin(self, ids: np.ndarray) -> None:
+        """Before a batch touches the database: the ids it moves."""
+        self._replace([self.header(), {"begin": np.asarray(ids).tolist()}])
+
+    def inserted(self) -> None:
+        """Every id of the batch is in the new part; deletes from the old part may start."""
+        self._append({"inserted": True})
+
+    def done(self) -> None:
+        """The batch is complete (or recovered)."""
+        self._replace([self.header()])
+
+    # --- reading ---------------------------------------------------------------------------
+    def _records(self) -> list[dict]:
+        if not self.path.is_file():
+            raise RmlibError(f"no backfill journal at {self.path}: the live index was never "
+                             "created there, or its journal was moved; pass journal=PATH")
+        try:
+            records = [json.loads(line) for line in self.path.read_text().splitlines()]
+        except json.JSONDecodeError as e:
+            raise RmlibError(f"{self.path} is not a backfill journal ({e}); it is written "
+                             "only by rmlib.serving, restore it from where it was") from None
+        if not records or records[0].get("journal") != VERSION:
+            raise RmlibError(f"{self.path} is not a version-{VERSION} backfill journal; it is "
+                             "written only by rmlib.serving, restore it from where it was")
+        return records
+
+    def header(self) -> dict:
+        return self._records()[0]
+
+    def pending(self) -> tuple[np.ndarray, bool] | None:
+        """The ids of an unfinished batch and whether its insert completed, or None."""
+        records = self._records()
+        if len(records) < 2:
+            return None
+        ids = np.asarray(records[1]["begin"], dtype=np.int64)
+        return ids, any(r.get("inserted") for r in records[2:])
