@@ -3,6 +3,7 @@
     python -m benchmarks.bench_serving [--n 1000000] [--dim 128] [--queries 1000] [--k 10]
     RMLIB_DATA=DATA_ROOT python -m benchmarks.bench_serving --cifar100 cpu \
         --nlist 100 --nprobe 8
+    python -m benchmarks.bench_serving --backend milvus [--n 1000000]
 
 Queries per second of the merged search at backfill ratios 0, 0.5 and 1 against a single
 index of N items, exact (flat) and approximate (IVF, its recall@k against exact merged
@@ -11,13 +12,21 @@ tenth of a smaller gallery). The gallery is synthetic (N x d, L2-normalised; the
 case for IVF, which relies on clusters), or the CIFAR-100 test set with the RM systems of
 a profile's experiment (real embeddings: psi(rho(q)) on the old part, rho on the new).
 Writes data/results/benchmarks/serving_<synthetic|cifar100-PROFILE>.json.
+
+With `--backend milvus` the parts are two collections of a Milvus Lite file (under the
+runs folder, removed afterwards), searched exactly (FLAT), against one collection of N
+new embeddings; it reports the merged and single search times, queries per second, how
+fast the old part loads and how fast a backfill batch moves items, and writes
+serving_<gallery>_milvus.json.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import shutil
 import time
+from importlib.metadata import version
 
 import faiss
 import numpy as np
@@ -56,6 +65,53 @@ def synthetic_systems(n: int, d: int, queries: int):
             unit(rng.normal(size=(queries, d))), unit(rng.normal(size=(queries, d))))
 
 
+def milvus_exact(bench: Benchmark, old, new, q_old, q_new, k: int, repeats: int, batch: int
+                 ) -> dict:
+    """Exact merged search in Milvus at t = 0, 0.5, 1 against one collection of N items."""
+    from rmlib.serving.parts import MilvusParts
+
+    n, d = new.shape
+    folder = bench.config.paths.runs / "bench_serving_milvus"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    uri = str(folder / "bench.db")
+    try:
+        t0 = time.perf_counter()
+        single = MilvusParts(uri, "single")
+        single.create({"old": d, "new": d}, approximate=False, nlist=0)
+        single.put("new", np.arange(n), new, replace=False)
+        out = {"single_load_items_per_s": round(n / (time.perf_counter() - t0))}
+        t_single = best_of(lambda: single.search("new", q_new, k), repeats)
+        out["single_collection_qps"] = round(len(q_new) / t_single)
+        single_ids = single.search("new", q_new, k)[1]
+        t0 = time.perf_counter()
+        index = OnlineBackfillIndex(old, new_dim=d, backend="milvus", uri=uri, name="live")
+        out["old_part_load_items_per_s"] = round(n / (time.perf_counter() - t0))
+        order = np.random.default_rng(1).permutation(n)
+        for t in (0.0, 0.5, 1.0):
+            batch_times = []
+            while index.num_new < int(t * n):
+                ids = order[index.num_new:min(index.num_new + batch, int(t * n))]
+                t0 = time.perf_counter()
+                index.backfill(ids, new[ids])
+                batch_times.append(time.perf_counter() - t0)
+            t_merged = best_of(lambda: index.search(q_new, q_old, k), repeats)
+            entry = {"merged_qps": round(len(q_new) / t_merged),
+                     "merged_over_single": round(t_merged / t_single, 3)}
+            if batch_times:
+                entry["backfill_batch_s"] = round(float(np.median(batch_times)), 3)
+                entry["backfill_items_per_s"] = round(batch / float(np.median(batch_times)))
+            if t == 1.0:  # everything new: the merged answer is the single collection's
+                entry["same_ids_as_single"] = bool(
+                    np.array_equal(index.search(q_new, q_old, k).ids, single_ids))
+            out[f"t={t}"] = entry
+        index.close()
+        single.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--n", type=int, default=1_000_000)
@@ -67,15 +123,26 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nlist", type=int, default=1024)
     p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--backend", choices=("faiss", "milvus"), default="faiss")
     args = p.parse_args()
     name = f"cifar100-{args.cifar100}" if args.cifar100 else "synthetic"
-    bench = Benchmark(f"serving_{name}", args.out, args.cifar100)
+    suffix = "_milvus" if args.backend == "milvus" else ""
+    bench = Benchmark(f"serving_{name}{suffix}", args.out, args.cifar100)
     if args.cifar100:
         old, new, q_old, q_new = cifar100_systems(bench.config, args.queries)
     else:
         old, new, q_old, q_new = synthetic_systems(args.n, args.dim, args.queries)
     n, d = new.shape
     batch = min(10_000, max(1, n // 10))
+    if args.backend == "milvus":
+        out = {"gallery": name, "backend": "milvus-lite " + version("milvus-lite"), "n": n,
+               "dim": d, "queries": len(q_new), "k": args.k, "backfill_batch": batch,
+               "exact": milvus_exact(bench, old, new, q_old, q_new, args.k, args.repeats,
+                                     batch)}
+        out["max_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        print(json.dumps(out, indent=2, default=str))
+        bench.write(out, vars(args) | {"out": None})
+        return
     out = {"gallery": name, "n": n, "dim": d, "queries": len(q_new), "k": args.k,
            "nlist": args.nlist, "nprobe": args.nprobe, "backfill_batch": batch,
            "threads": faiss.omp_get_max_threads(), "exact": {}, "approximate": {}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 
 import faiss
@@ -23,6 +24,7 @@ from rmlib import RmlibError
 PARTS = ("old", "new")
 MILVUS_MAX_TOP_K = 16_384  # Milvus answers at most this many results per query
 MILVUS_REQUEST_ROWS = 5_000  # rows per insert or delete request (under gRPC's 64 MB)
+_LITE_USERS: Counter[str] = Counter()  # open MilvusParts per URI in this process
 
 
 def _padded(distances: list, ids: list, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,6 +101,7 @@ class MilvusParts:
     def __init__(self, uri: str, name: str, token: str = "", nprobe: int = 16):
         self.uri, self.name, self.nprobe = uri, name, nprobe
         self._client = _milvus_client(uri, token)
+        _LITE_USERS[uri] += 1
         self._collection = {part: f"{name}_{part}" for part in PARTS}
 
     # --- collections -----------------------------------------------------------------------
@@ -195,6 +198,8 @@ class MilvusParts:
             return
         self._client.close()
         self._client = None
-        if "://" not in self.uri:  # stop Milvus Lite's server, which holds the file's lock
+        _LITE_USERS[self.uri] -= 1
+        if "://" not in self.uri and not _LITE_USERS[self.uri]:
+            # the last user stops Milvus Lite's server, which holds the file's lock
             from milvus_lite.server_manager import server_manager_instance
             server_manager_instance.release_server(self.uri)
