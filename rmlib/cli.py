@@ -48,6 +48,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is more than 1; give a fraction in (0, 1]")
+    return value
+
+
 def _cmd_backfill(args: argparse.Namespace) -> int:
     from rmlib.evaluation.backfill import backfill_arrays
     from rmlib.evaluation.emb_file import load_backfill_arrays
@@ -98,6 +105,51 @@ def _order(args: argparse.Namespace, arrays):
         raise RmlibError("--order-train is for --order uncertainty only")
     train = load_backfill_arrays(args.order_train) if args.order_train else None
     return None if args.order == "random" else policy_order(args.order, arrays, args.seed, train)
+
+
+def _cmd_live(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from rmlib.evaluation.backfill import backfill_order, backfilled_count
+    from rmlib.evaluation.emb_file import load_backfill_arrays
+    from rmlib.serving import index as live
+    from rmlib.serving.parts import MILVUS_MAX_TOP_K
+
+    arrays = load_backfill_arrays(args.emb)
+    n = len(arrays.old_gallery)
+    order = _order(args, arrays)
+    order = backfill_order(n, args.seed) if order is None else order
+    if live.exists(args.uri, args.name, args.journal):
+        index = live.OnlineBackfillIndex.reopen(args.uri, args.name, args.journal)
+        if (index.num_old + index.num_new, index.old_dim, index.new_dim) != (
+                n, arrays.old_gallery.shape[1], arrays.new_gallery.shape[1]):
+            index.close()
+            raise RmlibError(f"the live index {args.name!r} at {args.uri} holds another "
+                             f"gallery than {args.emb}; give another --name or --uri")
+        print(f"resumed the live index {args.name!r} at {args.uri}: t = {index.ratio:.3f}")
+    else:
+        index = live.OnlineBackfillIndex(arrays.old_gallery, arrays.new_gallery.shape[1],
+                                         backend="milvus", uri=args.uri, name=args.name,
+                                         journal=args.journal)
+        print(f"created the live index {args.name!r} at {args.uri}: {n:,} items in the old part")
+    try:
+        target = backfilled_count(args.until, n)
+        with tqdm(total=max(target - index.num_new, 0), unit="item", disable=args.quiet,
+                  desc="backfill") as bar:
+            while index.num_new < target:
+                batch = index.next_batch(order, min(args.batch, target - index.num_new))
+                index.backfill(batch, arrays.new_gallery[batch])
+                bar.update(len(batch))
+        print(f"t = {index.ratio:.3f}: {index.num_old:,} items in the old part, "
+              f"{index.num_new:,} in the new part")
+        if n <= MILVUS_MAX_TOP_K:  # the whole merged ranking, as the evaluator scores it
+            served = live.live_scores(index, arrays.new_query, arrays.old_query,
+                                      arrays.protocol()).summary()
+            print(f"served now: mAP {100 * served['mAP']:.2f}  top-1 {100 * served['top1']:.2f}"
+                  f"  top-5 {100 * served['top5']:.2f}")
+    finally:
+        index.close()
+    return 0
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -240,6 +292,34 @@ def _add_training(sub, name: str) -> None:
     _quiet(p)
 
 
+def _add_live(sub) -> None:
+    p = _command(
+        sub, "live", _cmd_live, "run (or resume) a live backfill of your embeddings in Milvus",
+        "Put the old gallery of EMB.npz into a Milvus database (a Milvus Lite file by "
+        "default), then move items to the new part in batches, in the backfill order, with "
+        "their new embeddings, until the backfilled fraction reaches --until. Killed at any "
+        "moment, the same command resumes, finishing the interrupted batch. Ends with what "
+        "the index serves: mAP and top-k over each query's whole merged ranking.")
+    p.add_argument("emb", type=Path, metavar="EMB.npz", help="as for `backfill`")
+    p.add_argument("--uri", default="online_backfill.db",
+                   help="a Milvus Lite file (default online_backfill.db) or a server's URI")
+    p.add_argument("--name", default="gallery", help="the index's name (collections "
+                   "NAME_old and NAME_new; default gallery)")
+    p.add_argument("--journal", type=Path, help="the journal file (default: beside a Milvus "
+                   "Lite file; required for a server)")
+    p.add_argument("--batch", type=_positive_int, default=10_000,
+                   help="items per backfill batch (default 10,000)")
+    p.add_argument("--until", type=_fraction, default=1.0,
+                   help="stop at this backfilled fraction t, in (0, 1] (default 1)")
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seed of the random backfill order (default 0)")
+    p.add_argument("--order", default="random", metavar="random|uncertainty|oracle|FILE",
+                   help="which items are re-embedded first, as for `backfill`")
+    p.add_argument("--order-train", type=Path, metavar="TRAIN_EMB.npz",
+                   help="for --order uncertainty, as for `backfill`")
+    _quiet(p)
+
+
 def _add_study(sub) -> None:
     p = _command(
         sub, "study", _cmd_study, "run a study beyond the paper (backfill orders, an upgrade "
@@ -300,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(sub)
     _add_apply(sub)
     _add_study(sub)
+    _add_live(sub)
     return parser
 
 

@@ -71,7 +71,7 @@ def test_milvus_serves_what_faiss_serves(milvus_index):
                             faiss_index.search(new_q, old_q, k=25))
     milvus.backfill(order[:5], new_g[order[:5]] + 1.0)  # re-embedding items already new
     faiss_index.backfill(order[:5], new_g[order[:5]] + 1.0)
-    assert milvus._parts.count("new") == len(old_g) and milvus._parts.count("old") == 0
+    assert milvus.stored() == {"old": 0, "new": len(old_g)}
     assert_same_results(milvus.search(new_q, old_q, k=25), faiss_index.search(new_q, old_q, k=25))
 
 
@@ -255,7 +255,7 @@ def test_an_existing_index_is_never_overwritten_by_accident(milvus_index, tmp_pa
     assert again.num_new == 10
     again.close()
     fresh = milvus_index(old_g, new_dim=12, overwrite=True)
-    assert fresh.num_new == 0 and fresh._parts.count("old") == 50
+    assert fresh.num_new == 0 and fresh.stored() == {"old": 50, "new": 0}
 
 
 def test_reopen_refuses_a_missing_malformed_or_unfinished_journal(tmp_path, milvus_index):
@@ -294,7 +294,7 @@ def test_a_failed_request_stops_the_index_until_reopen_finishes_the_batch(milvus
     monkeypatch.undo()
     index.close()
     again = OnlineBackfillIndex.reopen(str(tmp_path / "gallery.db"))
-    assert again.num_new == 10 and again._parts.count("old") == 70
+    assert again.num_new == 10 and again.stored() == {"old": 70, "new": 10}
     again.close()
 
 
@@ -304,3 +304,40 @@ def test_milvus_refuses_more_results_than_it_can_return(milvus_index, monkeypatc
     monkeypatch.setattr(parts, "MILVUS_MAX_TOP_K", 30)
     with pytest.raises(RmlibError, match="at most 30 results per query"):
         index.search(new_q, old_q, k=35)
+
+
+# --- the command line ---------------------------------------------------------------------
+
+def test_the_live_command_resumes_and_serves_the_evaluators_curve(tmp_path, capsys):
+    import re
+
+    from rmlib.cli import main
+    from rmlib.evaluation.backfill import simulate_backfill
+    from rmlib.evaluation.retrieval import Protocol
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 6, 240)
+    old = (rng.normal(size=(6, 8))[labels] + rng.normal(size=(240, 8))).astype("f4")
+    new = (rng.normal(size=(6, 12))[labels] + 0.6 * rng.normal(size=(240, 12))).astype("f4")
+    emb = tmp_path / "emb.npz"
+    np.savez(emb, old_query=old, old_gallery=old, new_query=new, new_gallery=new,
+             query_labels=labels)
+    live = ["live", str(emb), "--uri", str(tmp_path / "g.db"), "--batch", "25", "--quiet"]
+    assert main(live + ["--until", "0.3"]) == 0
+    assert "created the live index" in capsys.readouterr().out
+    assert main(live + ["--until", "0.6"]) == 0  # a second run resumes where the first ended
+    out = capsys.readouterr().out
+    assert "resumed the live index 'gallery'" in out and "t = 0.300" in out
+    assert "t = 0.600: 96 items in the old part, 144 in the new part" in out
+    served = float(re.search(r"served now: mAP (\S+)", out).group(1))
+    curve = simulate_backfill(old, old, new, new, Protocol.leave_one_out(labels),
+                              order=backfill_order(240, 0), ts=np.array([0.6]))
+    assert served == pytest.approx(100 * curve.mAP[0], abs=0.006)
+
+    np.savez(tmp_path / "other.npz", old_query=old[:100], old_gallery=old[:100],
+             new_query=new[:100], new_gallery=new[:100], query_labels=labels[:100])
+    assert main(["live", str(tmp_path / "other.npz"), "--uri", str(tmp_path / "g.db")]) == 2
+    assert "holds another gallery" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(live + ["--until", "1.5"])
+    assert usage.value.code == 2 and "more than 1" in capsys.readouterr().err

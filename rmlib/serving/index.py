@@ -225,6 +225,11 @@ class OnlineBackfillIndex:
         """The backfilled fraction t."""
         return self.num_new / max(1, len(self._in_new))
 
+    def stored(self) -> dict[str, int]:
+        """How many items each part holds, as its store counts them: a check of the
+        bookkeeping (num_old and num_new), and of the database after a crash."""
+        return {part: self._parts.count(part) for part in ("old", "new")}
+
     def part_of(self, ids: np.ndarray) -> np.ndarray:
         """1 where an id is in the new part, 0 where in the old part."""
         return self._in_new[self._positions(_ids(ids))].astype(np.int64)
@@ -313,6 +318,13 @@ class OnlineBackfillIndex:
         rows = np.arange(len(d))[:, None]
         return SearchResult(np.sqrt(np.maximum(d[rows, order], 0)), i[rows, order],
                             part[rows, order])
+
+
+def exists(uri: str = DEFAULT_MILVUS_URI, name: str = "gallery",
+           journal: str | Path | None = None) -> bool:
+    """Whether a Milvus-backed live index was started at `uri` under `name` (its journal
+    is there): reopen it rather than create it."""
+    return _journal_path(uri, name, journal).is_file()
 
 
 def _journal_path(uri: str, name: str, journal: str | Path | None) -> Path:
