@@ -15,7 +15,8 @@ Writes data/results/benchmarks/serving_<synthetic|cifar100-PROFILE>.json.
 
 With `--backend milvus` the parts are two collections of a Milvus Lite file (under the
 runs folder, removed afterwards), searched exactly (FLAT), against one collection of N
-new embeddings; it reports the merged and single search times, queries per second, how
+new embeddings (both flushed after loading; the backfill's batches are not flushed, as in
+a live service); it reports the merged and single search times, queries per second, how
 fast the old part loads and how fast a backfill batch moves items, and writes
 serving_<gallery>_milvus.json.
 """
@@ -81,11 +82,13 @@ def milvus_exact(bench: Benchmark, old, new, q_old, q_new, k: int, repeats: int,
         single.create({"old": d, "new": d}, approximate=False, nlist=0)
         single.put("new", np.arange(n), new, replace=False)
         out = {"single_load_items_per_s": round(n / (time.perf_counter() - t0))}
+        single.flush()  # both start sealed and indexed; backfill batches are not flushed
         t_single = best_of(lambda: single.search("new", q_new, k), repeats)
         out["single_collection_qps"] = round(len(q_new) / t_single)
         single_ids = single.search("new", q_new, k)[1]
         t0 = time.perf_counter()
         index = OnlineBackfillIndex(old, new_dim=d, backend="milvus", uri=uri, name="live")
+        index.flush()
         out["old_part_load_items_per_s"] = round(n / (time.perf_counter() - t0))
         order = np.random.default_rng(1).permutation(n)
         for t in (0.0, 0.5, 1.0):

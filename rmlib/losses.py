@@ -43,13 +43,17 @@ def hardest_half(dist: torch.Tensor, mask: torch.Tensor, hardest: str) -> torch.
 
     Hard positives are the farthest (`hardest="far"`), hard negatives the closest ("near").
     A partial sort (top-k, k = the largest half) gives each row's cut-off distance: a full
-    sort of every row costs three times as much and mining runs on every step.
+    sort of every row costs three times as much and mining runs on every step. On an
+    accelerator k is the static bound (half a row), so that mining never waits for a read.
     """
     far = hardest == "far"
     keep = (mask.sum(1, keepdim=True) + 1) // 2
-    k = int(keep.max())
-    if k == 0:
-        return torch.zeros_like(mask)
+    if on_host(dist):
+        k = int(keep.max())  # the smallest top-k that serves every row
+        if k == 0:
+            return torch.zeros_like(mask)
+    else:  # a bound known without reading the device: no row keeps more than half its items
+        k = (mask.shape[1] + 1) // 2
     score = dist.masked_fill(~mask, float("-inf") if far else float("inf"))
     top = torch.topk(score, k, dim=1, largest=far, sorted=True).values
     cut = top.gather(1, (keep - 1).clamp_min(0))
@@ -81,6 +85,20 @@ def log_similarity_sum(dist: torch.Tensor, mask: torch.Tensor, tau: float) -> to
     return torch.logsumexp((-dist / tau).masked_fill(~mask, NEG_INF), 1)
 
 
+def on_host(x: torch.Tensor) -> bool:
+    """Whether reading a value of `x` is free (the CPU); an accelerator waits for it."""
+    return x.device.type == "cpu"
+
+
+def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The mean of values[keep] (0 when nothing is kept), without a shape that depends on
+    the data on an accelerator (a boolean index reads the device); on the CPU exactly
+    values[keep].mean(), so cached results stay bit-identical."""
+    if on_host(values):
+        return values[keep].mean() if bool(keep.any()) else values.sum() * 0.0
+    return torch.where(keep, values, 0.0).sum() / keep.sum().clamp_min(1)
+
+
 def contrastive_terms(dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float,
                       extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Per-anchor -log(sum_pos s / (sum_pos s + sum_neg s [+ sum_extra_neg s])).
@@ -89,14 +107,24 @@ def contrastive_terms(dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, 
     `extra`: the other system's distances and negatives, which join the denominator (eq. 11).
     Anchors without a positive are left out.
     """
+    terms, valid = _all_anchor_terms(dist, pos, neg, tau, extra)
+    return terms[valid]
+
+
+def contrastive_mean(dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float,
+                     extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """`contrastive_terms(...).mean()`, computed without reading the device."""
+    return masked_mean(*_all_anchor_terms(dist, pos, neg, tau, extra))
+
+
+def _all_anchor_terms(dist, pos, neg, tau, extra) -> tuple[torch.Tensor, torch.Tensor]:
     sums = [log_similarity_sum(dist, pos, tau), log_similarity_sum(dist, neg, tau)]
     if extra is not None:
         other, other_neg = extra
         sums.append(log_similarity_sum(other, other_neg, tau))
     numerator = sums[0]
     denominator = torch.logsumexp(torch.stack(sums, 1), dim=1)  # log of the sum of the sums
-    valid = pos.any(1)
-    return (denominator - numerator)[valid]
+    return denominator - numerator, pos.any(1)
 
 
 def cl_loss(rev: torch.Tensor, old: torch.Tensor, labels: torch.Tensor, tau: float = 1.0,
@@ -107,8 +135,7 @@ def cl_loss(rev: torch.Tensor, old: torch.Tensor, labels: torch.Tensor, tau: flo
     (the image's own old embedding, the pair that eq. 9 pulls together).
     """
     dist = pairwise_distances(rev, old)
-    return contrastive_terms(dist, *mined_pairs(dist, labels, mine, exclude_self=False),
-                             tau).mean()
+    return contrastive_mean(dist, *mined_pairs(dist, labels, mine, exclude_self=False), tau)
 
 
 def mcl_loss(rev: torch.Tensor, old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor,
@@ -123,9 +150,9 @@ def mcl_loss(rev: torch.Tensor, old: torch.Tensor, new: torch.Tensor, labels: to
     d_new = pairwise_distances(new, new)
     pos_old, neg_old = mined_pairs(d_old, labels, mine, exclude_self=False)
     pos_new, neg_new = mined_pairs(d_new, labels, mine, exclude_self=True)
-    backward = contrastive_terms(d_old, pos_old, neg_old, tau, extra=(d_new, neg_new))
-    forward = contrastive_terms(d_new, pos_new, neg_new, tau, extra=(d_old, neg_old))
-    return backward.mean() + forward.mean()
+    backward = contrastive_mean(d_old, pos_old, neg_old, tau, extra=(d_new, neg_new))
+    forward = contrastive_mean(d_new, pos_new, neg_new, tau, extra=(d_old, neg_old))
+    return backward + forward
 
 
 def bct_influence_loss(new_embedding: torch.Tensor, labels: torch.Tensor,
@@ -134,10 +161,16 @@ def bct_influence_loss(new_embedding: torch.Tensor, labels: torch.Tensor,
     """BCT (Shen et al. 2020): new embeddings through the frozen old classifier, on the
     items of the old classes."""
     keep = labels < num_old_classes
-    if not keep.any():
-        return new_embedding.sum() * 0.0
-    logits = old_classifier(new_embedding[keep])
-    return F.cross_entropy(logits, labels[keep], label_smoothing=label_smoothing)
+    if on_host(labels):
+        if not keep.any():
+            return new_embedding.sum() * 0.0
+        logits = old_classifier(new_embedding[keep])
+        return F.cross_entropy(logits, labels[keep], label_smoothing=label_smoothing)
+    # on an accelerator: every item through the classifier, the new classes' terms masked
+    logits = old_classifier(new_embedding)
+    terms = F.cross_entropy(logits, torch.where(keep, labels, 0), reduction="none",
+                            label_smoothing=label_smoothing)
+    return masked_mean(terms, keep)
 
 
 def batch_hard_triplet_loss(embedding: torch.Tensor, labels: torch.Tensor,
@@ -150,8 +183,9 @@ def batch_hard_triplet_loss(embedding: torch.Tensor, labels: torch.Tensor,
     pos = same & ~eye
     neg = ~same
     valid = pos.any(1) & neg.any(1)
-    if not valid.any():
-        return embedding.sum() * 0.0
     hardest_pos = dist.masked_fill(~pos, float("-inf")).amax(1)
     hardest_neg = dist.masked_fill(~neg, float("inf")).amin(1)
-    return F.relu(hardest_pos - hardest_neg + margin)[valid].mean()
+    terms = F.relu(hardest_pos - hardest_neg + margin)
+    if on_host(dist):
+        return terms[valid].mean() if bool(valid.any()) else embedding.sum() * 0.0
+    return masked_mean(terms, valid)

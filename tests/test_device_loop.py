@@ -61,13 +61,17 @@ def embeddings(n=512, classes=16, seed=0):
     return old.astype("f4"), new.astype("f4"), labels
 
 
-def test_a_transform_fit_reads_the_device_a_few_times_per_epoch_not_per_step(monkeypatch):
-    """With the batches drawn as on a GPU, the loop itself reads the device once an epoch
-    (the epoch's sums) and the sampler twice; the RQT loss has no read of its own."""
+@pytest.mark.parametrize("objective, rho", [("rqt", False), ("cl", False), ("mcl", True)])
+def test_a_transform_fit_reads_the_device_a_few_times_per_epoch_not_per_step(
+        objective, rho, monkeypatch):
+    """With the batches drawn as on a GPU and the losses' accelerator paths, the loop
+    itself reads the device once an epoch (the epoch's sums) and the sampler twice; RQT,
+    CL and MCL with rho have no read of their own."""
     old, new, labels = embeddings()
     monkeypatch.setattr(transforms_module, "pk_batches", pk_batches_vectorised)
-    config = TransformConfig(objective="rqt", epochs=3, hidden=32, classes_per_batch=4,
-                             per_class=4)
+    accelerator_paths(monkeypatch)
+    config = TransformConfig(objective=objective, rho=rho, epochs=3, hidden=32,
+                             classes_per_batch=4, per_class=4)
     steps = transforms_module.steps_per_epoch(config, labels) * config.epochs
     counts = count_device_reads(monkeypatch)
     t = fit_transforms(config, old, new, labels, progress=False,
@@ -84,3 +88,66 @@ def test_a_diverged_fit_stops_at_the_end_of_its_epoch_with_the_advice():
                              per_class=4)
     with pytest.raises(RmlibError, match=r"rqt training diverged.*\(loss (nan|inf)\)"):
         fit_transforms(config, old, new, labels, progress=False, device=torch.device("cpu"))
+
+
+def accelerator_paths(monkeypatch) -> None:
+    """Take the losses' accelerator code paths on the CPU (they read nothing of the device)."""
+    from rmlib import losses
+
+    monkeypatch.setattr(losses, "on_host", lambda x: False)
+
+
+def loss_cases():
+    from rmlib import losses
+
+    rng = np.random.default_rng(4)
+    labels = torch.as_tensor(np.repeat(np.arange(6), 4)[rng.permutation(24)])
+    labels[0] = 9  # a singleton: an anchor without a positive in the new system
+    x = {name: torch.as_tensor(rng.normal(size=(24, 8)), dtype=torch.float32,
+                               ).requires_grad_() for name in ("rev", "old", "new")}
+    classifier = torch.nn.Linear(8, 5)
+    return x, {
+        "cl": lambda: losses.cl_loss(x["rev"], x["old"], labels, tau=0.5),
+        "mcl": lambda: losses.mcl_loss(x["rev"], x["old"], x["new"], labels, tau=0.5),
+        "bct": lambda: losses.bct_influence_loss(x["new"], labels, classifier, 5, 0.1),
+        "triplet": lambda: losses.batch_hard_triplet_loss(x["new"], labels),
+    }
+
+
+@pytest.mark.parametrize("name", ["cl", "mcl", "bct", "triplet"])
+def test_the_losses_accelerator_path_agrees_with_the_cpus_and_reads_nothing(name, monkeypatch):
+    x, cases = loss_cases()
+    on_cpu = cases[name]()
+    grads = torch.autograd.grad(on_cpu, list(x.values()), allow_unused=True)
+    accelerator_paths(monkeypatch)
+    counts = count_device_reads(monkeypatch)
+    getitem = torch.Tensor.__getitem__
+
+    def index(self, key):  # a boolean mask as an index has a shape only the device knows
+        keys = key if isinstance(key, tuple) else (key,)
+        if any(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in keys):
+            counts["boolean index"] = counts.get("boolean index", 0) + 1
+        return getitem(self, key)
+    monkeypatch.setattr(torch.Tensor, "__getitem__", index)
+    on_device = cases[name]()
+    assert sum(counts.values()) == 0, counts  # no .item(), no boolean index, no branch on data
+    torch.testing.assert_close(on_device, on_cpu, rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
+    for a, b in zip(torch.autograd.grad(on_device, list(x.values()), allow_unused=True), grads,
+                    strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_accelerator_path_of_an_empty_selection_is_zero_not_nan(monkeypatch):
+    from rmlib import losses
+
+    accelerator_paths(monkeypatch)
+    emb = torch.randn(4, 8, requires_grad=True)
+    labels = torch.arange(4)  # no positives at all, and no old classes below 0
+    assert losses.batch_hard_triplet_loss(emb, labels).item() == 0.0
+    assert losses.bct_influence_loss(emb, labels, torch.nn.Linear(8, 3), 0).item() == 0.0
+    loss = losses.mcl_loss(emb, emb, emb, labels)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(emb.grad).all()

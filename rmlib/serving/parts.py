@@ -73,6 +73,9 @@ class FaissParts:
     def count(self, part: str) -> int:
         return int(self._index[part].ntotal)
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -159,6 +162,11 @@ class MilvusParts:
             self._collection[part], data=queries, limit=k, output_fields=[],
             search_params={"metric_type": "L2", "params": {"nprobe": self.nprobe}})
         return _padded([h.distances for h in hits], [h.ids for h in hits], k)
+
+    def flush(self) -> None:
+        """Seal what was written into indexed segments (Milvus does it as segments fill)."""
+        for collection in self._collection.values():
+            self._client.flush(collection)
 
     def count(self, part: str) -> int:
         rows = self._client.query(self._collection[part], filter="",
