@@ -151,3 +151,50 @@ def test_the_accelerator_path_of_an_empty_selection_is_zero_not_nan(monkeypatch)
     assert torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(emb.grad).all()
+
+
+def backfill_case():
+    from rmlib.evaluation.retrieval import Protocol
+
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, 10, 300)
+    old = (rng.normal(size=(10, 8))[labels] + rng.normal(size=(300, 8))).astype("f4")
+    new = (rng.normal(size=(10, 12))[labels] + 0.5 * rng.normal(size=(300, 12))).astype("f4")
+    return old, new, Protocol.leave_one_out(labels)
+
+
+def test_the_evaluator_runs_where_it_is_told_and_reads_the_device_once_per_chunk(monkeypatch):
+    """Every tensor of a chunk is made on the evaluator's device (here the CPU, named), and
+    what comes back to the host is each chunk's largest relevant count and, once, the
+    scores."""
+    from rmlib.evaluation import backfill
+
+    old, new, protocol = backfill_case()
+    default = backfill.simulate_backfill(old, old, new, new, protocol, reference_query=old)
+    made_on = set()
+    masks = type(protocol).masks
+
+    def recording_masks(self, start, stop, device="cpu"):
+        made_on.add(torch.device(device).type)
+        return masks(self, start, stop, device)
+    monkeypatch.setattr(type(protocol), "masks", recording_masks)
+    counts = count_device_reads(monkeypatch)
+    placed = backfill.simulate_backfill(old, old, new, new, protocol, reference_query=old,
+                                        device=torch.device("cpu"), chunk=50)
+    assert made_on == {"cpu"}
+    assert counts["__int__"] == 6, counts  # per chunk (6 of 50 queries): its widest query
+    assert counts["numpy"] == 1 and counts["tolist"] == 0, counts  # the scores, once
+    assert counts["__float__"] <= 6, counts  # preparing 3 systems, on the host, before
+    monkeypatch.undo()
+    assert placed.mAP == default.mAP and placed.nfr == default.nfr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_evaluator_on_a_gpu_agrees_with_the_cpu():
+    from rmlib.evaluation.backfill import simulate_backfill
+
+    old, new, protocol = backfill_case()
+    cpu = simulate_backfill(old, old, new, new, protocol, device="cpu")
+    gpu = simulate_backfill(old, old, new, new, protocol, device="cuda")
+    np.testing.assert_allclose(gpu.mAP, cpu.mAP, atol=1e-6)
+    np.testing.assert_allclose(gpu.top1, cpu.top1, atol=1e-6)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from rmlib import RmlibError
+from rmlib.config import default_device
 from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.evaluation.retrieval import (
     NO_RANK,
@@ -167,6 +168,7 @@ def simulate_backfill(
     chunk: int | None = None,
     calibration: tuple[Callable, Callable] | None = None,
     reference_gallery: np.ndarray | None = None,
+    device: torch.device | str | None = None,
 ) -> BackfillCurve:
     """mAP, top-1, top-5 and negative-flip rate of the rank-merged system at each t in `ts`.
 
@@ -174,31 +176,33 @@ def simulate_backfill(
     Negative flips are counted against the deployed old system: `reference_query` (default
     `old_query`) on `reference_gallery` (default `old_gallery`). `calibration`: increasing
     maps of the old and the new system's distances to the scores they are merged by
-    (default: the distances themselves).
+    (default: the distances themselves). `device`: where the work runs (default: a GPU if
+    there is one); only the per-query scores come back to the host, once.
     """
     old_score, new_score = calibration or (_identity, _identity)
+    device = torch.device(device) if device is not None else default_device()
     n = protocol.num_gallery
-    old = EuclideanSystem.of(old_query, old_gallery, "the old system's embeddings")
-    new = EuclideanSystem.of(new_query, new_gallery, "the new system's embeddings")
+    old = EuclideanSystem.of(old_query, old_gallery, "the old system's embeddings").to(device)
+    new = EuclideanSystem.of(new_query, new_gallery, "the new system's embeddings").to(device)
     if order is None:
         order = backfill_order(n, seed)
     if len(order) != n or not np.array_equal(np.sort(order), np.arange(n)):
         raise RmlibError(f"the backfill order must be a permutation of the {n} gallery items")
     ts = np.asarray(ts, dtype=np.float64)
-    segment = torch.as_tensor(item_segments(np.asarray(order), ts))
+    segment = torch.as_tensor(item_segments(np.asarray(order), ts), device=device)
     ref_correct = None  # per query: is the deployed old system's top-1 relevant?
     if reference_query is not None:
         reference = EuclideanSystem.of(
             reference_query, old_gallery if reference_gallery is None else reference_gallery,
-            "reference_query")
-        ref_correct = torch.as_tensor(top1_correct(reference, protocol))
+            "reference_query").to(device)
+        ref_correct = top1_correct(reference, protocol)
 
     num_t = len(ts)
     per_query = [_chunk_scores(old, new, protocol, start, stop, segment, num_t, ref_correct,
                                old_score, new_score)
-                 for start, stop in _adaptive_chunks(protocol, num_t, chunk)]
+                 for start, stop in _adaptive_chunks(protocol, num_t, chunk, device)]
     # summed exactly: identical rankings give bit-identical values at every t
-    scores = torch.cat(per_query).numpy()
+    scores = torch.cat(per_query).cpu().numpy()
     n_valid = len(scores)
     if n_valid == 0:
         raise RmlibError("no query has a relevant gallery item: check the labels")
@@ -213,7 +217,7 @@ def _chunk_scores(old: EuclideanSystem, new: EuclideanSystem, protocol: Protocol
                   stop: int, segment: torch.Tensor, num_t: int, ref_correct: torch.Tensor | None,
                   old_score: Callable, new_score: Callable) -> torch.Tensor:
     """(valid queries of start:stop, t, 4): AP, top-1, top-5 and negative flip at every t."""
-    relevant, excluded = protocol.masks(start, stop)
+    relevant, excluded = protocol.masks(start, stop, segment.device)
     index, valid = relevant_slots(relevant)
     k_old = rank_keys(old_score(old.distances(start, stop)), excluded)
     k_new = rank_keys(new_score(new.distances(start, stop)), excluded)
@@ -232,11 +236,13 @@ def _identity(distances: torch.Tensor) -> torch.Tensor:
     return distances
 
 
-def _adaptive_chunks(protocol: Protocol, num_t: int, chunk: int | None):
-    """Query chunks sized for the CPU's caches, with room for the (chunk, t, 2R+1) histograms."""
+def _adaptive_chunks(protocol: Protocol, num_t: int, chunk: int | None, device: torch.device):
+    """Query chunks sized for the CPU's caches (or a GPU's memory), with room for the
+    (chunk, t, 2R+1) histograms."""
     if chunk is None:
         _, counts = np.unique(protocol.gallery_labels, return_counts=True)
-        chunk = chunk_size(protocol.num_gallery, (num_t + 1) * (2 * int(counts.max()) + 1))
+        chunk = chunk_size(protocol.num_gallery, (num_t + 1) * (2 * int(counts.max()) + 1),
+                           device)
     yield from query_chunks(protocol.num_queries, chunk)
 
 
