@@ -75,6 +75,24 @@ def test_milvus_serves_what_faiss_serves(milvus_index):
     assert_same_results(milvus.search(new_q, old_q, k=25), faiss_index.search(new_q, old_q, k=25))
 
 
+def test_a_large_batch_moves_in_journaled_steps(milvus_index, monkeypatch):
+    """A batch larger than Milvus's step moves step by step, each written ahead."""
+    monkeypatch.setattr(parts.MilvusParts, "max_batch", 30)
+    begun = []
+    begin = BackfillJournal.begin
+    monkeypatch.setattr(BackfillJournal, "begin",
+                        lambda self, ids: (begun.append(len(ids)), begin(self, ids))[1])
+    old_g, new_g, old_q, new_q = data(n=200)
+    milvus = milvus_index(old_g, new_dim=12)
+    faiss_index = OnlineBackfillIndex(old_g, new_dim=12)
+    batch = backfill_order(200, seed=4)[:100]
+    for index in (milvus, faiss_index):
+        index.backfill(batch, new_g[batch])
+    assert begun == [30, 30, 30, 10]
+    assert milvus.num_new == 100 and milvus.stored() == {"old": 100, "new": 100}
+    assert_same_results(milvus.search(new_q, old_q, k=30), faiss_index.search(new_q, old_q, k=30))
+
+
 @pytest.fixture(scope="module")
 def cifar_rm_systems(tmp_path_factory):
     """The RM systems of the smoke profile on real CIFAR-100 (psi(rho(q)) and rho)."""

@@ -194,6 +194,7 @@ class OnlineBackfillIndex:
         self._parts, self._journal = parts, journal
         self.old_dim, self.new_dim = dims["old"], dims["new"]
         self._sorted_ids, self._in_new = sorted_ids, in_new  # id -> is it in the new part?
+        self._num_new = int(in_new.sum())
         self._gate = _SearchGate()
         self._moving = np.empty(0, dtype=np.int64)  # ids of the batch in flight (old -> new)
         self._insert_done = False  # has the batch in flight reached the new part?
@@ -219,7 +220,7 @@ class OnlineBackfillIndex:
 
     @property
     def num_new(self) -> int:
-        return int(self._in_new.sum())
+        return self._num_new
 
     @property
     def num_old(self) -> int:
@@ -256,7 +257,9 @@ class OnlineBackfillIndex:
     def backfill(self, ids: np.ndarray, new_embeddings: np.ndarray) -> None:
         """Move a batch of items to the new part (or re-embed items already there).
 
-        Unknown or repeated ids are an error that changes nothing.
+        Unknown or repeated ids are an error that changes nothing. In Milvus, a batch moves
+        in steps of at most `MilvusParts.max_batch` items, each journaled: a search during
+        a step asks each part for k plus the step's size, within Milvus's 16,384.
         """
         if self._broken:
             raise RmlibError(self._broken)
@@ -267,6 +270,13 @@ class OnlineBackfillIndex:
         pos = self._positions(ids)
         if len(np.unique(ids)) != len(ids):
             raise RmlibError("the backfill batch repeats an id; nothing was changed")
+        step = self._parts.max_batch or len(ids)
+        for start in range(0, len(ids), step):
+            part = slice(start, start + step)
+            self._move(ids[part], emb[part], pos[part])
+
+    def _move(self, ids: np.ndarray, emb: np.ndarray, pos: np.ndarray) -> None:
+        """One journaled batch: insert into the new part, then delete from the old part."""
         was_new = self._in_new[pos]
         moving = np.sort(ids[~was_new])
         try:
@@ -282,6 +292,7 @@ class OnlineBackfillIndex:
             self._parts.delete("old", moving)
             with self._gate.changing():
                 self._in_new[pos] = True
+                self._num_new += len(moving)
                 self._moving = np.empty(0, dtype=np.int64)
             if self._journal is not None:
                 self._journal.done()

@@ -39,6 +39,8 @@ def _padded(distances: list, ids: list, k: int) -> tuple[np.ndarray, np.ndarray]
 class FaissParts:
     """Both parts as faiss indexes in memory: exact (flat) or IVF (approximate)."""
 
+    max_batch = None  # any batch moves in one step
+
     def __init__(self, dims: dict[str, int], approximate: bool = False,
                  training: dict[str, np.ndarray] | None = None, nlist: int = 1024,
                  nprobe: int = 16):
@@ -100,6 +102,8 @@ class MilvusParts:
     collection uses Strong consistency, so a search sees every write acknowledged before
     it: what the live index's bookkeeping needs.
     """
+
+    max_batch = 4_096  # items moved per journaled step (searches ask for k + this)
 
     def __init__(self, uri: str, name: str, token: str = "", nprobe: int = 16):
         self.uri, self.name, self.nprobe = uri, name, nprobe
