@@ -113,13 +113,14 @@ def _cmd_live(args: argparse.Namespace) -> int:
     from rmlib.evaluation.backfill import backfill_order, backfilled_count
     from rmlib.evaluation.emb_file import load_backfill_arrays
     from rmlib.serving import index as live
-    from rmlib.serving.parts import MILVUS_MAX_TOP_K
+    from rmlib.serving.parts import MilvusParts
 
     arrays = load_backfill_arrays(args.emb)
     n = len(arrays.old_gallery)
     order = _order(args, arrays)
     order = backfill_order(n, args.seed) if order is None else order
-    if live.exists(args.uri, args.name, args.journal):
+    state = live.creation_state(args.uri, args.name, args.journal)
+    if state == "complete" and not args.overwrite:
         index = live.OnlineBackfillIndex.reopen(args.uri, args.name, args.journal)
         if (index.num_old + index.num_new, index.old_dim, index.new_dim) != (
                 n, arrays.old_gallery.shape[1], arrays.new_gallery.shape[1]):
@@ -128,9 +129,12 @@ def _cmd_live(args: argparse.Namespace) -> int:
                              f"gallery than {args.emb}; give another --name or --uri")
         print(f"resumed the live index {args.name!r} at {args.uri}: t = {index.ratio:.3f}")
     else:
+        if state == "incomplete":
+            print(f"the creation of {args.name!r} at {args.uri} was interrupted: creating it "
+                  "again")
         index = live.OnlineBackfillIndex(arrays.old_gallery, arrays.new_gallery.shape[1],
                                          backend="milvus", uri=args.uri, name=args.name,
-                                         journal=args.journal)
+                                         journal=args.journal, overwrite=state is not None)
         print(f"created the live index {args.name!r} at {args.uri}: {n:,} items in the old part")
     try:
         target = backfilled_count(args.until, n)
@@ -142,7 +146,7 @@ def _cmd_live(args: argparse.Namespace) -> int:
                 bar.update(len(batch))
         print(f"t = {index.ratio:.3f}: {index.num_old:,} items in the old part, "
               f"{index.num_new:,} in the new part")
-        if n <= MILVUS_MAX_TOP_K:  # the whole merged ranking, as the evaluator scores it
+        if n <= MilvusParts.max_top_k:  # the whole merged ranking, as the evaluator scores it
             served = live.live_scores(index, arrays.new_query, arrays.old_query,
                                       arrays.protocol()).summary()
             print(f"served now: mAP {100 * served['mAP']:.2f}  top-1 {100 * served['top1']:.2f}"
@@ -317,6 +321,8 @@ def _add_live(sub) -> None:
                    help="which items are re-embedded first, as for `backfill`")
     p.add_argument("--order-train", type=Path, metavar="TRAIN_EMB.npz",
                    help="for --order uncertainty, as for `backfill`")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the live index NAME again from the old gallery")
     _quiet(p)
 
 

@@ -160,16 +160,18 @@ def check_every_item_once(index: OnlineBackfillIndex) -> tuple[np.ndarray, np.nd
     return old, new
 
 
-@pytest.mark.parametrize("stage, moved", [("insert", 40), ("inserted", 100), ("delete", 100)])
+@pytest.mark.parametrize("stage, moved, insert_done", [
+    ("begun", 0, False), ("insert", 40, False), ("inserted", 100, True),
+    ("delete", 100, True), ("deleted", 100, True), ("upsert", 0, False)])
 def test_a_backfill_killed_mid_batch_resumes_with_every_item_in_exactly_one_part(
-        tmp_path, stage, moved):
+        tmp_path, stage, moved, insert_done):
     db = tmp_path / "gallery.db"
     process = run_worker(db, stage)
     wait_for(process, "PAUSED")
     kill(process)  # in the second batch of 100, at `stage`
     pending = BackfillJournal(f"{db}.gallery.journal").pending()
     assert pending is not None and len(pending[0]) == worker.BATCH
-    assert pending[1] == (stage != "insert")  # the journal knows whether the insert finished
+    assert pending[1] == insert_done  # the journal knows whether the insert finished
 
     index = OnlineBackfillIndex.reopen(str(db))
     try:
@@ -177,6 +179,8 @@ def test_a_backfill_killed_mid_batch_resumes_with_every_item_in_exactly_one_part
         assert len(new) == worker.BATCH + moved  # what reached the new part stays there
         assert BackfillJournal(f"{db}.gallery.journal").pending() is None
         old_g, new_g, order = worker.systems()
+        if stage == "upsert":  # the first request of the re-embedding reached the database
+            new_g[order[:40]] += 1.0
         # what it serves now is what faiss serves with the same items in each part
         reference = OnlineBackfillIndex(old_g, worker.NEW_DIM)
         reference.backfill(np.sort(new), new_g[np.sort(new)])
@@ -195,7 +199,7 @@ def test_a_backfill_killed_mid_batch_resumes_with_every_item_in_exactly_one_part
         old, new = check_every_item_once(index)
         assert len(new) == worker.GALLERY and index.ratio == 1.0
         full_new = OnlineBackfillIndex(worker.systems()[0], worker.NEW_DIM)
-        full_new.backfill(np.arange(worker.GALLERY), worker.systems()[1])
+        full_new.backfill(np.arange(worker.GALLERY), new_g)
         q = worker.systems()[1][:30] + 0.1
         assert_same_results(index.search(q, q[:, :worker.OLD_DIM], k=20),
                             full_new.search(q, q[:, :worker.OLD_DIM], k=20))
@@ -305,9 +309,9 @@ def test_a_failed_request_stops_the_index_until_reopen_finishes_the_batch(milvus
     def lost_connection(*args, **kwargs):
         raise ConnectionError("connection reset")
     monkeypatch.setattr(client, "delete", lost_connection)
-    with pytest.raises(RmlibError, match="interrupted.*reopen"):
+    with pytest.raises(RmlibError, match="interrupted.*close this index.*reopen"):
         index.backfill(np.arange(10), new_g[:10])
-    with pytest.raises(RmlibError, match="interrupted.*reopen"):
+    with pytest.raises(RmlibError, match="interrupted.*close this index.*reopen"):
         index.backfill(np.arange(10, 20), new_g[10:20])
     monkeypatch.undo()
     index.close()
@@ -319,9 +323,12 @@ def test_a_failed_request_stops_the_index_until_reopen_finishes_the_batch(milvus
 def test_milvus_refuses_more_results_than_it_can_return(milvus_index, monkeypatch):
     old_g, new_g, old_q, new_q = data(n=40)
     index = milvus_index(old_g, new_dim=12)
-    monkeypatch.setattr(parts, "MILVUS_MAX_TOP_K", 30)
-    with pytest.raises(RmlibError, match="at most 30 results per query"):
+    monkeypatch.setattr(parts.MilvusParts, "max_top_k", 30)
+    with pytest.raises(RmlibError, match="at most 30 results per query.*not k=35"):
         index.search(new_q, old_q, k=35)
+    monkeypatch.setattr(parts, "MILVUS_MAX_TOP_K", 30)
+    with pytest.raises(RmlibError, match="at most 30 results per query, 34 were asked"):
+        index._parts.search("old", old_q, 34)
 
 
 # --- the command line ---------------------------------------------------------------------
@@ -359,3 +366,122 @@ def test_the_live_command_resumes_and_serves_the_evaluators_curve(tmp_path, caps
     with pytest.raises(SystemExit) as usage:
         main(live + ["--until", "1.5"])
     assert usage.value.code == 2 and "more than 1" in capsys.readouterr().err
+
+
+def test_a_stage_change_waits_for_searches_in_flight_and_new_searches_wait_for_it():
+    """The gate, deterministically: a batch cannot change which part serves its moving
+    items while a search is in flight, and a search that arrives while the batch waits
+    goes after it (so a stream of searches cannot stall the backfill)."""
+    old_g, new_g, old_q, new_q = data(n=60)
+    index = OnlineBackfillIndex(old_g, new_dim=12)
+    inside, release, searched = threading.Event(), threading.Event(), []
+    search = index._parts.search
+
+    def held_search(part, queries, k):
+        if not inside.is_set():
+            inside.set()
+            release.wait(10)
+        searched.append(part)
+        return search(part, queries, k)
+    index._parts.search = held_search
+    first = threading.Thread(target=index.search, args=(new_q, old_q, 5))
+    first.start()
+    assert inside.wait(10)
+    batch = threading.Thread(target=index.backfill, args=(np.arange(10), new_g[:10]))
+    batch.start()
+    batch.join(0.3)
+    assert batch.is_alive() and len(index._moving) == 0  # waiting: nothing changed yet
+    late = threading.Thread(target=index.search, args=(new_q, old_q, 5))
+    late.start()
+    late.join(0.3)
+    assert late.is_alive() and searched == []  # the late search waits behind the batch
+    release.set()
+    for thread in (first, batch, late):
+        thread.join(10)
+    assert index.num_new == 10 and len(searched) >= 2
+
+
+def test_reopen_keeps_the_new_entry_of_an_item_found_in_both_parts(milvus_index, tmp_path):
+    """An insert applied after its sender died (on a Milvus server) leaves an item in both
+    parts with no batch in the journal; reopen keeps its new entry."""
+    old_g, new_g, _, _ = data(n=50)
+    index = milvus_index(old_g, new_dim=12)
+    index._parts.put("new", np.array([3, 4]), new_g[[3, 4]], replace=False)  # behind its back
+    index.close()
+    again = OnlineBackfillIndex.reopen(str(tmp_path / "gallery.db"))
+    assert again.part_of(np.array([3, 4, 5])).tolist() == [1, 1, 0]
+    assert again.stored() == {"old": 48, "new": 2}
+    again.close()
+
+
+def test_a_second_process_cannot_open_an_index_that_is_open(milvus_index, tmp_path):
+    old_g, _, _, _ = data(n=20)
+    milvus_index(old_g, new_dim=12)  # open, holding the journal's lock
+    code = (f"from rmlib.serving.index import OnlineBackfillIndex\n"
+            f"OnlineBackfillIndex.reopen({str(tmp_path / 'gallery.db')!r})\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(WORKER.parents[1])}, timeout=120)
+    assert done.returncode != 0 and "another process has this live index open" in done.stderr
+
+
+def test_a_creation_killed_midway_is_created_again(tmp_path):
+    db = tmp_path / "gallery.db"
+    process = run_worker(db, "create")
+    wait_for(process, "PAUSED")
+    kill(process)
+    with pytest.raises(RmlibError, match="did not finish"):
+        OnlineBackfillIndex.reopen(str(db))
+    process = run_worker(db, "none", resume=True)  # resuming creates it again, then backfills
+    wait_for(process, "DONE")
+    assert process.wait(timeout=60) == 0
+    index = OnlineBackfillIndex.reopen(str(db))
+    try:
+        old, new = check_every_item_once(index)
+        assert len(new) == worker.GALLERY
+    finally:
+        index.close()
+
+
+def test_a_failed_insert_leaves_the_batch_whole_in_the_old_part(milvus_index, tmp_path,
+                                                                monkeypatch):
+    old_g, new_g, _, _ = data(n=80)
+    index = milvus_index(old_g, new_dim=12)
+
+    def refused(*args, **kwargs):
+        raise ConnectionError("connection reset")
+    monkeypatch.setattr(index._parts._client, "insert", refused)
+    with pytest.raises(RmlibError, match="interrupted.*close this index.*reopen"):
+        index.backfill(np.arange(10), new_g[:10])
+    monkeypatch.undo()
+    index.close()
+    again = OnlineBackfillIndex.reopen(str(tmp_path / "gallery.db"))
+    assert again.num_new == 0 and again.stored() == {"old": 80, "new": 0}
+    again.close()
+
+
+def test_the_live_command_killed_at_any_moment_resumes_to_the_end(tmp_path):
+    rng = np.random.default_rng(9)
+    n = 3000
+    labels = rng.integers(0, 30, n)
+    old = (rng.normal(size=(30, 8))[labels] + rng.normal(size=(n, 8))).astype("f4")
+    new = (rng.normal(size=(30, 12))[labels] + 0.6 * rng.normal(size=(n, 12))).astype("f4")
+    emb = tmp_path / "emb.npz"
+    np.savez(emb, old_query=old, old_gallery=old, new_query=new, new_gallery=new,
+             query_labels=labels)
+    db = tmp_path / "g.db"
+    cmd = [sys.executable, "-m", "rmlib", "live", str(emb), "--uri", str(db), "--batch", "15",
+           "--quiet"]
+    env = os.environ | {"PYTHONPATH": str(WORKER.parents[1])}
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                           env=env, start_new_session=True)
+    wait_for(job, f"created the live index 'gallery' at {db}: {n:,} items in the old part")
+    threading.Event().wait(1.5)  # somewhere in the middle of the backfill
+    kill(job)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed the live index" in done.stdout and "t = 1.000" in done.stdout
+    index = OnlineBackfillIndex.reopen(str(db))
+    try:
+        assert index.stored() == {"old": 0, "new": n} and index.ratio == 1.0
+    finally:
+        index.close()

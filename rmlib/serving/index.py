@@ -79,15 +79,18 @@ class SearchResult:
 
 class _SearchGate:
     """Searches run side by side; a batch changes which part serves its moving items only
-    when no search is in flight, so a search never mixes two rules."""
+    when no search is in flight, so a search never mixes two rules. A waiting change goes
+    first: new searches wait for it, so a stream of searches cannot stall the backfill."""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._searches = 0
+        self._changes_waiting = 0
 
     @contextmanager
     def searching(self) -> Iterator[None]:
         with self._cond:
+            self._cond.wait_for(lambda: self._changes_waiting == 0)
             self._searches += 1
         try:
             yield
@@ -99,8 +102,13 @@ class _SearchGate:
     @contextmanager
     def changing(self) -> Iterator[None]:
         with self._cond:
-            self._cond.wait_for(lambda: self._searches == 0)
-            yield
+            self._changes_waiting += 1
+            try:
+                self._cond.wait_for(lambda: self._searches == 0)
+                yield
+            finally:
+                self._changes_waiting -= 1
+                self._cond.notify_all()
 
 
 class OnlineBackfillIndex:
@@ -121,8 +129,10 @@ class OnlineBackfillIndex:
         ids = np.arange(len(old_gallery), dtype=np.int64) if ids is None else _ids(ids)
         if len(ids) != len(old_gallery):
             raise RmlibError(f"{len(ids)} ids for {len(old_gallery)} gallery rows")
-        if len(np.unique(ids)) != len(ids):
-            raise RmlibError("gallery ids must be unique")
+        unique, counts = np.unique(ids, return_counts=True)
+        if len(unique) != len(ids):
+            raise RmlibError(f"gallery ids must be unique; e.g. {unique[counts > 1][:3].tolist()} "
+                             "repeat")
         if ids.min(initial=0) < 0:
             raise RmlibError("gallery ids must be non-negative (-1 marks a missing result)")
         if approximate and new_training_sample is None:
@@ -139,21 +149,33 @@ class OnlineBackfillIndex:
         elif backend == "milvus":
             uri = uri or DEFAULT_MILVUS_URI
             journal = BackfillJournal(_journal_path(uri, name, journal))
-            parts = MilvusParts(uri, name, token, nprobe)
-            if parts.exists() and not overwrite:
-                raise RmlibError(
-                    f"Milvus at {uri!r} already holds a live index named {name!r}: resume it "
-                    f"with OnlineBackfillIndex.reopen(uri={uri!r}, name={name!r}), or pass "
-                    "overwrite=True to start it again")
-            parts.drop()
-            journal.start({"name": name, "num_items": len(ids), "id_sum": _id_sum(ids),
-                           "old_dim": dims["old"], "new_dim": dims["new"]})
-            parts.create(dims, approximate, nlist)
+            journal.lock()  # one process at a time changes a live index
+            try:
+                parts = MilvusParts(uri, name, token, nprobe)
+            except RmlibError:
+                journal.unlock()
+                raise
         else:
             raise RmlibError(f"unknown backend {backend!r}: use 'faiss' or 'milvus'")
-        parts.put("old", ids, old_gallery, replace=False)
-        if journal is not None:
-            journal.created()
+        try:
+            if journal is not None:
+                if parts.exists() and not overwrite:
+                    raise RmlibError(
+                        f"Milvus at {uri!r} already holds a live index named {name!r}: resume "
+                        f"it with OnlineBackfillIndex.reopen(uri={uri!r}, name={name!r}) (or "
+                        "`python -m rmlib live` again), or start it again with overwrite=True")
+                journal.start({"name": name, "num_items": len(ids), "id_sum": _id_sum(ids),
+                               "old_dim": dims["old"], "new_dim": dims["new"]})
+                parts.drop()  # after the journal says "incomplete": a kill here is redone
+                parts.create(dims, approximate, nlist)
+            parts.put("old", ids, old_gallery, replace=False)
+            if journal is not None:
+                journal.created()
+        except BaseException:
+            parts.close()
+            if journal is not None:
+                journal.unlock()
+            raise
         self._setup(parts, journal, dims, np.sort(ids), np.zeros(len(ids), dtype=bool))
 
     @classmethod
@@ -166,28 +188,22 @@ class OnlineBackfillIndex:
         header = journal.header()
         if not header["complete"]:
             raise RmlibError(f"creating the live index {name!r} at {uri!r} did not finish; "
-                             "create it again with OnlineBackfillIndex(..., overwrite=True)")
-        parts = MilvusParts(uri, name, token, nprobe)
-        dims = parts.open()
-        pending = journal.pending()
-        if pending is not None:  # the move of a batch was interrupted: finish it
-            moving = pending[0]
-            parts.delete("old", moving[parts.contains("new", moving)])
-            journal.done()
-        old, new = parts.ids("old"), parts.ids("new")
-        ids = np.sort(np.concatenate([old, new]))
-        both = np.intersect1d(old, new)
-        if len(both):
-            raise RmlibError(f"{len(both)} items are in both parts (e.g. ids {both[:3]}) "
-                             f"although the journal {journal.path} has no unfinished batch; "
-                             "was the index changed by another program?")
-        if len(ids) != header["num_items"] or _id_sum(ids) != header["id_sum"]:
-            raise RmlibError(f"the live index {name!r} holds {len(ids)} items, its journal "
-                             f"says {header['num_items']} (or other ids): items were lost "
-                             "outside rmlib; create it again with overwrite=True")
-        index = cls.__new__(cls)
-        index._setup(parts, journal, dims, ids, np.isin(ids, new))
-        return index
+                             "create it again (OnlineBackfillIndex(..., overwrite=True), or "
+                             "`python -m rmlib live` does it by itself)")
+        journal.lock()
+        try:
+            parts = MilvusParts(uri, name, token, nprobe)
+        except RmlibError:
+            journal.unlock()
+            raise
+        try:
+            index = cls.__new__(cls)
+            index._setup(parts, journal, *_recover(parts, journal, header, uri, name))
+            return index
+        except BaseException:
+            parts.close()
+            journal.unlock()
+            raise
 
     def _setup(self, parts, journal: BackfillJournal | None, dims: dict[str, int],
                sorted_ids: np.ndarray, in_new: np.ndarray) -> None:
@@ -196,6 +212,7 @@ class OnlineBackfillIndex:
         self._sorted_ids, self._in_new = sorted_ids, in_new  # id -> is it in the new part?
         self._num_new = int(in_new.sum())
         self._gate = _SearchGate()
+        self._batch_lock = threading.Lock()  # one batch at a time, whichever thread sends it
         self._moving = np.empty(0, dtype=np.int64)  # ids of the batch in flight (old -> new)
         self._insert_done = False  # has the batch in flight reached the new part?
         self._broken: str | None = None
@@ -206,8 +223,10 @@ class OnlineBackfillIndex:
         self._parts.flush()
 
     def close(self) -> None:
-        """Release the database connection (the data stays)."""
+        """Release the database connection and the journal's lock (the data stays)."""
         self._parts.close()
+        if self._journal is not None:
+            self._journal.unlock()
 
     # --- state ----------------------------------------------------------------------------
     def _positions(self, ids: np.ndarray) -> np.ndarray:
@@ -271,9 +290,10 @@ class OnlineBackfillIndex:
         if len(np.unique(ids)) != len(ids):
             raise RmlibError("the backfill batch repeats an id; nothing was changed")
         step = self._parts.max_batch or len(ids)
-        for start in range(0, len(ids), step):
-            part = slice(start, start + step)
-            self._move(ids[part], emb[part], pos[part])
+        with self._batch_lock:
+            for start in range(0, len(ids), step):
+                part = slice(start, start + step)
+                self._move(ids[part], emb[part], pos[part])
 
     def _move(self, ids: np.ndarray, emb: np.ndarray, pos: np.ndarray) -> None:
         """One journaled batch: insert into the new part, then delete from the old part."""
@@ -299,8 +319,9 @@ class OnlineBackfillIndex:
         except Exception as e:
             if self._journal is None:
                 raise
-            self._broken = (f"a backfill batch was interrupted ({e}); resume with "
-                            "OnlineBackfillIndex.reopen(uri, name), which finishes it")
+            self._broken = (f"a backfill batch was interrupted ({e}); close this index and "
+                            "resume with OnlineBackfillIndex.reopen(uri, name), which "
+                            "finishes the batch")
             raise RmlibError(self._broken) from e
 
     # --- search -----------------------------------------------------------------------------
@@ -314,6 +335,10 @@ class OnlineBackfillIndex:
             raise RmlibError(f"{len(nq)} new queries but {len(oq)} old queries")
         if k < 1:
             raise RmlibError(f"k is at least 1, not {k}")
+        if self._parts.max_top_k is not None and k > self._parts.max_top_k:
+            raise RmlibError(f"this backend answers at most {self._parts.max_top_k:,} results "
+                             f"per query (Milvus's limit less a batch step), not k={k:,}; "
+                             "ask for fewer")
         with self._gate.searching():
             moving = self._moving  # served by the old part until the insert is done
             hidden = {"old": moving if self._insert_done else moving[:0],
@@ -336,11 +361,47 @@ class OnlineBackfillIndex:
                             part[rows, order])
 
 
-def exists(uri: str = DEFAULT_MILVUS_URI, name: str = "gallery",
-           journal: str | Path | None = None) -> bool:
-    """Whether a Milvus-backed live index was started at `uri` under `name` (its journal
-    is there): reopen it rather than create it."""
-    return _journal_path(uri, name, journal).is_file()
+def _recover(parts: MilvusParts, journal: BackfillJournal, header: dict, uri: str, name: str
+             ) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+    """Check that the database holds the journal's gallery, finish an interrupted batch and
+    return (dims, sorted ids, in_new). An item found in both parts (the journal's batch, or
+    an insert applied after its sender died) keeps its new entry: that one is whole."""
+    dims = parts.open()
+    if header["name"] != name or dims != {"old": header["old_dim"], "new": header["new_dim"]}:
+        raise RmlibError(f"the journal {journal.path} belongs to the live index "
+                         f"{header['name']!r} ({header['old_dim']} -> {header['new_dim']} dims), "
+                         f"not to {name!r} at {uri!r} ({dims['old']} -> {dims['new']}); "
+                         "pass that index's journal=PATH")
+    pending = journal.pending()
+    if pending is not None:
+        moving = pending[0]
+        parts.delete("old", moving[parts.contains("new", moving)])
+    old, new = parts.ids("old"), parts.ids("new")
+    both = np.intersect1d(old, new)
+    if len(both):
+        parts.delete("old", both)
+        old = np.setdiff1d(old, both)
+    journal.done()
+    ids = np.sort(np.concatenate([old, new]))
+    if len(ids) != header["num_items"]:
+        raise RmlibError(f"the live index {name!r} at {uri!r} holds {len(ids):,} items but "
+                         f"its journal says {header['num_items']:,}: items were removed outside "
+                         "rmlib; create it again with overwrite=True")
+    if _id_sum(ids) != header["id_sum"]:
+        raise RmlibError(f"the live index {name!r} at {uri!r} holds other ids than its "
+                         "journal's gallery: it was changed outside rmlib; create it again "
+                         "with overwrite=True")
+    return dims, ids, np.isin(ids, new)
+
+
+def creation_state(uri: str = DEFAULT_MILVUS_URI, name: str = "gallery",
+                   journal: str | Path | None = None) -> str | None:
+    """Whether a Milvus-backed live index was created at `uri` under `name`: "complete"
+    (reopen it), "incomplete" (its creation was interrupted: create it again), or None."""
+    path = _journal_path(uri, name, journal)
+    if not path.is_file():
+        return None
+    return "complete" if BackfillJournal(path).header()["complete"] else "incomplete"
 
 
 def _journal_path(uri: str, name: str, journal: str | Path | None) -> Path:

@@ -1,7 +1,8 @@
 """The backfill journal: a small write-ahead note that lets a killed backfill finish cleanly.
 
 A batch moves items between two collections of a vector database in two steps (insert
-into the new part, then delete from the old part), and no database makes the pair atomic.
+into the new part, then delete from the old part), and Milvus has no transaction across
+two collections.
 The journal records, before anything is touched, which ids the batch moves; then that
 the insert is complete; and clears the note when the batch is done. After a crash,
 `pending()` tells the restarted process which ids may be half-moved: every one of them
@@ -11,12 +12,13 @@ and none is in both parts, whatever instant the process died at.
 
 The file holds a header line (the gallery it belongs to) and at most one batch, so it
 stays small however long the backfill runs. Every change is written to a temporary file,
-synced and renamed over the journal, or appended and synced: a reader sees the old or
-the new state, never half a line.
+synced and renamed over the journal: a reader sees the old or the new state, never half
+a line.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -41,6 +43,27 @@ class BackfillJournal:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock: int | None = None
+
+    # --- one writer ---------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold the journal's lock file while the index is open: a second backfill job on
+        the same index would overwrite this one's batch. The kernel drops the lock of a
+        killed process, so a restarted job takes it again."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RmlibError(f"another process has this live index open (it holds "
+                             f"{self.path}.lock); stop it, or wait for it to close") from None
+        self._lock = fd
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the lock
+            self._lock = None
 
     # --- writing ---------------------------------------------------------------------------
     def _replace(self, records: list[dict]) -> None:
@@ -51,12 +74,6 @@ class BackfillJournal:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         _sync_dir(self.path)
-
-    def _append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
 
     def start(self, header: dict) -> None:
         """A new index: its header, marked incomplete until `created()`."""
@@ -73,7 +90,7 @@ class BackfillJournal:
 
     def inserted(self) -> None:
         """Every id of the batch is in the new part; deletes from the old part may start."""
-        self._append({"inserted": True})
+        self._replace(self._records()[:2] + [{"inserted": True}])
 
     def done(self) -> None:
         """The batch is complete (or recovered)."""

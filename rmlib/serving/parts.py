@@ -40,6 +40,7 @@ class FaissParts:
     """Both parts as faiss indexes in memory: exact (flat) or IVF (approximate)."""
 
     max_batch = None  # any batch moves in one step
+    max_top_k = None
 
     def __init__(self, dims: dict[str, int], approximate: bool = False,
                  training: dict[str, np.ndarray] | None = None, nlist: int = 1024,
@@ -92,7 +93,9 @@ def _milvus_client(uri: str, token: str):
         raise RmlibError("the Milvus backend needs pymilvus and milvus-lite: "
                          "pip install pymilvus milvus-lite (see requirements.txt)") from None
     except Exception as e:  # pymilvus raises its own exception types, one per failure
-        raise RmlibError(f"cannot open Milvus at {uri!r}: {e}") from None
+        raise RmlibError(f"cannot open Milvus at {uri!r} ({e}); check the URI, that the "
+                         "server runs, or that no other process has the Milvus Lite file open"
+                         ) from None
 
 
 class MilvusParts:
@@ -104,6 +107,7 @@ class MilvusParts:
     """
 
     max_batch = 4_096  # items moved per journaled step (searches ask for k + this)
+    max_top_k = MILVUS_MAX_TOP_K - max_batch  # what a search may ask for, even mid-batch
 
     def __init__(self, uri: str, name: str, token: str = "", nprobe: int = 16):
         self.uri, self.name, self.nprobe = uri, name, nprobe
@@ -137,8 +141,9 @@ class MilvusParts:
         dims = {}
         for part, collection in self._collection.items():
             if not self._client.has_collection(collection):
-                raise RmlibError(f"Milvus at {self.uri!r} has no collection {collection!r}: "
-                                 f"no live index named {self.name!r} is there")
+                raise RmlibError(f"Milvus at {self.uri!r} has no collection {collection!r}, "
+                                 f"so no live index named {self.name!r}: check the URI and "
+                                 "name, or create the index again with overwrite=True")
             self._client.load_collection(collection)
             field = next(f for f in self._client.describe_collection(collection)["fields"]
                          if f["name"] == "vector")
