@@ -116,12 +116,12 @@ def test_milvus_merged_top_k_equals_faiss_on_cifar100_rm_embeddings(cifar_rm_sys
     faiss_index = OnlineBackfillIndex(rm.old_gallery, new_dim=rm.new_gallery.shape[1])
     milvus = milvus_index(rm.old_gallery, new_dim=rm.new_gallery.shape[1])
     order = backfill_order(len(rm.old_gallery), seed=0)
-    queries = slice(0, 200)
     for t in (0.0, 0.25, 0.5, 0.75, 1.0):
         backfill_to([faiss_index, milvus], rm.new_gallery, order, t)
-        got = milvus.search(rm.new_query[queries], rm.old_query[queries], k=20)
-        assert_same_results(got, faiss_index.search(rm.new_query[queries],
-                                                    rm.old_query[queries], k=20))
+        got = milvus.search(rm.new_query, rm.old_query, k=20)
+        want = faiss_index.search(rm.new_query, rm.old_query, k=20)
+        assert got.agrees_with(want).all()  # the same ranking, up to float32 ties
+        assert (got.ids == want.ids).all(1).mean() >= 0.95  # mostly the very ids (98% seen)
 
 
 # --- crash safety ----------------------------------------------------------------------------
@@ -485,3 +485,15 @@ def test_the_live_command_killed_at_any_moment_resumes_to_the_end(tmp_path):
         assert index.stored() == {"old": 0, "new": n} and index.ratio == 1.0
     finally:
         index.close()
+
+
+def test_agreement_allows_swaps_of_float_ties_only():
+    from rmlib.serving.index import SearchResult
+
+    def result(d, ids):
+        d, ids = np.array([d], dtype="f4"), np.array([ids])
+        return SearchResult(d, ids, np.zeros_like(ids))
+    base = result([0.0, 0.5, 0.5000001, 0.9], [1, 2, 3, 4])
+    assert base.agrees_with(result([0.001, 0.5000001, 0.5, 0.9], [1, 3, 2, 4])).all()
+    assert not base.agrees_with(result([0.0, 0.5, 0.52, 0.9], [1, 3, 2, 4])).any()
+    assert not base.agrees_with(result([0.0, 0.5, 0.5000001, np.inf], [1, 2, 3, -1])).any()

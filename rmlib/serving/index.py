@@ -76,6 +76,17 @@ class SearchResult:
     ids: np.ndarray
     parts: np.ndarray
 
+    def agrees_with(self, other: SearchResult, rtol: float = 1e-5) -> np.ndarray:
+        """Per query, whether two results rank alike up to float32 rounding: at every rank
+        both hold an item at the same squared distance, within `rtol` of the row's largest.
+        Two engines (faiss, Milvus) round distances differently, so items tied to within
+        that precision may swap places; any other difference is a different ranking."""
+        a, b = self.distances.astype(np.float64) ** 2, other.distances.astype(np.float64) ** 2
+        finite = np.isfinite(a) & np.isfinite(b)
+        scale = np.maximum(np.where(finite, a, 0).max(1), np.where(finite, b, 0).max(1))
+        close = np.abs(np.where(finite, a - b, 0)) <= rtol * np.maximum(scale, 1e-30)[:, None]
+        return (close & (np.isfinite(a) == np.isfinite(b))).all(1)
+
 
 class _SearchGate:
     """Searches run side by side; a batch changes which part serves its moving items only
