@@ -17,7 +17,7 @@ pytest.importorskip("pymilvus")
 import rmlib.serving.parts as parts  # noqa: E402
 from rmlib import RmlibError  # noqa: E402
 from rmlib.evaluation.backfill import backfill_order, backfilled_count  # noqa: E402
-from rmlib.serving.index import OnlineBackfillIndex  # noqa: E402
+from rmlib.serving.index import OnlineBackfillIndex, float32_tolerance  # noqa: E402
 from rmlib.serving.journal import BackfillJournal  # noqa: E402
 from tests import backfill_worker as worker  # noqa: E402
 
@@ -120,8 +120,11 @@ def test_milvus_merged_top_k_equals_faiss_on_cifar100_rm_embeddings(cifar_rm_sys
         backfill_to([faiss_index, milvus], rm.new_gallery, order, t)
         got = milvus.search(rm.new_query, rm.old_query, k=20)
         want = faiss_index.search(rm.new_query, rm.old_query, k=20)
-        assert got.agrees_with(want).all()  # the same ranking, up to float32 ties
-        assert (got.ids == want.ids).all(1).mean() >= 0.95  # mostly the very ids (98% seen)
+        tol = float32_tolerance(rm.old_gallery, rm.new_gallery, rm.old_query, rm.new_query)
+        # the same ranking up to float32 ties (the smoke model's new embeddings lie so
+        # close together that a third of the queries swap such ties; cpu-profile
+        # embeddings swap in 1-2 of 10,000 queries, in the serving chapter)
+        assert got.agrees_with(want, tol).all()
 
 
 # --- crash safety ----------------------------------------------------------------------------
@@ -493,7 +496,9 @@ def test_agreement_allows_swaps_of_float_ties_only():
     def result(d, ids):
         d, ids = np.array([d], dtype="f4"), np.array([ids])
         return SearchResult(d, ids, np.zeros_like(ids))
+    tol = float32_tolerance(np.ones((3, 4)) / 10)  # squared norms 0.04
+    assert tol == pytest.approx(4e-7)
     base = result([0.0, 0.5, 0.5000001, 0.9], [1, 2, 3, 4])
-    assert base.agrees_with(result([0.001, 0.5000001, 0.5, 0.9], [1, 3, 2, 4])).all()
-    assert not base.agrees_with(result([0.0, 0.5, 0.52, 0.9], [1, 3, 2, 4])).any()
-    assert not base.agrees_with(result([0.0, 0.5, 0.5000001, np.inf], [1, 2, 3, -1])).any()
+    assert base.agrees_with(result([0.0003, 0.5000001, 0.5, 0.9], [1, 3, 2, 4]), tol).all()
+    assert not base.agrees_with(result([0.0, 0.5, 0.52, 0.9], [1, 3, 2, 4]), tol).any()
+    assert not base.agrees_with(result([0.0, 0.5, 0.5000001, np.inf], [1, 2, 3, -1]), tol).any()

@@ -76,16 +76,27 @@ class SearchResult:
     ids: np.ndarray
     parts: np.ndarray
 
-    def agrees_with(self, other: SearchResult, rtol: float = 1e-5) -> np.ndarray:
+    def agrees_with(self, other: SearchResult, atol: float) -> np.ndarray:
         """Per query, whether two results rank alike up to float32 rounding: at every rank
-        both hold an item at the same squared distance, within `rtol` of the row's largest.
-        Two engines (faiss, Milvus) round distances differently, so items tied to within
-        that precision may swap places; any other difference is a different ranking."""
+        both hold an item at the same squared distance, within `atol`.
+
+        Engines compute |q - g|^2 as |q|^2 + |g|^2 - 2 q.g in float32 by different routes,
+        so a squared distance is known only to a few float32 epsilons of the squared norms
+        involved (a dot product of d terms adds up to about sqrt(d) of them): `atol` =
+        1e-5 x the largest squared norm is a safe bound (`float32_tolerance`). Items tied
+        within it may swap; any other difference is a different ranking."""
         a, b = self.distances.astype(np.float64) ** 2, other.distances.astype(np.float64) ** 2
-        finite = np.isfinite(a) & np.isfinite(b)
-        scale = np.maximum(np.where(finite, a, 0).max(1), np.where(finite, b, 0).max(1))
-        close = np.abs(np.where(finite, a - b, 0)) <= rtol * np.maximum(scale, 1e-30)[:, None]
-        return (close & (np.isfinite(a) == np.isfinite(b))).all(1)
+        same_missing = np.isfinite(a) == np.isfinite(b)
+        close = np.abs(np.where(np.isfinite(a) & np.isfinite(b), a - b, 0)) <= atol
+        return (close & same_missing).all(1)
+
+
+def float32_tolerance(*embeddings: np.ndarray) -> float:
+    """The float32 error bound of squared distances among these embeddings (for
+    `SearchResult.agrees_with`): 1e-5 (about 80 float32 epsilons) x the largest squared
+    norm."""
+    return 1e-5 * max(float(np.square(np.asarray(x, dtype=np.float64)).sum(1).max())
+                      for x in embeddings)
 
 
 class _SearchGate:
