@@ -171,12 +171,7 @@ class OnlineBackfillIndex:
         elif backend == "milvus":
             uri = uri or DEFAULT_MILVUS_URI
             journal = BackfillJournal(_journal_path(uri, name, journal))
-            journal.lock()  # one process at a time changes a live index
-            try:
-                parts = MilvusParts(uri, name, token, nprobe)
-            except RmlibError:
-                journal.unlock()
-                raise
+            parts = _open_locked(journal, uri, name, token, nprobe)
         else:
             raise RmlibError(f"unknown backend {backend!r}: use 'faiss' or 'milvus'")
         try:
@@ -212,12 +207,7 @@ class OnlineBackfillIndex:
             raise RmlibError(f"creating the live index {name!r} at {uri!r} did not finish; "
                              "create it again (OnlineBackfillIndex(..., overwrite=True), or "
                              "`python -m rmlib live` does it by itself)")
-        journal.lock()
-        try:
-            parts = MilvusParts(uri, name, token, nprobe)
-        except RmlibError:
-            journal.unlock()
-            raise
+        parts = _open_locked(journal, uri, name, token, nprobe)
         try:
             index = cls.__new__(cls)
             index._setup(parts, journal, *_recover(parts, journal, header, uri, name))
@@ -381,6 +371,17 @@ class OnlineBackfillIndex:
         rows = np.arange(len(d))[:, None]
         return SearchResult(np.sqrt(np.maximum(d[rows, order], 0)), i[rows, order],
                             part[rows, order])
+
+
+def _open_locked(journal: BackfillJournal, uri: str, name: str, token: str, nprobe: int
+                 ) -> MilvusParts:
+    """Take the journal's lock (one process at a time changes a live index), then connect."""
+    journal.lock()
+    try:
+        return MilvusParts(uri, name, token, nprobe)
+    except BaseException:
+        journal.unlock()
+        raise
 
 
 def _recover(parts: MilvusParts, journal: BackfillJournal, header: dict, uri: str, name: str
