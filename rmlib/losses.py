@@ -185,7 +185,4 @@ def batch_hard_triplet_loss(embedding: torch.Tensor, labels: torch.Tensor,
     valid = pos.any(1) & neg.any(1)
     hardest_pos = dist.masked_fill(~pos, float("-inf")).amax(1)
     hardest_neg = dist.masked_fill(~neg, float("inf")).amin(1)
-    terms = F.relu(hardest_pos - hardest_neg + margin)
-    if on_host(dist):
-        return terms[valid].mean() if bool(valid.any()) else embedding.sum() * 0.0
-    return masked_mean(terms, valid)
+    return masked_mean(F.relu(hardest_pos - hardest_neg + margin), valid)

@@ -44,6 +44,7 @@ class BackfillJournal:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock: int | None = None
+        self._written: list[dict] | None = None  # what this writer last wrote (no re-reads)
 
     # --- one writer ---------------------------------------------------------------------
     def lock(self) -> None:
@@ -74,6 +75,7 @@ class BackfillJournal:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         _sync_dir(self.path)
+        self._written = records
 
     def start(self, header: dict) -> None:
         """A new index: its header, marked incomplete until `created()`."""
@@ -98,6 +100,8 @@ class BackfillJournal:
 
     # --- reading ---------------------------------------------------------------------------
     def _records(self) -> list[dict]:
+        if self._written is not None:
+            return self._written
         if not self.path.is_file():
             raise RmlibError(f"no backfill journal at {self.path}: the live index was never "
                              "created there, or its journal was moved; pass journal=PATH")
