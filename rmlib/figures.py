@@ -1,10 +1,13 @@
-"""Figures of the book and the CLI, drawn with seaborn: backfill curves (one panel per
-metric, the seed spread as bands, the legend outside the data), the two systems' distance
-calibration on one shared axis, and merged top-k retrievals."""
+"""Figures of the book and the CLI, in one style: a fixed colour and marker per method on
+every page, sized for the book's column (7 in wide at most, text 9 pt or more), drawn at
+twice the screen's pixel density, legends outside the data. Backfill curves (one panel per
+metric, the seed spread as bands), the two systems' distance calibration on one shared
+axis, and merged top-k retrievals."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,66 @@ from rmlib.evaluation.backfill import BackfillCurve
 from rmlib.outputs import save_figure
 
 CURVE_PANELS = {"mAP": "mAP (%)", "top1": "top-1 (%)", "nfr": "negative flips (%)"}
+COLUMN_WIDTH = 7.0  # inches: the book's text column (676 px) shows about 97 px per inch
+DPI = 200  # twice a screen's 100 px per inch, so the figures stay sharp on dense screens
+FONT_SIZE = 9  # points, the smallest text in any figure
+
+# One colour and marker per method, the same on every page (seaborn's "deep" palette).
+# "+rho" is the ablation's name for RM (MCL with rho): one method, one colour.
+METHOD_STYLE: dict[str, tuple[str, str]] = {
+    "Old": ("#4c72b0", "s"),
+    "New": ("#dd8452", "^"),
+    "New+rho": ("#8c613c", "v"),
+    "RM_naive": ("#55a868", "o"),
+    "RM_naive+cal": ("#64b5cd", "D"),
+    "+RQT": ("#8172b3", "P"),
+    "+CL": ("#937860", "X"),
+    "+MCL": ("#da8bc3", "*"),
+    "+rho": ("#c44e52", "o"),
+    "RM": ("#c44e52", "o"),
+    "BCT": ("#8c8c8c", "<"),
+    "FCT": ("#ccb974", ">"),
+    "BiCT": ("#17becf", "h"),
+}
+# Names outside the registry (order policies, a user's files) take these, in order.
+OTHER_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d",
+                 "#666666")
+OTHER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _method_of(name: str) -> str | None:
+    """The method a label names: itself, or its first word ("old system" -> "Old",
+    "+MCL: backward system" -> "+MCL"), matched without case."""
+    if name in METHOD_STYLE:
+        return name
+    first = re.split(r"[\s:,(]", name.strip(), maxsplit=1)[0].lower()
+    return next((m for m in METHOD_STYLE if m.lower() == first), None)
+
+
+def method_styles(names: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """(colour, marker) of each label: its method's own (`_method_of`), else the next unused
+    of OTHER_*."""
+    names = list(names)
+    methods = {n: _method_of(n) for n in names}
+    taken = {METHOD_STYLE[m][0] for m in methods.values() if m}
+    free = [c for c in OTHER_COLOURS if c not in taken]
+    styles, k = {}, 0
+    for name in names:
+        if methods[name]:
+            styles[name] = METHOD_STYLE[methods[name]]
+        else:
+            styles[name] = (free[k % len(free)], OTHER_MARKERS[k % len(OTHER_MARKERS)])
+            k += 1
+    return styles
+
+
+def book_style() -> dict:
+    """matplotlib settings of every figure: 9 pt text and lines thin enough for 7 in."""
+    return {"font.size": FONT_SIZE, "axes.labelsize": FONT_SIZE, "axes.titlesize": FONT_SIZE + 1,
+            "xtick.labelsize": FONT_SIZE, "ytick.labelsize": FONT_SIZE,
+            "legend.fontsize": FONT_SIZE, "figure.titlesize": FONT_SIZE + 1,
+            "figure.dpi": DPI, "savefig.dpi": DPI, "lines.linewidth": 1.4,
+            "lines.markersize": 4}
 
 
 def _pyplot(headless: bool):
@@ -23,17 +86,30 @@ def _pyplot(headless: bool):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
+    sns.set_theme(style="whitegrid", context="paper", rc=book_style())
     return plt, sns
 
 
+def book_figure(nrows: int = 1, ncols: int = 1, height: float = 2.6,
+                width: float = COLUMN_WIDTH, **kw):
+    """A figure in the book's style and column width, with its axes (a 2-D array): for the
+    chapters' own plots, so that every figure of the book reads alike."""
+    plt, _ = _pyplot(False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(min(width, COLUMN_WIDTH), height),
+                             constrained_layout=True, squeeze=False, **kw)
+    return fig, axes
+
+
 def _finish(fig, plt, title: str, path: Path | str | None, *legend):
-    """Legend to the right of the panels, the title, and the file if `path` is given."""
-    fig.legend(*legend, loc="outside right center", fontsize=8, frameon=False)
+    """Legend below the panels (it never covers a curve), the title, and the file if `path`."""
+    if legend and legend[0]:
+        longest = max(len(label) for label in legend[1])
+        ncol = max(1, min(len(legend[1]), 4, 90 // (longest + 6)))  # ~90 characters a line
+        fig.legend(*legend, loc="outside lower center", ncol=ncol, frameon=False)
     if title:
         fig.suptitle(title)
     if path is not None:
-        save_figure(fig, path, dpi=120)
+        save_figure(fig, path, dpi=DPI)
         plt.close(fig)
     return fig
 
@@ -43,22 +119,25 @@ def plot_curves(curves: Mapping[str, BackfillCurve], path: Path | str | None = N
     """One panel per metric against the backfilled fraction t, one line per system; saved
     if `path`. A curve that carries its spread over seeds (`extras` "mAP_std", "top1_std",
     as `rmlib.methods.reproduce.curve_of` reads them from a results row) gets a band of
-    one std. The legend sits to the right of the panels, never over a curve."""
-    plt, sns = _pyplot(path is not None)
-    palette = sns.color_palette("tab10", n_colors=max(len(curves), 1))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.9 * len(metrics) + 1.6, 3.4),
+    one std. Each method keeps its colour and marker (METHOD_STYLE) on every page; the
+    legend sits below the panels, never over a curve."""
+    plt, _ = _pyplot(path is not None)
+    styles = method_styles(curves)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(COLUMN_WIDTH, 2.6),
                              constrained_layout=True, squeeze=False)
-    for colour, (name, curve) in zip(palette, curves.items(), strict=False):
+    for name, curve in curves.items():
+        colour, marker = styles[name]
         for ax, metric in zip(axes[0], metrics, strict=True):
             values = 100 * np.asarray(getattr(curve, metric))
-            ax.plot(curve.t, values, color=colour, marker=".", label=name)
+            ax.plot(curve.t, values, color=colour, marker=marker, markevery=2, label=name)
             std = curve.extras.get(f"{metric}_std")
             if std is not None and np.any(std):
                 band = 100 * np.asarray(std)
                 ax.fill_between(curve.t, values - band, values + band, alpha=0.2,
                                 color=colour, linewidth=0)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        ax.set(xlabel="backfilled fraction t", ylabel=CURVE_PANELS[metric], xlim=(0, 1))
+        ax.set(xlabel="backfilled fraction t", ylabel=CURVE_PANELS[metric], xlim=(0, 1),
+               xticks=(0, 0.5, 1))
     return _finish(fig, plt, title, path, *axes[0][0].get_legend_handles_labels())
 
 
@@ -91,16 +170,16 @@ def plot_distance_calibration(systems: Mapping[str, tuple], protocol, path=None,
     found = {(name, positive): nearest_distances(q, g, protocol, positive)
              for name, (q, g) in systems.items() for positive in (True, False)}
     edges = np.histogram_bin_edges(np.concatenate(list(found.values())), bins=60)
-    palette = dict(zip(systems, sns.color_palette("tab10", len(systems)), strict=True))
-    fig, ax = plt.subplots(figsize=(8.2, 3.4), constrained_layout=True)
+    palette = {name: colour for name, (colour, _) in method_styles(systems).items()}
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.0), constrained_layout=True)
     for (name, positive), d in found.items():
         sns.histplot(d, bins=edges, stat="density", element="step", fill=positive,
                      alpha=0.25 if positive else 1.0, color=palette[name], ax=ax,
                      linestyle="-" if positive else "--",
                      label=f"{name}: nearest {'relevant' if positive else 'irrelevant'}")
     ax.set(xlabel="Euclidean distance from a query to its nearest item",
-           ylabel="density (share of queries per unit distance)")
-    return _finish(fig, plt, title, path)
+           ylabel="density")
+    return _finish(fig, plt, title, path, *ax.get_legend_handles_labels())
 
 
 def plot_retrieval_examples(images, rows: Mapping[str, list], query_image, title: str = ""):
@@ -108,16 +187,17 @@ def plot_retrieval_examples(images, rows: Mapping[str, list], query_image, title
     not (red), caption = the system that scored the item (old/new) and its distance."""
     plt, _ = _pyplot(False)
     k = max(len(r) for r in rows.values())
-    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.35 * (k + 1), 1.6 * len(rows)),
+    cell = COLUMN_WIDTH / (k + 1)
+    fig, axes = plt.subplots(len(rows), k + 1, figsize=(COLUMN_WIDTH, 1.25 * cell * len(rows)),
                              constrained_layout=True, squeeze=False)
     for r, (name, items) in enumerate(rows.items()):
         axes[r][0].imshow(query_image.transpose(1, 2, 0))
-        axes[r][0].set_title("query", fontsize=8)
-        axes[r][0].set_ylabel(name, fontsize=8)
+        axes[r][0].set_title("query")
+        axes[r][0].set_ylabel(name)
         for c, (idx, dist, side, ok) in enumerate(items, start=1):
             ax = axes[r][c]
             ax.imshow(images[idx].transpose(1, 2, 0))
-            ax.set_title(f"{side} {dist:.2f}", fontsize=7)
+            ax.set_title(f"{side} {dist:.2f}")
             for spine in ax.spines.values():
                 spine.set_edgecolor("tab:green" if ok else "tab:red")
                 spine.set_linewidth(3)
@@ -126,5 +206,5 @@ def plot_retrieval_examples(images, rows: Mapping[str, list], query_image, title
             ax.set_yticks([])
             ax.grid(False)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title)
     return fig

@@ -9,9 +9,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from rmlib.evaluation.backfill import NOISE_FACTOR, row_conditions
 from rmlib.report import auc_text
-
-NOISE_FACTOR = 2.0  # a difference is "within noise" when |mean| < 2 x its std over seeds
 
 
 def seed_values(row: Mapping, metric: str = "mAP") -> np.ndarray:
@@ -44,21 +43,33 @@ def _mark(ok: bool) -> str:
     return "✓" if ok else "✗"
 
 
+def _percent(value: float) -> str:
+    """A Gain in %, or "—" where it is undefined (the new model no better than the old)."""
+    return f"{value:.0f}%" if np.isfinite(value) else "—"
+
+
+METRIC_NAMES = {"mAP": "mAP", "top1": "top-1"}
+
+
 def results_frame(rows: Mapping[str, Mapping], paper: Mapping | None = None) -> pd.DataFrame:
-    """One line per row: AUC mAP and top-1 (numbers, in %), their std, the Gain(s), the
-    conditions (6)-(8) and, if given, the paper's AUC mAP, AUC top-1 and Gain."""
+    """One line per row, numbers in %: AUC mAP and top-1 with their std, the Gain (and the
+    Gain over New+rho where the row has it), conditions (6)-(8) on mAP and on top-1 (8 as
+    the curve's largest drawdown, judged against the seeds' noise) and, if given, the
+    paper's AUC mAP, AUC top-1 and Gain."""
     records = []
     for name, r in rows.items():
-        c = r["conditions"]["mAP"]
         record = {"row": name, "AUC mAP": 100 * r["auc_mAP"], "AUC top-1": 100 * r["auc_top1"],
                   "mAP std": 100 * r.get("auc_mAP_std", 0.0),
                   "top-1 std": 100 * r.get("auc_top1_std", 0.0), "seeds": len(r.get("seeds", [0])),
                   "Gain": 100 * r["gain"]}
         if "gain_upgraded" in r:
             record["Gain vs New+rho"] = 100 * r["gain_upgraded"]
-        record.update({"(6) M0 ≥ Old": bool(c["cond6_M0_ge_old"]),
-                       "(7) M1 ≥ New": bool(c["cond7_M1_ge_new"]),
-                       "(8) largest drop": 100 * c["max_drop"]})
+        for metric, c in row_conditions(r).items():
+            shown = METRIC_NAMES[metric]
+            record.update({f"(6) {shown}": bool(c["cond6_M0_ge_old"]),
+                           f"(7) {shown}": bool(c["cond7_M1_ge_new"]),
+                           f"(8) {shown} fall": 100 * c["drawdown"],
+                           f"(8) {shown}": bool(c["cond8_no_fall_beyond_noise"])})
         if paper is not None:
             p = paper.get(name)
             record.update({"paper AUC mAP": p[0] if p else np.nan,
@@ -91,35 +102,69 @@ def steps_frame(rows: Mapping[str, Mapping], metric: str = "mAP") -> pd.DataFram
     return pd.DataFrame.from_records(records).set_index("step")
 
 
-def styled_results(rows: Mapping[str, Mapping], paper: Mapping | None = None,
-                   caption: str = ""):
-    """`results_frame` for a page: mean ± std, check marks, best AUC and Gain in bold, and
-    the order by AUC mAP with ties within noise marked "≈"."""
-    frame = results_frame(rows, paper)
+def _styled(shown: pd.DataFrame, caption: str, bold=None):
+    """A table of the book: class "rmlib-results" (one line per cell, fits the column)."""
+    styler = shown.style
+    if bold is not None:
+        styler = styler.apply(bold)
+    styler = styler.set_table_attributes('class="rmlib-results"')
+    return styler.set_caption(caption) if caption else styler
+
+
+def styled_results(rows: Mapping[str, Mapping], caption: str = ""):
+    """The rows' AUC mAP and top-1 (mean ± std over seeds), Gain, and order by AUC mAP with
+    ties within noise marked "≈"; best AUC and Gain in bold. "Gain vs New+rho" appears only
+    beside the New+rho row it is measured against. Conditions: `styled_conditions`; the
+    paper's numbers: `styled_paper`."""
+    frame = results_frame(rows)
     shown = pd.DataFrame(index=frame.index)
     shown["AUC mAP"] = [auc_text(rows[n], "mAP", " ± ") for n in frame.index]
     shown["AUC top-1"] = [auc_text(rows[n], "top1", " ± ") for n in frame.index]
-    gains = [c for c in ("Gain", "Gain vs New+rho") if c in frame]
+    gains = ["Gain"] + (["Gain vs New+rho"] if "New+rho" in rows and "Gain vs New+rho" in frame
+                        else [])
     for col in gains:
-        shown[col] = frame[col].map(lambda v: f"{v:.0f}%")
+        shown[col] = frame[col].map(_percent)
     shown["order"] = pd.Series(order_with_ties(rows))
-    for col in ("(6) M0 ≥ Old", "(7) M1 ≥ New"):
-        shown[col] = frame[col].map(_mark)
-    shown["(8) largest drop"] = frame["(8) largest drop"].map(lambda v: f"{v:.2f} pt")
-    if paper is not None:
-        for col in ("paper AUC mAP", "paper AUC top-1"):
-            shown[col] = frame[col].map(lambda v: "" if np.isnan(v) else f"{v:.1f}")
-        shown["paper Gain"] = frame["paper Gain"].map(lambda v: "" if np.isnan(v) else f"{v:.0f}%")
 
     def bold_best(column: pd.Series) -> list[str]:
-        source = {"AUC mAP": frame["AUC mAP"], "AUC top-1": frame["AUC top-1"]}.get(
-            column.name, frame[column.name] if column.name in gains else None)
+        source = frame[column.name] if column.name in ("AUC mAP", "AUC top-1", *gains) else None
         if source is None:
             return [""] * len(column)
         return ["font-weight: bold" if v == source.max() else "" for v in source]
 
-    styler = shown.style.apply(bold_best).set_table_attributes('class="rmlib-results"')
-    return styler.set_caption(caption) if caption else styler
+    return _styled(shown, caption, bold_best)
+
+
+def styled_conditions(rows: Mapping[str, Mapping], caption: str = ""):
+    """The paper's conditions (6)-(8) of each row, on mAP and on top-1: (6) M_0 at least the
+    old system's, (7) M_1 at least the new system's, (8) the curve's largest fall from its
+    best earlier value in points, ✗ where it exceeds the seeds' noise (any fall, for a row
+    of one run)."""
+    frame = results_frame(rows)
+    columns = {}
+    for metric in METRIC_NAMES.values():
+        if f"(6) {metric}" not in frame:
+            continue
+        columns[("(6) M₀ ≥ Old", metric)] = frame[f"(6) {metric}"].map(_mark)
+        columns[("(7) M₁ ≥ New", metric)] = frame[f"(7) {metric}"].map(_mark)
+        columns[("(8) largest fall", metric)] = [
+            f"{v:.2f} {_mark(ok)}" for v, ok in zip(frame[f"(8) {metric} fall"],
+                                                   frame[f"(8) {metric}"], strict=True)]
+    shown = pd.DataFrame(columns, index=frame.index)
+    shown = shown[sorted(shown.columns, key=lambda c: (c[0], c[1] != "mAP"))]
+    shown.columns = pd.MultiIndex.from_tuples(shown.columns)
+    return _styled(shown, caption)
+
+
+def styled_paper(rows: Mapping[str, Mapping], paper: Mapping, caption: str = ""):
+    """The paper's Table 1 values for the rows it has (AUC mAP, AUC CMC top-1, Gain), in a
+    table of their own, to read beside ours."""
+    names = [n for n in rows if n in paper]
+    shown = pd.DataFrame({"AUC mAP": [f"{paper[n][0]:.1f}" for n in names],
+                          "AUC top-1": [f"{paper[n][1]:.1f}" for n in names],
+                          "Gain": [_percent(paper[n][2]) for n in names]},
+                         index=pd.Index(names, name="row"))
+    return _styled(shown, caption)
 
 
 def styled_steps(rows: Mapping[str, Mapping], caption: str = "", metric: str = "mAP"):
@@ -133,7 +178,7 @@ def styled_steps(rows: Mapping[str, Mapping], caption: str = "", metric: str = "
     def grey(row: pd.Series) -> list[str]:
         return ["color: grey" if frame.loc[row.name, "within noise"] else ""] * len(row)
 
-    styler = shown.style.apply(grey, axis=1)
+    styler = shown.style.apply(grey, axis=1).set_table_attributes('class="rmlib-results"')
     return styler.set_caption(caption) if caption else styler
 
 
@@ -187,20 +232,28 @@ def departures_frame(rows: Mapping[str, Mapping], paper: Mapping) -> pd.DataFram
 
 
 def run_frame(provenance: Mapping, backbones: Mapping | None = None) -> pd.DataFrame:
-    """Seconds of each step of the run that wrote a results file, with the backbones'
-    training (possibly from an earlier `train` run, read from the run cache)."""
-    steps = dict(provenance.get("step_seconds", {}))
-    trained = provenance.get("backbone_train_seconds", {})
-    for role, seconds in trained.items():
-        steps[f"backbone_{role}"] = seconds  # the training, not the cache read
-    frame = pd.DataFrame({"seconds": pd.Series(steps)}).rename_axis("step")
+    """Where the time of the run behind a results file went, in seconds and minutes: each
+    backbone's training and each transform's fits (all seeds together), as recorded when
+    they were made (a later run that read them from the cache does not count its cache
+    reads), the other steps of this run, and the wall time of the results files."""
+    steps: dict[str, float] = {}
+    for role, seconds in provenance.get("backbone_train_seconds", {}).items():
+        steps[f"train backbone {role}"] = seconds
+    fits: dict[str, list[float]] = {}
+    for key, seconds in provenance.get("transform_fit_seconds", {}).items():
+        fits.setdefault(key.split("@")[0], []).append(seconds)
+    for name, seconds in fits.items():
+        steps[f"fit transform {name} ({len(seconds)} seed{'s' * (len(seconds) > 1)})"] = \
+            sum(seconds)
+    for key, seconds in provenance.get("step_seconds", {}).items():
+        if not key.startswith(("backbone_", "transform_")):  # those: cache reads here
+            steps[f"{key.replace('_', ' ')} (this run)"] = seconds
+    steps["this results file (wall)"] = provenance.get("wall_time_s", 0.0)
+    wall = (backbones or {}).get("provenance", {}).get("wall_time_s")
+    if wall:
+        steps["backbones.json run (wall)"] = wall
+    frame = pd.DataFrame({"seconds": pd.Series(steps, dtype=np.float64)}).rename_axis("step")
     frame["minutes"] = frame["seconds"] / 60
-    frame.loc["this results file (wall)"] = [provenance.get("wall_time_s", 0.0),
-                                             provenance.get("wall_time_s", 0.0) / 60]
-    if backbones:
-        wall = backbones.get("provenance", {}).get("wall_time_s")
-        if wall:
-            frame.loc["backbones.json run (wall)"] = [wall, wall / 60]
     return frame.round(1)
 
 

@@ -13,7 +13,8 @@ def row(auc, std=None, seeds=(0,)):
     t = [i / 20 for i in range(21)]
     out = {"t": t, "mAP": [auc] * 21, "top1": [auc] * 21, "top5": [auc] * 21,
            "nfr": [0.0] * 21, "auc_mAP": auc, "auc_top1": auc, "gain": 0.5,
-           "seeds": list(seeds), "conditions": {"mAP": {"max_drop": 0.0}}}
+           "seeds": list(seeds),
+           "conditions": {m: {"old": 0.2, "new": 0.4} for m in ("mAP", "top1")}}
     if std is not None:
         out.update(auc_mAP_std=std, auc_top1_std=std, mAP_std=[std] * 21, top1_std=[std] * 21)
     return out
@@ -32,3 +33,16 @@ def test_curves_with_a_spread_are_drawn_with_bands():
                        "three seeds": curve_of(row(0.3, 0.01, (0, 1, 2)))})
     # one band on mAP and on top-1 (the three-seed curve's), none on negative flips
     assert [len(ax.collections) for ax in fig.axes] == [1, 1, 0]
+
+
+def test_figures_are_drawn_for_the_books_column_with_a_colour_per_method():
+    from rmlib.figures import COLUMN_WIDTH, DPI, FONT_SIZE, METHOD_STYLE
+
+    fig = plot_curves({"RM": curve_of(row(0.4)), "Old": curve_of(row(0.2))})
+    assert fig.get_figwidth() <= COLUMN_WIDTH and fig.dpi == DPI
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert lines["RM"].get_color() == METHOD_STYLE["RM"][0]
+    assert lines["Old"].get_color() == METHOD_STYLE["Old"][0]
+    sizes = [t.get_fontsize() for ax in fig.axes for t in ax.get_xticklabels()]
+    sizes += [t.get_fontsize() for t in fig.legends[0].get_texts()]
+    assert min(sizes) >= FONT_SIZE

@@ -7,19 +7,26 @@ from rmlib.tables import (
     order_with_ties,
     results_frame,
     steps_frame,
+    styled_conditions,
+    styled_paper,
     styled_results,
     within_noise,
 )
 
 
-def row(seed_aucs, gain=0.5, drop=0.0):
-    """A results row with per-seed AUCs (mAP and top-1 alike)."""
+def row(seed_aucs, gain=0.5, mAP=None, top1=None, old=0.2, new=0.4, curve_std=0.0):
+    """A results row with per-seed AUCs (mAP and top-1 alike) and its mean curves (flat at
+    the mean AUC unless given), judged against the old and new models' `old` and `new`."""
     mean = sum(seed_aucs) / len(seed_aucs)
     std = (sum((a - mean) ** 2 for a in seed_aucs) / (len(seed_aucs) - 1)) ** 0.5 \
         if len(seed_aucs) > 1 else 0.0
+    mAP = list(mAP or [mean] * 3)
+    top1 = list(top1 or mAP)
+    n = len(mAP)
     out = {"auc_mAP": mean, "auc_top1": mean, "gain": gain, "seeds": list(range(len(seed_aucs))),
-           "conditions": {"mAP": {"cond6_M0_ge_old": True, "cond7_M1_ge_new": drop == 0,
-                                  "max_drop": drop}}}
+           "t": [i / (n - 1) for i in range(n)], "mAP": mAP, "top1": top1, "top5": top1,
+           "nfr": [0.0] * n, "mAP_std": [curve_std] * n, "top1_std": [curve_std] * n,
+           "conditions": {m: {"old": old, "new": new} for m in ("mAP", "top1")}}
     if len(seed_aucs) > 1:
         out.update(auc_mAP_seeds=list(seed_aucs), auc_top1_seeds=list(seed_aucs),
                    auc_mAP_std=std, auc_top1_std=std)
@@ -60,19 +67,78 @@ def test_steps_frame_flags_each_step_against_the_one_before():
     assert frame.loc["+x → +y", "Δ AUC mAP"] == pytest.approx(10.0)
 
 
-def test_html_table_has_every_row_mean_std_marks_and_the_best_in_bold():
-    rows = {"Old": row([0.20]), "BCT": row([0.25, 0.27, 0.26], drop=0.1),
+def test_html_table_has_every_row_mean_std_on_one_cell_and_the_best_in_bold():
+    rows = {"Old": row([0.20]), "BCT": row([0.25, 0.27, 0.26]),
             "RM": row([0.40, 0.42, 0.41], gain=1.3)}
-    paper = {"Old": [21.6, 34.3, 0], "RM": [41.4, 60.7, 78]}
-    frame = results_frame(rows, paper)
-    assert list(frame.index) == ["Old", "BCT", "RM"]
-    html = styled_results(rows, paper, caption="Table 1").to_html()
-    for text in ("41.00 ± 1.00", "26.00 ± 1.00", "20.00", "✓", "✗", "78%", "Table 1",
-                 "font-weight: bold"):
+    assert list(results_frame(rows).index) == ["Old", "BCT", "RM"]
+    html = styled_results(rows, caption="Table 1").to_html()
+    for text in ("41.00 ± 1.00", "26.00 ± 1.00", "20.00", "130%", "Table 1",
+                 "font-weight: bold", 'class="rmlib-results"'):
         assert text in html, text
-    styles = styled_results(rows, paper).data  # the shown strings, not the numbers
-    assert styles.loc["RM", "order"] == "1" and styles.loc["BCT", "(7) M1 ≥ New"] == "✗"
-    assert styles.loc["BCT", "paper AUC mAP"] == ""
+    shown = styled_results(rows).data  # the shown strings, not the numbers
+    assert shown.loc["RM", "order"] == "1"
+    assert "paper AUC mAP" not in shown and "(6) M₀ ≥ Old" not in shown  # tables of their own
+
+
+def test_gain_over_new_rho_appears_only_beside_the_new_rho_row():
+    rm = {**row([0.40, 0.42, 0.41], gain=1.3), "gain_upgraded": 0.7}
+    assert "Gain vs New+rho" not in styled_results({"Old": row([0.2]), "RM": rm}).data
+    shown = styled_results({"RM": rm, "New+rho": {**row([0.5]), "gain_upgraded": 1.0}}).data
+    assert shown.loc["RM", "Gain vs New+rho"] == "70%"
+
+
+def test_an_undefined_gain_shows_a_dash_not_nan():
+    shown = styled_results({"Old": row([1.0], gain=float("nan"))}).data
+    assert shown.loc["Old", "Gain"] == "—"
+
+
+def test_condition_8_is_the_largest_fall_from_the_best_earlier_value():
+    # small steps down add up: the largest step is 2 points, the fall from the top 8
+    sliding = row([0.3], mAP=[0.30, 0.28, 0.26, 0.24, 0.22, 0.30])
+    rows = {"sliding": sliding, "flat": row([0.3])}
+    frame = results_frame(rows)
+    assert frame.loc["sliding", "(8) mAP fall"] == pytest.approx(8.0)
+    assert not frame.loc["sliding", "(8) mAP"] and frame.loc["flat", "(8) mAP"]
+    shown = styled_conditions(rows).data
+    assert shown.loc["sliding", ("(8) largest fall", "mAP")] == "8.00 ✗"
+    assert shown.loc["flat", ("(8) largest fall", "top-1")] == "0.00 ✓"
+
+
+def test_a_fall_within_the_seeds_noise_passes_condition_8_and_a_larger_one_fails():
+    dip = [0.30, 0.29, 0.31]  # falls by 1 point
+    noisy = results_frame({"r": row([0.3, 0.31, 0.29], mAP=dip, curve_std=0.01)})
+    quiet = results_frame({"r": row([0.3, 0.31, 0.29], mAP=dip, curve_std=0.002)})
+    assert noisy.loc["r", "(8) mAP"] and not quiet.loc["r", "(8) mAP"]
+
+
+def test_conditions_are_checked_on_top1_as_well_as_map():
+    # mAP starts above the old model's, top-1 below it: (6) holds on mAP only
+    r = row([0.3], mAP=[0.25, 0.30, 0.45], top1=[0.15, 0.30, 0.45], old=0.2, new=0.4)
+    shown = styled_conditions({"BCT": r}).data
+    assert shown.loc["BCT", ("(6) M₀ ≥ Old", "mAP")] == "✓"
+    assert shown.loc["BCT", ("(6) M₀ ≥ Old", "top-1")] == "✗"
+
+
+def test_the_papers_numbers_are_a_table_of_their_own_for_the_rows_it_has():
+    rows = {"Old": row([0.20]), "New+rho": row([0.5]), "RM": row([0.40, 0.42, 0.41])}
+    paper = {"Old": [21.6, 34.3, 0], "RM": [41.4, 60.7, 78]}
+    shown = styled_paper(rows, paper).data
+    assert list(shown.index) == ["Old", "RM"]
+    assert shown.loc["RM"].tolist() == ["41.4", "60.7", "78%"]
+
+
+def test_the_run_table_counts_fits_and_training_when_they_were_made_not_cache_reads():
+    from rmlib.tables import run_frame
+
+    prov = {"step_seconds": {"backbone_old": 0.2, "transform_rqt": 0.01,
+                             "hyperparameter_selection": 14.7},
+            "backbone_train_seconds": {"old": 420.0},
+            "transform_fit_seconds": {"rqt": 15.0, "rqt@seed1": 14.0}, "wall_time_s": 336.0}
+    frame = run_frame(prov)
+    assert frame.loc["train backbone old", "seconds"] == 420.0
+    assert frame.loc["fit transform rqt (2 seeds)", "seconds"] == 29.0
+    assert frame.loc["hyperparameter selection (this run)", "seconds"] == 14.7
+    assert not any("transform_rqt" in s or "backbone_old" in s for s in frame.index)
 
 
 def test_departures_put_the_run_beside_the_paper_and_say_what_the_paper_lacks():

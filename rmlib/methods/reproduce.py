@@ -122,7 +122,8 @@ def evaluate_method(exp: Experiment, name: str, old: dict | None = None,
     curve, spread = average_curves([c for c, _ in runs])
     first = runs[0][1]
     conditions = check_conditions(curve, old or {m: first[m]["old"] for m in first},
-                                  new or final_metrics(curve.to_dict()))
+                                  new or final_metrics(curve.to_dict()),
+                                  std={m: spread[f"{m}_std"] for m in ("mAP", "top1")})
     return {**curve.to_dict(), "seeds": list(seeds), **spread, "conditions": conditions,
             "systems": method.note, "eval_seconds": time.time() - t0}
 
