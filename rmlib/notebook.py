@@ -193,9 +193,6 @@ class Chapter:
                 continue  # results written before this transform existed: make it on use
             if not transform_path(TransformConfig(**configs[name]), folder).exists():
                 missing[f"transform {name}"] = fitted.get(name, 0.0)
-        if any(k.startswith("transform") for k in missing):  # their settings come first
-            missing["settings search"] = prov.get("step_seconds", {}).get(
-                "hyperparameter_selection", 0.0)
         return missing
 
     def experiment(self, roles: tuple[str, ...] = ("old", "new"),
@@ -208,6 +205,9 @@ class Chapter:
         exp = Experiment(self.dataset, self.config, progress=False)
         if self.config.name in CHEAP_PROFILES:
             return exp
+        # the settings the results were made with: the chapter fits what the results show,
+        # without searching them again
+        exp.selection = self.provenance["config"].get("hyperparameter_selection")
         missing = self._missing(exp, roles, transforms)
         if missing:
             cost = sum(missing.values())

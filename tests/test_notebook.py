@@ -57,8 +57,19 @@ def test_missing_transforms_ask_for_the_whole_reproduce_run(
         committed_cpu, cifar_root, monkeypatch):
     monkeypatch.setenv("RMLIB_DATA", str(cifar_root))
     chapter = open_chapter("cifar100", "cpu")
-    with pytest.raises(NeedsRun, match="transform mcl-rho.*settings search.*reproduce"):
+    with pytest.raises(NeedsRun, match="transform mcl-rho.*reproduce"):
         chapter.experiment(transforms=("mcl-rho",))
+
+
+def test_a_chapters_experiment_fits_with_the_settings_its_results_were_made_with(
+        committed_cpu, cifar_root, monkeypatch):
+    """No second settings search: the transforms a chapter fits are the ones it shows."""
+    monkeypatch.setenv("RMLIB_DATA", str(cifar_root))
+    chapter = open_chapter("cifar100", "cpu")
+    monkeypatch.setattr(type(chapter), "_missing", lambda *a: {})
+    exp = chapter.experiment(transforms=("mcl-rho",))
+    chosen = chapter.provenance["config"]["hyperparameter_selection"]
+    assert exp.settings() is exp.selection and exp.selection == chosen
 
 
 def test_smoke_results_of_an_older_rmlib_are_made_again(committed_cpu, smoke_config,
