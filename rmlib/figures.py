@@ -26,7 +26,7 @@ METHOD_STYLE: dict[str, tuple[str, str]] = {
     "Old": ("#4c72b0", "s"),
     "New": ("#dd8452", "^"),
     "New+rho": ("#8c613c", "v"),
-    "RM_naive": ("#55a868", "o"),
+    "RM_naive": ("#55a868", "p"),
     "RM_naive+cal": ("#64b5cd", "D"),
     "+RQT": ("#8172b3", "P"),
     "+CL": ("#937860", "X"),
@@ -53,18 +53,16 @@ def _method_of(name: str) -> str | None:
 
 
 def method_styles(names: Iterable[str]) -> dict[str, tuple[str, str]]:
-    """(colour, marker) of each label: its method's own (`_method_of`), else the next unused
-    of OTHER_*."""
-    names = list(names)
-    methods = {n: _method_of(n) for n in names}
-    taken = {METHOD_STYLE[m][0] for m in methods.values() if m}
-    free = [c for c in OTHER_COLOURS if c not in taken]
+    """(colour, marker) of each label: its method's own (`_method_of`), else the next of
+    OTHER_COLOURS and OTHER_MARKERS."""
     styles, k = {}, 0
     for name in names:
-        if methods[name]:
-            styles[name] = METHOD_STYLE[methods[name]]
-        else:
-            styles[name] = (free[k % len(free)], OTHER_MARKERS[k % len(OTHER_MARKERS)])
+        method = _method_of(name)
+        if method:
+            styles[name] = METHOD_STYLE[method]
+        else:  # OTHER_COLOURS share no colour with METHOD_STYLE
+            styles[name] = (OTHER_COLOURS[k % len(OTHER_COLOURS)],
+                            OTHER_MARKERS[k % len(OTHER_MARKERS)])
             k += 1
     return styles
 

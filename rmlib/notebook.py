@@ -61,17 +61,21 @@ def _measured_on(prov: dict) -> str:
 
 def run_cost(found: dict) -> str:
     """'63 min on AMD EPYC, 2 threads': what the run behind a profile's results took, as
-    their provenance recorded it: the `train` run's wall time, the other backbones'
-    training and every transform fit (recorded when they were made, even if a later
-    `reproduce` read them from the cache), and the results file's own wall time."""
+    their provenance recorded it: the `train` run's wall time, the results file's own wall
+    time, and the training and fitting that file's run read from the cache instead of doing
+    (recorded when they were made; what the run did itself is already in its wall time)."""
     prov = found["table1"]["provenance"]
     backbones = (found.get("backbones") or {}).get("provenance", {})
     trained_first = set(backbones.get("train_wall_time_s", {})) or {"old", "new"}
-    seconds = (backbones.get("wall_time_s", 0.0) + prov.get("wall_time_s", 0.0)
-               + sum(v for role, v in prov.get("backbone_train_seconds", {}).items()
-                     if role not in trained_first)
-               + sum(prov.get("transform_fit_seconds", {}).values()))
-    return f"{_minutes(seconds)} on {_measured_on(prov)}"
+    steps = prov.get("step_seconds", {})
+    earlier = [seconds - steps.get(f"backbone_{role}", 0.0)
+               for role, seconds in prov.get("backbone_train_seconds", {}).items()
+               if role not in trained_first]
+    earlier += [seconds - steps.get(f"transform_{key}", 0.0)
+                for key, seconds in prov.get("transform_fit_seconds", {}).items()]
+    total = (backbones.get("wall_time_s", 0.0) + prov.get("wall_time_s", 0.0)
+             + sum(max(0.0, s) for s in earlier))
+    return f"{_minutes(total)} on {_measured_on(prov)}"
 
 
 @dataclass

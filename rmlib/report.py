@@ -4,6 +4,7 @@ that says which run made a results file. (Figures: `rmlib.figures`; HTML tables:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from rmlib.evaluation.backfill import BackfillCurve, row_conditions
@@ -38,6 +39,11 @@ def summary_text(curve: BackfillCurve, conditions: Mapping | None = None) -> str
     return "\n".join(lines)
 
 
+def percent_text(value: float) -> str:
+    """A Gain in %, or "—" where it is undefined (the new model no better than the old)."""
+    return f"{value:.0f}%" if math.isfinite(value) else "—"
+
+
 def auc_text(row: Mapping, metric: str, sep: str = "±") -> str:
     """'34.23' or, over several seeds, '34.23±0.12' (std over seeds)."""
     text = f"{100 * row[f'auc_{metric}']:.2f}"
@@ -56,7 +62,7 @@ def table1_text(rows: Mapping[str, Mapping], paper: Mapping | None = None) -> st
     lines = [head + f"  {'max mAP fall':>12}"]
     for name, r in rows.items():
         line = (f"{name:{width}} {auc_text(r, 'mAP'):>11} {auc_text(r, 'top1'):>11} "
-                f"{100 * r['gain']:5.0f}%")
+                f"{percent_text(100 * r['gain']):>6}")
         if paper:
             p = paper.get(name)
             line += (f"   |        {p[0]:7.1f} {p[1]:7.1f} {p[2]:4.0f}%" if p else

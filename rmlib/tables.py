@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from rmlib.evaluation.backfill import NOISE_FACTOR, row_conditions
-from rmlib.report import auc_text
+from rmlib.report import auc_text, percent_text
 
 
 def seed_values(row: Mapping, metric: str = "mAP") -> np.ndarray:
@@ -41,11 +41,6 @@ def within_noise(a: Mapping, b: Mapping, metric: str = "mAP") -> bool:
 
 def _mark(ok: bool) -> str:
     return "✓" if ok else "✗"
-
-
-def _percent(value: float) -> str:
-    """A Gain in %, or "—" where it is undefined (the new model no better than the old)."""
-    return f"{value:.0f}%" if np.isfinite(value) else "—"
 
 
 METRIC_NAMES = {"mAP": "mAP", "top1": "top-1"}
@@ -123,7 +118,7 @@ def styled_results(rows: Mapping[str, Mapping], caption: str = ""):
     gains = ["Gain"] + (["Gain vs New+rho"] if "New+rho" in rows and "Gain vs New+rho" in frame
                         else [])
     for col in gains:
-        shown[col] = frame[col].map(_percent)
+        shown[col] = frame[col].map(percent_text)
     shown["order"] = pd.Series(order_with_ties(rows))
 
     def bold_best(column: pd.Series) -> list[str]:
@@ -150,9 +145,8 @@ def styled_conditions(rows: Mapping[str, Mapping], caption: str = ""):
         columns[("(8) largest fall", metric)] = [
             f"{v:.2f} {_mark(ok)}" for v, ok in zip(frame[f"(8) {metric} fall"],
                                                    frame[f"(8) {metric}"], strict=True)]
-    shown = pd.DataFrame(columns, index=frame.index)
-    shown = shown[sorted(shown.columns, key=lambda c: (c[0], c[1] != "mAP"))]
-    shown.columns = pd.MultiIndex.from_tuples(shown.columns)
+    order = sorted(columns, key=lambda c: (c[0], c[1] != "mAP"))  # (6), (7), (8); mAP first
+    shown = pd.DataFrame({c: columns[c] for c in order}, index=frame.index)
     return _styled(shown, caption)
 
 
@@ -162,7 +156,7 @@ def styled_paper(rows: Mapping[str, Mapping], paper: Mapping, caption: str = "")
     names = [n for n in rows if n in paper]
     shown = pd.DataFrame({"AUC mAP": [f"{paper[n][0]:.1f}" for n in names],
                           "AUC top-1": [f"{paper[n][1]:.1f}" for n in names],
-                          "Gain": [_percent(paper[n][2]) for n in names]},
+                          "Gain": [percent_text(paper[n][2]) for n in names]},
                          index=pd.Index(names, name="row"))
     return _styled(shown, caption)
 

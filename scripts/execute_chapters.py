@@ -23,7 +23,6 @@ import nbformat
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
-UNCOMPUTABLE = ("NeedsRun", "NameError")  # no run cache here, or a name such a cell defines
 
 
 def chapters() -> list[Path]:
@@ -43,16 +42,20 @@ def committed_outputs(path: Path) -> dict[str, list]:
 
 
 def keep_uncomputable(nb, path: Path) -> list[int]:
-    """Give the cells that failed for want of the run cache their committed outputs back."""
+    """Give the cells that failed for want of the run cache their committed outputs back: a
+    cell that raised NeedsRun, and after one, a cell that failed on a name such a cell
+    defines (NameError). The cell must be unchanged and its committed outputs error-free."""
     before, kept = committed_outputs(path), []
     for i, cell in enumerate(nb.cells):
         errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
         if not errors:
             continue
-        if errors[0]["ename"] not in UNCOMPUTABLE or cell.source not in before:
-            raise SystemExit(f"{path.name}, cell {i}: {errors[0]['ename']}: "
-                             f"{errors[0]['evalue'][:300]}")
-        cell.outputs = before[cell.source]
+        name = errors[0]["ename"]
+        uncomputable = name == "NeedsRun" or (name == "NameError" and kept)
+        old = before.get(cell.source)
+        if not uncomputable or old is None or any(o.get("output_type") == "error" for o in old):
+            raise SystemExit(f"{path.name}, cell {i}: {name}: {errors[0]['evalue'][:300]}")
+        cell.outputs = old
         kept.append(i)
     return kept
 

@@ -118,8 +118,9 @@ def test_auc_is_the_trapezoid_rule_and_conditions():
     cond = check_conditions(curve, {"mAP": curve.mAP[0], "top1": curve.top1[0]},
                             {"mAP": curve.mAP[-1] + 0.1, "top1": curve.top1[-1]})
     assert cond["mAP"]["cond6_M0_ge_old"] and not cond["mAP"]["cond7_M1_ge_new"]
-    drops = m[:-1] - m[1:]
-    assert cond["mAP"]["max_drop"] == pytest.approx(max(drops.max(), 0))
+    falls = np.maximum.accumulate(m) - m
+    assert cond["mAP"]["drawdown"] == pytest.approx(falls.max())
+    assert cond["mAP"]["cond8_no_fall_beyond_noise"] == (falls.max() <= 1e-12)
 
 
 def test_average_curves_are_the_mean_and_spread_over_seeds():
@@ -200,3 +201,14 @@ def test_largest_drawdown_is_the_fall_from_the_best_earlier_value_not_a_step():
     assert largest_drawdown([0.3, 0.28, 0.26, 0.24, 0.3]) == (pytest.approx(0.06), 0, 3)
     assert largest_drawdown([0.1, 0.2, 0.3]) == (0.0, 0, 0)
     assert largest_drawdown([0.1, 0.5, 0.2, 0.6, 0.1]) == (pytest.approx(0.5), 3, 4)
+
+
+def test_condition_8_judges_every_fall_against_its_own_noise():
+    from rmlib.evaluation.backfill import falls_beyond_noise
+
+    # a large fall within its large spread, then a small fall where the seeds agree
+    values, std = [0.30, 0.29, 0.31, 0.305, 0.32], [0.01, 0.01, 0.0005, 0.0005, 0.0005]
+    assert falls_beyond_noise(values, std)
+    assert not falls_beyond_noise([0.30, 0.29, 0.31], [0.01, 0.01, 0.01])
+    assert falls_beyond_noise([0.30, 0.2999, 0.31])  # one run: any fall counts
+    assert not falls_beyond_noise([0.1, 0.2, 0.2, 0.3])

@@ -127,12 +127,15 @@ def test_table1_page_shows_an_html_table_with_every_row(browser, site):
     assert broken_images(browser) == []
 
 
-# The page's text as a reader reads it, without code: cell inputs and listings removed (and
-# outputs too, with `outputs=False`).
+# The page's text as a reader reads it (innerText of the live page: what is rendered, with
+# its line breaks), with the elements that match arguments[0] hidden for the moment.
 PROSE_JS = """
-const main = document.querySelector('article.bd-article').cloneNode(true);
-main.querySelectorAll(arguments[0]).forEach(e => e.remove());
-return main.innerText;
+const hide = document.createElement('style');
+hide.textContent = arguments[0] + ' { display: none !important; }';
+document.head.appendChild(hide);
+const text = document.querySelector('article.bd-article').innerText;
+hide.remove();
+return text;
 """
 CODE = "div.cell_input, div.literal-block-wrapper, div[class*='highlight-']:not(.output)"
 
@@ -215,10 +218,13 @@ def test_method_chapters_open_with_what_they_teach_and_end_with_takeaways_and_ex
     assert any("Exercises" in h for h in headings), (page, headings)
     opening = browser.find_elements("css selector", "article div.admonition")
     assert opening and "learn" in opening[0].text.lower(), page
-    # every exercise has its solution, collapsed, that ran (it has an output)
-    solutions = browser.find_elements("css selector", "article details.hide, "
-                                      "article div.tag_hide-input, article div.tag_hide-cell")
+    # every exercise has its solution, collapsed, and the solution ran (it has an output)
+    solutions = browser.execute_script(
+        "return Array.from(document.querySelectorAll("
+        "  'section#exercises div.cell.tag_hide-cell'))"
+        ".map(c => (c.querySelector('div.cell_output') || {}).textContent || '');")
     assert len(solutions) >= 3, (page, len(solutions))
+    assert all(text.strip() for text in solutions), (page, "a solution without output")
 
 
 def test_a_reader_on_a_400_px_phone_never_scrolls_the_page_sideways(browser, site):
@@ -228,10 +234,12 @@ def test_a_reader_on_a_400_px_phone_never_scrolls_the_page_sideways(browser, sit
         for page in chapter_pages():
             browser.get(f"{site}/{page}.html")
             typeset(browser)
-            width = browser.execute_script(
-                "return [document.documentElement.scrollWidth, window.innerWidth];")
-            if width[0] > width[1] + 1:
-                wide[page] = width
+            width = browser.execute_script(  # the page, and the article's own box
+                "const a = document.querySelector('div.bd-article-container');"
+                "return [document.documentElement.scrollWidth - window.innerWidth,"
+                "        a.scrollWidth - a.clientWidth];")
+            if max(width) > 1:
+                wide[page] = width  # px the page, the article scroll sideways
     finally:
         browser.set_window_size(1280, 1000)
     assert wide == {}, wide

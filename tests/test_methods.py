@@ -114,8 +114,8 @@ def test_smoke_reproduce_writes_every_row(smoke_config, tmp_path):
     assert len(seeds) >= 3
     for name, row in {**rows, **ablation["rows"]}.items():
         assert len(row["t"]) == 21 and len(row["nfr"]) == 21
-        assert set(row["conditions"]["mAP"]) >= {"cond6_M0_ge_old", "cond7_M1_ge_new",
-                                                 "max_drop"}
+        assert set(row["conditions"]["top1"]) >= {"cond6_M0_ge_old", "cond7_M1_ge_new",
+                                                  "drawdown", "cond8_no_fall_beyond_noise"}
         assert "gain_upgraded" in row
         if name in ("Old", "New"):
             assert row["seeds"] == [0] and row["auc_mAP_std"] == 0

@@ -86,3 +86,21 @@ def test_smoke_results_of_an_older_rmlib_are_made_again(committed_cpu, smoke_con
         (folder / f"{name}.json").write_text(json.dumps(body))
     chapter = open_chapter("cifar100", "smoke")
     assert "New+rho" in chapter.table and chapter.provenance["profile"] == "smoke"
+
+
+def test_run_cost_counts_cached_work_once_and_work_done_in_the_run_not_twice():
+    from rmlib.notebook import run_cost
+
+    def found(step_fit: float) -> dict:
+        prov = {"wall_time_s": 600.0, "machine": {"cpu": "CPU", "threads": 2},
+                "backbone_train_seconds": {"old": 300.0, "bct": 1200.0},
+                "transform_fit_seconds": {"rqt": 600.0},
+                "step_seconds": {"backbone_old": 0.1, "backbone_bct": step_fit,
+                                 "transform_rqt": step_fit / 2}}
+        backbones = {"provenance": {"wall_time_s": 300.0, "train_wall_time_s": {"old": 300}}}
+        return {"table1": {"provenance": prov}, "backbones": backbones}
+
+    # bct and rqt read from the cache: their recorded 20 + 10 min come on top of 5 + 10 min
+    assert run_cost(found(0.0)).startswith("45 min")
+    # made in the run itself: already inside its wall time
+    assert run_cost(found(1200.0)).startswith("15 min")

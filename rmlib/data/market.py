@@ -115,22 +115,39 @@ def market_old_ids(train_pids: np.ndarray) -> np.ndarray:
     return ids[: len(ids) // 2]
 
 
+# Clothing colours (RGB) of the synthetic people: few and far apart, so that people differ
+# by their combination of colours, not by a colour of their own.
+_PALETTE = np.array([[200, 40, 40], [40, 160, 60], [50, 70, 200], [220, 200, 60],
+                     [230, 230, 230], [50, 50, 50], [150, 90, 40], [160, 60, 170]], float)
+
+
 def make_synthetic_market(
     root: Path | str,
-    n_train_ids: int = 8,
-    n_test_ids: int = 6,
-    n_cams: int = 3,
+    n_train_ids: int = 16,
+    n_test_ids: int = 16,
+    n_cams: int = 4,
     per_cam: int = 2,
-    n_distractors: int = 3,
-    n_junk: int = 2,
+    n_distractors: int = 8,
+    n_junk: int = 4,
     size: tuple[int, int] = (64, 32),
     seed: int = 0,
+    n_colours: int = 6,
+    camera_cast: float = 0.6,
+    noise: float = 40.0,
+    shared_outfits: bool = False,
+    split_outfits: bool = False,
 ) -> Path:
     """Write a small folder in Market-1501's layout and naming, for tests and the smoke profile.
 
-    Each identity is a colour pattern with noise, so a model can learn it. Test ids
-    follow the train ids (as in the real set); the query holds one image per test id and
-    camera, the gallery the rest plus distractors (id 0) and junk (id -1).
+    Each identity is three bands (head, torso, legs) whose colours come from a palette of
+    only `n_colours`, so identities share bands and differ in their combination, a small
+    colour jitter of their own and a stripe pattern on the torso. Each camera casts its own
+    colour (gains up to +-`camera_cast` per channel) and each image gets a random
+    background, vertical shift and noise: features that are not trained to ignore the
+    camera confuse people across cameras, so the model trained on more identities (the
+    new one) does better than the old. Test ids follow the train ids (as in the real
+    set); the query holds one image per test id and camera, the gallery the rest plus
+    distractors (id 0) and junk (id -1).
     """
     from PIL import Image
 
@@ -139,14 +156,44 @@ def make_synthetic_market(
     for folder in SPLIT_FOLDERS.values():
         (base / folder).mkdir(parents=True, exist_ok=True)
     h, w = size
-    palette = rng.integers(0, 256, size=(n_train_ids + n_test_ids + 1, 3, 3))
+    n_ids = n_train_ids + n_test_ids + 1  # index 0: distractors and junk (drawn per image)
+    palette = _PALETTE[:n_colours]
+    combos = np.stack(np.meshgrid(*[np.arange(n_colours)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    bands = combos[rng.permutation(len(combos))[np.arange(n_ids) % len(combos)]]
+    if split_outfits:  # old ids: lower half of the palette only; the others: any with an upper
+        low = combos[(combos < n_colours // 2).all(1)]
+        high = combos[~(combos < n_colours // 2).all(1)]
+        n_old = n_train_ids // 2
+        bands[1:n_old + 1] = low[rng.permutation(len(low))[np.arange(n_old) % len(low)]]
+        rest = np.arange(n_old + 1, n_ids)
+        bands[rest] = high[rng.permutation(len(high))[np.arange(len(rest)) % len(high)]]
+    if shared_outfits:  # test person j wears the outfit of training person j (mod n_train_ids)
+        test = np.arange(n_train_ids + 1, n_ids)
+        bands[test] = bands[1 + (test - n_train_ids - 1) % n_train_ids]
+    jitter = rng.normal(0, 12, size=(n_ids, 3, 3))
+    stripes = rng.integers(0, 3, size=n_ids)  # torso stripe period: none, fine, coarse
+    cast = 1 + rng.uniform(-camera_cast, camera_cast, size=(n_cams + 1, 3))
+    shift = rng.uniform(-30, 30, size=(n_cams + 1, 3))
+
+    def person(pid: int) -> tuple[np.ndarray, int]:
+        if pid > 0:
+            return palette[bands[pid]] + jitter[pid], int(stripes[pid])
+        return palette[rng.integers(0, n_colours, 3)] + rng.normal(0, 12, (3, 3)), 0
 
     def write(folder: str, pid: int, cam: int, frame: int) -> None:
-        colours = palette[pid if pid > 0 else 0]
+        colours, stripe = person(pid)
         img = np.empty((h, w, 3), dtype=np.float64)
+        img[:] = rng.uniform(0, 255, size=3)  # background
+        top, side = rng.integers(0, h // 8 + 1), rng.integers(0, w // 8 + 1)
+        body = h - h // 8
         for band, colour in enumerate(colours):  # head, torso, legs
-            img[band * h // 3 : (band + 1) * h // 3] = colour
-        img += rng.normal(0, 20 + 10 * cam, size=img.shape)
+            rows = slice(top + band * body // 3, top + (band + 1) * body // 3)
+            img[rows, side : w - w // 8 + side - 1] = colour
+        if stripe:
+            rows = np.arange(top + body // 3, top + 2 * body // 3)
+            dark = rows[(rows // (2 * stripe)) % 2 == 0]
+            img[dark, side : w - w // 8 + side - 1] *= 0.6
+        img = img * cast[cam] + shift[cam] + rng.normal(0, noise, size=img.shape)
         name = f"{pid:04d}" if pid >= 0 else "-1"
         name += f"_c{cam}s1_{frame:06d}_00.jpg"
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(base / folder / name)
