@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from rmlib.losses import batch_hard_triplet_loss
+from rmlib.methods.experiment import Experiment
 from rmlib.methods.registry import TABLE1_ROWS
-from rmlib.methods.reproduce import reproduce
+from rmlib.methods.reproduce import evaluate_rows, reproduce
 from rmlib.methods.setups import market_setup
 from rmlib.models import reid_resnet
 
@@ -73,3 +74,18 @@ def test_smoke_pipeline_writes_every_row(market_config, tmp_path):
     assert rows["Old"]["num_valid_queries"] == 12
     for row in rows.values():
         assert len(row["mAP"]) == 21 and 0 <= row["auc_mAP"] <= 1
+
+
+def test_chapter_folder_is_not_trivial(tmp_path, config_of):
+    """The chapter's folder (the generator's defaults) in the smoke profile: neither model
+    perfect, the naive merge strictly inside (0, 1) and off both ends, and a Gain that is
+    defined, so that the demonstration cannot silently go back to 100 everywhere. (Whether
+    New beats Old is not asserted: on 16 identities that changes with the seed.)"""
+    from rmlib.data import make_synthetic_market
+
+    config = config_of("smoke").with_paths(data=make_synthetic_market(tmp_path / "data"))
+    rows = evaluate_rows(Experiment("market1501", config, progress=False), ("RM_naive",))
+    old, new, naive = (rows[name]["auc_mAP"] for name in ("Old", "New", "RM_naive"))
+    assert 0 < old < 1 and 0 < new < 1 and old != new
+    assert 0 < naive < 1 and naive not in (old, new)
+    assert np.isfinite(rows["RM_naive"]["gain"])
