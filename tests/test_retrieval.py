@@ -78,7 +78,9 @@ def test_leave_one_out_metrics_match_brute_force():
     labels, x = clustered(300, 6, 10, 1.0, seed=1)
     got = evaluate(x, x, Protocol.leave_one_out(labels), chunk=64).summary()
     ap, t1, t5 = brute_force(x, x, labels, labels, self_excluded=True)
-    assert got["mAP"] == pytest.approx(ap, abs=1e-9)
+    # the evaluator ranks float32 distances, whose rounding differs between AVX2 and AVX-512
+    # kernels: a near-tie may swap two items, moving mAP by ~1e-6 (seen on an Intel CPU)
+    assert got["mAP"] == pytest.approx(ap, abs=1e-5)
     assert got["top1"] == pytest.approx(t1)
     assert got["top5"] == pytest.approx(t5)
 
@@ -90,7 +92,7 @@ def test_camera_protocol_matches_brute_force():
     qc, gc = rng.integers(1, 4, 80), rng.integers(1, 4, 200)
     got = evaluate(q, g, Protocol.camera(ql, gl, qc, gc)).summary()
     ap, t1, t5 = brute_force(q, g, ql, gl, qcam=qc, gcam=gc)
-    assert got["mAP"] == pytest.approx(ap, abs=1e-9)
+    assert got["mAP"] == pytest.approx(ap, abs=1e-5)  # float32 near-ties, as above
     assert got["top1"] == pytest.approx(t1)
 
 
