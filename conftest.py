@@ -1,15 +1,80 @@
-"""Repository-wide pytest set-up: chapters run under nbval in the smoke profile, offline.
+"""Repository-wide pytest set-up: chapters run under nbval in the smoke profile.
+
+The data are found the way rmlib finds them (`RMLIB_DATA`, else this repository's `data/`),
+for the tests and for the chapters' kernels alike. When CIFAR-100 is not there and
+downloads are allowed (`RMLIB_DOWNLOAD` unset or 1), it is fetched once, here, before any
+test (md5-checked, unpacked atomically, with a progress bar); the tests and chapters
+themselves never download. Without the data (no copy and no network, or
+`RMLIB_DOWNLOAD=0`), the chapters that need it (notebook metadata `rmlib.needs_data`) are
+skipped with one line that says how to provide it, and everything else runs.
 
 Environment variables set here reach the notebook kernels that nbval starts.
 """
 
+import json
 import os
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("RMLIB_PROFILE", "smoke")
-os.environ.setdefault("RMLIB_DOWNLOAD", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
 for _var in ("RMLIB_DATA", "RMLIB_RUNS", "RMLIB_RESULTS"):  # kernels run inside book/
     if os.environ.get(_var):
         os.environ[_var] = os.path.abspath(os.environ[_var])
 
 collect_ignore_glob = ["_build/*", "data/*", "benchmarks/*"]
+
+_MISSING: dict[str, str] = {}  # dataset -> why it is not available
+
+
+def _provide_cifar100(config: pytest.Config) -> None:
+    """Find CIFAR-100 (or fetch it once), then point every test and kernel at its root."""
+    from rmlib import RmlibError
+    from rmlib.config import Config
+    from rmlib.data import cifar100_dir, fetch_cifar100
+
+    settings = Config.from_env("smoke")
+    root = settings.paths.data.resolve()
+    if not cifar100_dir(root).is_dir():
+        if settings.download:
+            capture = config.pluginmanager.getplugin("capturemanager")
+            try:
+                with capture.global_and_fixture_disabled():  # the progress bar is seen
+                    print(f"\nCIFAR-100 is not at {root}: downloading it once (about 170 MB)")
+                    fetch_cifar100(root)
+            except RmlibError as exc:
+                _MISSING["cifar100"] = str(exc)
+        else:
+            _MISSING["cifar100"] = (
+                f"CIFAR-100 is not at {cifar100_dir(root)} and RMLIB_DOWNLOAD=0; set "
+                "RMLIB_DATA to a folder that holds cifar-100-python/, or allow the download")
+    os.environ["RMLIB_DATA"] = str(root)
+    os.environ["RMLIB_DOWNLOAD"] = "0"  # fetched above if at all: no test downloads
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _provide_cifar100(session.config)
+
+
+def _needs_data(notebook: Path) -> list[str]:
+    try:
+        metadata = json.loads(notebook.read_text())["metadata"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return list(metadata.get("rmlib", {}).get("needs_data", []))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip, with one line, the cells of chapters whose data is missing."""
+    verdicts: dict[Path, pytest.MarkDecorator | None] = {}
+    for item in items:
+        path = Path(str(item.fspath))
+        if path.suffix != ".ipynb":
+            continue
+        if path not in verdicts:
+            missing = [_MISSING[d] for d in _needs_data(path) if d in _MISSING]
+            verdicts[path] = pytest.mark.skip(reason=f"chapter needs data: {missing[0]}") \
+                if missing else None
+        if verdicts[path] is not None:
+            item.add_marker(verdicts[path])

@@ -7,14 +7,18 @@ removes the temporary one; only a hard kill (SIGKILL, power loss) can leave a hi
 `.NAME.*.tmp` beside it, never a truncated NAME.
 
 Paths are checked up front (`check_outputs`) so that a typo in `--json` does not throw
-away minutes of fitting: the folder must be creatable and writable, the name must not be
-a folder, a figure needs an extension matplotlib can write, and no output may be an input.
+away minutes of fitting: the folder must be creatable and writable, the name must be a
+new path or a regular file (a folder, a symbolic link, a device, a FIFO or a socket would be
+replaced by the rename, or never receive the data), a figure needs an extension matplotlib
+can write, and no output may be an input. The check creates nothing: a run that fails
+leaves no empty folders behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -43,6 +47,10 @@ def atomic_write(path: Path | str, write: Callable[[Path], Any]) -> Path:
     temporary file is removed. Returns `path`.
     """
     path = Path(path)
+    problem = _not_a_file(path)
+    if problem:
+        raise RmlibError(f"will not write {path}: it is {problem}; give the path of a regular "
+                         "file or a new one")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -124,17 +132,43 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What `path` is, if it exists and is not a regular file (None: a file or a new path)."""
+    try:
+        mode = path.lstat().st_mode
+    except (FileNotFoundError, NotADirectoryError):  # new (the folder check says the rest)
+        return None
+    except OSError as exc:  # a loop of links, a name too long, a path under a file
+        return f"not reachable ({exc.strerror or exc})"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link (the new file would replace the link, not write through it)"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    for test, kind in _KINDS:
+        if test(mode):
+            return kind
+    return None
+
+
 def check_output(path: Path | str, option: str, inputs: Iterable[Path | str] = (),
                  figure: bool = False) -> Path:
     """Fail now, with one line, if `path` could not be written at the end of the work.
 
-    Creates the missing folders of `path` (they would be created anyway) and probes that a
-    file can be made there. `inputs` are files the command reads: an output that is one of
-    them would destroy it.
+    Probes that a file can be made in the folder of `path` (or, if that folder does not
+    exist yet, in its nearest existing ancestor) without creating anything. `inputs` are
+    files the command reads: an output that is one of them would destroy it.
     """
     path = Path(path)
-    if path.is_dir():
+    problem = _not_a_file(path)
+    if problem == "a folder":
         raise RmlibError(f"{option} {path} is a folder; give a file name inside it")
+    if problem:
+        raise RmlibError(f"{option} {path} is {problem}; give the path of a regular file or "
+                         "a new one")
     if figure:
         fmt = path.suffix.lstrip(".").lower()
         known = sorted(_figure_formats())
@@ -145,26 +179,34 @@ def check_output(path: Path | str, option: str, inputs: Iterable[Path | str] = (
         if _same_file(path, Path(source)):
             raise RmlibError(f"{option} {path} is the input file {source}; writing it would "
                              "destroy the input: choose another name")
-    check_folder(path.parent, f"{option} {path}")
+    check_folder(path.parent, f"{option} {path}", create=False)
     return path
 
 
-def check_folder(folder: Path | str, what: str) -> Path:
-    """Fail now, with one line, unless `folder` is (or can be made) a writable folder;
-    makes it. `what` names it in the message."""
+def check_folder(folder: Path | str, what: str, create: bool = True) -> Path:
+    """Fail now, with one line, unless `folder` is (or can be made) a writable folder.
+    `create`: make it now (rmlib's own caches); otherwise only probe its nearest existing
+    ancestor (a user's output path, made only when the output is written). `what` names
+    it in the message."""
     folder = Path(folder)
     ancestor = folder
     while not ancestor.exists() and ancestor != ancestor.parent:
+        if ancestor.is_symlink():  # a dangling link: mkdir would fail on it
+            raise RmlibError(f"{what}: {ancestor} is a link to nowhere; choose a path inside "
+                             "a folder")
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise RmlibError(f"{what}: {ancestor} is a file, not a folder; choose a path "
+        kind = "a file" if ancestor.is_file() else "not a file"
+        raise RmlibError(f"{what}: {ancestor} is {kind}, not a folder; choose a path "
                          "inside a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            ancestor = folder
+        with tempfile.TemporaryFile(dir=ancestor):
             pass
     except OSError as exc:
-        raise RmlibError(f"{what}: cannot write in {folder} ({exc.strerror or exc}); "
+        raise RmlibError(f"{what}: cannot write in {ancestor} ({exc.strerror or exc}); "
                          "choose a writable folder") from exc
     return folder
 

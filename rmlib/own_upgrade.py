@@ -4,10 +4,17 @@
 labelled training items) exactly as the CIFAR-100 recipe does: tau chosen by the backfill
 AUC_mAP on a held-out split of those items (unless given), then the transforms retrained on
 all of them. `apply` turns an evaluation file (EMB.npz) into the RM system's arrays.
+
+The transforms live on the unit sphere, as the paper's do: psi and rho output unit
+vectors, and MCL compares them with old embeddings. So both commands L2-normalise every
+embedding they read (`unit_rows`); without it, embeddings of norm 20 would be merged with
+unit-length ones and the old part would win or lose every comparison (AUC mAP 7 instead of
+66 in the test). COMPAT.pt records the convention (`unit_inputs`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,8 +25,18 @@ import torch
 from rmlib import RmlibError
 from rmlib.config import PROFILES, TransformRecipe
 from rmlib.data import train_val_split
-from rmlib.engine.transforms import TransformConfig, Transforms, fit_transforms
-from rmlib.evaluation.emb_file import BackfillArrays, embedding_array, load_npz
+from rmlib.engine.transforms import (
+    TransformConfig,
+    Transforms,
+    build_transforms,
+    fit_transforms,
+)
+from rmlib.evaluation.emb_file import (
+    BackfillArrays,
+    embedding_array,
+    load_npz,
+    readable_file,
+)
 from rmlib.methods.selection import rm_systems, select_settings
 from rmlib.outputs import save_torch
 
@@ -63,6 +80,26 @@ def load_training_file(path: Path | str, selects: bool = True
     return old.astype(np.float32), new.astype(np.float32), labels.astype(np.int64)
 
 
+UNIT_TOLERANCE = 1e-3  # |norm - 1| within this counts as unit length already
+
+
+def unit_rows(name: str, a: np.ndarray) -> np.ndarray:
+    """`a` with every row scaled to unit length (float32); a zero row is an error."""
+    a = np.asarray(a, dtype=np.float64)
+    norms = np.linalg.norm(a, axis=1, keepdims=True)
+    if (norms == 0).any():
+        rows = np.flatnonzero(norms[:, 0] == 0)
+        raise RmlibError(f"{name} has {len(rows)} all-zero row(s) (e.g. row {rows[0]}), which "
+                         "have no direction; re-extract those embeddings")
+    return (a / norms).astype(np.float32)
+
+
+def is_unit(a: np.ndarray) -> bool:
+    """Whether every row of `a` has unit length already (within `UNIT_TOLERANCE`)."""
+    norms = np.linalg.norm(np.asarray(a, dtype=np.float64), axis=1)
+    return bool(np.all(np.abs(norms - 1) <= UNIT_TOLERANCE))
+
+
 def holdout(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A stratified hold-out of 10% of each label (at least `MIN_HELD_OUT_PER_LABEL`, so
     that every held-out item has a relevant item to find) for choosing the settings."""
@@ -81,6 +118,7 @@ def fit_compat(old: np.ndarray, new: np.ndarray, labels: np.ndarray, rho: bool =
                search_size: bool = False, progress: bool = True) -> tuple[Transforms, dict]:
     """psi (and rho) on all items; tau (unless given) and, with `search_size`, the width and
     epochs too, chosen on a 10% hold-out by the CIFAR-100 recipe's grids."""
+    old, new = unit_rows("old", old), unit_rows("new", new)  # the transforms' sphere
     recipe = cifar_recipe()
     base = TransformConfig(objective="mcl", rho=rho, epochs=epochs or recipe.epochs,
                            hidden=hidden or recipe.hidden, sources=("user",))
@@ -105,7 +143,9 @@ def save_compat(path: Path | str, t: Transforms, old: np.ndarray, new: np.ndarra
     mean direction of each space (to recognise embeddings of another model pair).
     Written atomically: a failed save leaves the previous file as it was."""
     state = t.state()
+    old, new = unit_rows("old", old), unit_rows("new", new)
     state.update(format=FORMAT, old_dim=int(old.shape[1]), new_dim=int(new.shape[1]),
+                 unit_inputs=True,
                  old_mean=torch.as_tensor(old.mean(0)), new_mean=torch.as_tensor(new.mean(0)),
                  tau=float(info["tau"]),
                  val_auc_mAP={str(k): float(v) for k, v in
@@ -143,15 +183,54 @@ def _check_compat_state(state: dict) -> str | None:
             return f"its {where} weights hold a {type(value).__name__}, not tensors"
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"its {where} weights hold NaN or inf"
+    return _check_compat_modules(state)
+
+
+# Tensors per hidden layer of an EmbeddingTransform's state (Linear: weight, bias;
+# BatchNorm1d: weight, bias, running mean and var, batch count), and of its output Linear.
+_ENTRIES_PER_LAYER, _OUTPUT_ENTRIES = 7, 2
+
+
+def _check_compat_modules(state: dict) -> str | None:
+    """The config agrees with the tensors in the file, checked before any module is
+    built for real: the number of layers follows from the number of tensors, and every
+    shape is compared with a build on the meta device (no memory). A crafted config (say
+    a million layers) is refused without allocating anything."""
+    try:
+        raw = json.loads(state["config"])
+        config = TransformConfig(**{**raw, "sources": tuple(raw["sources"])})
+    except (ValueError, TypeError, KeyError, RmlibError) as exc:
+        return f"its config does not parse ({type(exc).__name__})"
+    if config.objective != "mcl":
+        return f"its objective is {config.objective!r}; `fit` writes 'mcl' transforms"
+    if not isinstance(config.layers, int) or config.layers < 1:
+        return f"its config has layers {config.layers!r}, not a positive integer"
+    if config.hidden != state["psi_dims"][2]:
+        return f"its config's width {config.hidden!r} is not psi's {state['psi_dims'][2]}"
+    entries = _ENTRIES_PER_LAYER * config.layers + _OUTPUT_ENTRIES
+    for name, wanted in (("psi", entries), ("rho", entries if config.rho else 0),
+                         ("classifier", 0)):
+        if len(state[name]) != wanted:
+            return (f"its config says {config.layers} layer(s){' with rho' * config.rho}, "
+                    f"which is {wanted} {name} tensors, but the file holds {len(state[name])}")
+    with torch.device("meta"), torch.random.fork_rng():
+        meta = build_transforms(config, state["old_dim"], state["new_dim"])
+    for name, module in (("psi", meta.psi), ("rho", meta.rho)):
+        if module is None:
+            continue
+        for key, value in module.state_dict().items():
+            found = state[name].get(key)
+            if found is None or tuple(found.shape) != tuple(value.shape):
+                shape = None if found is None else tuple(found.shape)
+                return (f"its {name} tensor {key!r} has shape {shape}, but its config needs "
+                        f"{tuple(value.shape)}")
     return None
 
 
 def load_compat(path: Path | str) -> tuple[Transforms, dict]:
     """The transforms of a COMPAT.pt, after checking every field: one RmlibError that names
     the file and what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise RmlibError(f"{path} does not exist; make it with `python -m rmlib fit`")
+    path = readable_file(path, "a COMPAT.pt file made by `python -m rmlib fit`")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -174,10 +253,27 @@ def _mean_cosine(a: np.ndarray, mean: torch.Tensor) -> float:
     return float(m @ mean.numpy() / (np.linalg.norm(m) * float(mean.norm()) + 1e-12))
 
 
+def unit_systems(arrays: BackfillArrays) -> BackfillArrays:
+    """`arrays` with the four embeddings L2-normalised, as the transforms expect. Negative
+    flips stay counted against what the deployed old system served: the raw old query and
+    gallery become the reference when they were not unit length."""
+    if all(is_unit(a) for a in (arrays.old_query, arrays.old_gallery, arrays.new_query,
+                                arrays.new_gallery)):
+        return arrays
+    ref_query, ref_gallery = arrays.reference_side()
+    return replace(arrays, old_query=unit_rows("old_query", arrays.old_query),
+                   old_gallery=unit_rows("old_gallery", arrays.old_gallery),
+                   new_query=unit_rows("new_query", arrays.new_query),
+                   new_gallery=unit_rows("new_gallery", arrays.new_gallery),
+                   reference_query=ref_query, reference_gallery=ref_gallery)
+
+
 def apply_compat(path: Path | str, arrays: BackfillArrays, force: bool = False
                  ) -> BackfillArrays:
-    """The RM systems of an evaluation file, after checking that it fits the transforms."""
+    """The RM systems of an evaluation file, after checking that it fits the transforms.
+    Every embedding is L2-normalised first (`unit_systems`), as `fit` did."""
     t, state = load_compat(path)
+    arrays = unit_systems(arrays)
     for name, a, dim in (("old_gallery", arrays.old_gallery, state["old_dim"]),
                          ("new_query", arrays.new_query, state["new_dim"]),
                          ("new_gallery", arrays.new_gallery, state["new_dim"])):
@@ -203,7 +299,8 @@ def fit_command(train: Path, out: Path, rho: bool, tau: float | None, epochs: in
                 search_size: bool = False, progress: bool = True) -> dict:
     start = time.time()
     old, new, labels = load_training_file(train, selects=tau is None or search_size)
+    unit = is_unit(old) and is_unit(new)
     t, info = fit_compat(old, new, labels, rho=rho, tau=tau, epochs=epochs,
                          search_size=search_size, progress=progress)
     save_compat(out, t, old, new, info)
-    return {**info, "seconds": time.time() - start, "items": len(labels)}
+    return {**info, "seconds": time.time() - start, "items": len(labels), "normalised": not unit}

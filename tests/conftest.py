@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests never download: RMLIB_DOWNLOAD=0, and caches go to a temp folder."""
+"""Shared fixtures. Tests never download (the repository's conftest.py fetches the data
+once, before them, when it may), and caches go to a temp folder."""
 
 from __future__ import annotations
 
@@ -10,23 +11,22 @@ import pytest
 
 os.environ.setdefault("RMLIB_DOWNLOAD", "0")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 def real_data_root() -> Path | None:
-    """The folder holding real CIFAR-100: RMLIB_DATA, else ../shared/data, else none."""
-    env = os.environ.get("RMLIB_DATA")
-    for root in ([Path(env)] if env else []) + [SHARED_DATA]:
-        if (root / "cifar-100-python" / "test").is_file():
-            return root
-    return None
+    """The folder holding real CIFAR-100, found as rmlib and the chapters find it
+    (RMLIB_DATA, else the repository's data/), or None."""
+    from rmlib.config import Config
+
+    root = Config.from_env("smoke").paths.data
+    return root if (root / "cifar-100-python" / "test").is_file() else None
 
 
 @pytest.fixture
 def cifar_root() -> Path:
     root = real_data_root()
     if root is None:
-        pytest.skip("real CIFAR-100 not available (set RMLIB_DATA)")
+        pytest.skip("real CIFAR-100 not available: set RMLIB_DATA to a folder that holds "
+                    "cifar-100-python/ (or run once with a network to download it)")
     return root
 
 
@@ -67,15 +67,19 @@ def clustered(n: int, dim: int, classes: int, noise: float, seed: int, scale: fl
 @pytest.fixture(scope="session")
 def built_book(tmp_path_factory) -> Path:
     """The book built once per session, strictly (-W --keep-going): its HTML folder."""
-    import shutil
+    import importlib.util
     import subprocess
+    import sys
 
-    if shutil.which("jupyter-book") is None:
-        pytest.skip("jupyter-book not installed")
+    if importlib.util.find_spec("jupyter_book") is None:
+        pytest.skip("jupyter-book is not installed in this interpreter "
+                    "(pip install -r requirements.txt)")
     out = tmp_path_factory.mktemp("book")
     root = Path(__file__).resolve().parents[1]
+    # through this interpreter, not whichever jupyter-book is first on PATH
+    cli = "from jupyter_book.cli.main import main; main()"
     done = subprocess.run(
-        ["jupyter-book", "build", str(root), "-W", "--keep-going", "--path-output", str(out)],
-        capture_output=True, text=True, timeout=1200)
+        [sys.executable, "-c", cli, "build", str(root), "-W", "--keep-going", "--path-output",
+         str(out)], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out / "_build" / "html"

@@ -55,3 +55,29 @@ def test_the_colab_cell_clones_the_repository_so_results_and_scripts_come_with_i
         colab = next("".join(c["source"]) for c in cells if "google.colab" in "".join(c["source"]))
         assert "git clone" in colab and "--depth 1" in colab, path.name
         assert "pip install" in colab, path.name
+
+
+def test_chapters_run_commands_with_the_kernels_interpreter():
+    """`!python -m rmlib` would run whichever python is first on PATH (perhaps one without
+    rmlib); `!{sys.executable} -m rmlib` runs the kernel's own, activated or not."""
+    import json
+
+    for path in sorted((ROOT / "book").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] != "code":
+                continue
+            for line in "".join(cell["source"]).splitlines():
+                assert not re.match(r"\s*!\s*python3?\s", line), f"{path.name}: {line.strip()}"
+
+
+def test_chapters_that_need_data_say_so():
+    """The repository's conftest.py skips a chapter without its data only if the chapter's
+    metadata names it; a chapter that opens CIFAR-100's experiments must."""
+    import json
+
+    for path in sorted((ROOT / "book").glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+        opens_cifar = re.search(r"open_chapter\(|load_cifar100\(", code) is not None
+        declared = "cifar100" in nb["metadata"].get("rmlib", {}).get("needs_data", [])
+        assert declared or not opens_cifar, f"{path.name} needs CIFAR-100 but does not say so"

@@ -128,6 +128,39 @@ def test_unreadable_files(tmp_path, capsys):
     assert "single array (.npy)" in lines[2] and "'old_query' cannot be read" in lines[3]
 
 
+def _huge_header(path):
+    """An npz whose member's header claims shape (2**40, 16): numpy would try to allocate
+    64 TiB before noticing that the data is not there."""
+    import zipfile
+
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 16), "f4"))
+    header["shape"] = (2 ** 40, 16)
+    with zipfile.ZipFile(path, "w") as z, z.open("old_query.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(np.zeros(16, "f4").tobytes())
+
+
+def _symlink_loop(path):
+    path.symlink_to(path)
+
+
+BAD_FILES = {
+    "a folder": (lambda p: p.mkdir(), "is a folder; give the path of an .npz file"),
+    "a FIFO": (lambda p: __import__("os").mkfifo(p), "is not a regular file"),
+    "a link loop": (_symlink_loop, "cannot be opened"),
+    "a huge header": (_huge_header, "its header claims shape (1099511627776, 16)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_inputs_that_are_not_npz_files_are_one_line(case, tmp_path, capsys):
+    make, message = BAD_FILES[case]
+    make(tmp_path / "emb.npz")
+    assert main(["backfill", str(tmp_path / "emb.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("rmlib: error:") and message in err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--seed", "-1"], "argument --seed: -1 is negative"),
     (["--seed", "1.5"], "argument --seed: '1.5' is not an integer"),
@@ -257,13 +290,31 @@ def test_backfill_order_policies_and_a_users_own_order(loo_file, tmp_path, capsy
 @pytest.mark.parametrize("argv,message", [
     (["--order", "uncertainty"], "give --order-train"),
     (["--order", "oracle", "--order-train", "{path}"], "--order-train is for --order uncertainty"),
-    (["--order", "{tmp}/missing.npy"], "is not a backfill order"),
+    (["--order", "{tmp}/missing.npy"], "missing.npy does not exist; give the path of a backf"),
     (["--order", "{tmp}/short.txt"], "is not a permutation of the 150 gallery items"),
+    (["--order", "{tmp}/empty.txt"], "empty.txt is empty; a backfill order lists"),
+    (["--order", "{tmp}"], "is a folder"),
+    (["--order", "{tmp}/junk.npy"], "is not a backfill order"),
+    (["--order", "uncertainty", "--order-train", "{tmp}/wide.npz"],
+     "old_gallery has width 12 but the evaluation file's has 8"),
 ])
-def test_bad_orders_are_one_line(argv, message, loo_file, tmp_path, capsys):
-    path, _ = loo_file
+def test_bad_orders_are_one_line(argv, message, loo_file, tmp_path, capsys, recwarn):
+    path, a = loo_file
     np.savetxt(tmp_path / "short.txt", np.arange(149), fmt="%d")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "junk.npy").write_text("not numpy")
+    wide = np.concatenate([a["og"], a["og"][:, :4]], 1)
+    write(tmp_path / "wide.npz", old_query=wide, old_gallery=wide, new_query=a["nq"],
+          new_gallery=a["ng"], query_labels=a["qlab"])
     argv = [x.format(path=path, tmp=tmp_path) for x in argv]
     assert main(["backfill", str(path), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err
+    assert not [w for w in recwarn if "numpy" in str(w.filename)]  # one line, no warnings
+
+
+def test_an_order_file_with_an_upper_case_npy_suffix_is_read_as_npy(loo_file, tmp_path):
+    path, _ = loo_file
+    np.save(tmp_path / "order.npy", np.arange(150)[::-1])
+    (tmp_path / "order.npy").rename(tmp_path / "ORDER.NPY")
+    assert main(["backfill", str(path), "--order", str(tmp_path / "ORDER.NPY")]) == 0

@@ -120,3 +120,59 @@ def test_market_missing_and_malformed(tmp_path):
     (root / "Market-1501-v15.09.15" / "query" / "bad_name.jpg").write_bytes(b"")
     with pytest.raises(RmlibError, match="'bad_name.jpg' is not a Market-1501 image name"):
         load_market1501(root)
+
+
+def _tiny_cifar_archive(tmp_path):
+    """A .tar.gz laid out like the official CIFAR-100 archive, and its md5."""
+    import hashlib
+    import tarfile
+
+    src = tmp_path / "src" / "cifar-100-python"
+    src.mkdir(parents=True)
+    for name in ("train", "test", "meta"):
+        (src / name).write_bytes(name.encode())
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="cifar-100-python")
+    return archive, hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A local HTTP server over tmp_path (the download path, without the internet)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_fetch_cifar100_checks_the_md5_and_unpacks_atomically(tmp_path, served):
+    from rmlib.data import fetch_cifar100
+
+    archive, md5 = _tiny_cifar_archive(tmp_path)
+    url = f"{served}/{archive.name}"
+    root = tmp_path / "data"
+    with pytest.raises(RmlibError, match="could not be downloaded.*set RMLIB_DATA"):
+        fetch_cifar100(root, url=url, md5="0" * 32)
+    assert list(root.iterdir()) == []  # a failed fetch leaves nothing behind
+    folder = fetch_cifar100(root, url=url, md5=md5)
+    assert folder == root / "cifar-100-python"
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-100-python"]
+    assert (folder / "test").read_bytes() == b"test"
+    assert fetch_cifar100(root, url="file:///nowhere", md5=md5) == folder  # fetched once
+
+
+def test_fetch_cifar100_without_a_network_is_one_line(tmp_path):
+    from rmlib.data import fetch_cifar100
+
+    with pytest.raises(RmlibError, match="could not be downloaded") as info:
+        fetch_cifar100(tmp_path, url="http://127.0.0.1:9/cifar-100-python.tar.gz")
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from rmlib import RmlibError
 from rmlib.cli import main
-from rmlib.outputs import atomic_write, check_output, save_npz, write_json
+from rmlib.outputs import atomic_write, check_output, check_outputs, save_npz, write_json
 from tests.conftest import clustered
 
 
@@ -54,7 +55,9 @@ def test_written_files_keep_the_usual_permissions(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["folder", "parent is a file", "figure extension",
-                                  "no extension", "same as input", "unwritable"])
+                                  "no extension", "same as input", "unwritable",
+                                  "character device", "fifo", "symlink", "symlink loop",
+                                  "under a dangling link"])
 def test_bad_output_paths_are_refused(case, tmp_path):
     source = tmp_path / "in.npz"
     source.write_bytes(b"x")
@@ -66,12 +69,40 @@ def test_bad_output_paths_are_refused(case, tmp_path):
         "no extension": (tmp_path / "c", {"figure": True}, "no extension"),
         "same as input": (tmp_path / "." / "in.npz", {"inputs": [source]}, "input file"),
         "unwritable": ("/proc/rmlib-test/out.json", {}, "cannot write in"),
+        "character device": ("/dev/null", {}, "is a character device"),
+        "fifo": (tmp_path / "fifo", {}, "is a FIFO"),
+        "symlink": (tmp_path / "link.json", {}, "is a symbolic link"),
+        "symlink loop": (tmp_path / "loop", {}, "is a symbolic link"),
+        "under a dangling link": (tmp_path / "dangling" / "out.json", {}, "link to nowhere"),
     }[case]
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link.json").symlink_to(tmp_path / "afile")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    before = sorted(tmp_path.rglob("*"))
     if case == "unwritable" and not os.path.isdir("/proc/self"):
         pytest.skip("needs Linux /proc, a folder nobody may write in (not even root)")
     with pytest.raises(RmlibError, match=message):
         check_output(path, "--out", **kwargs)
     assert source.read_bytes() == b"x"
+    assert sorted(tmp_path.rglob("*")) == before  # nothing created, nothing replaced
+    assert (tmp_path / "link.json").is_symlink()
+
+
+def test_a_failed_check_creates_no_folders(tmp_path):
+    with pytest.raises(RmlibError, match="is a folder"):
+        check_outputs({"--json": tmp_path / "new" / "deep" / "out.json", "--plot": tmp_path},
+                      figures=["--plot"])
+    assert not (tmp_path / "new").exists()
+
+
+def test_atomic_write_refuses_a_device_or_a_link(tmp_path):
+    (tmp_path / "target").write_text("kept")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    for path in (Path("/dev/null"), tmp_path / "link"):
+        with pytest.raises(RmlibError, match="will not write"):
+            write_json(path, {"a": 1})
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target").read_text() == "kept"
 
 
 @pytest.fixture

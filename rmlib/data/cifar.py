@@ -3,7 +3,7 @@
 The pickles are read directly (shapes and counts checked, not md5): copies whose
 placeholder file names differ from the official tarball are still the official pixels,
 labels, split and order. torchvision is used only to download the archive when the folder
-is missing and a network is there.
+is missing and a network is there (`fetch_cifar100`: md5-checked, unpacked atomically).
 """
 
 from __future__ import annotations
@@ -42,16 +42,53 @@ def cifar100_dir(root: Path | str) -> Path:
     return Path(root) / CIFAR100_DIRNAME
 
 
-def _fetch(folder: Path) -> None:
-    try:
-        from torchvision.datasets import CIFAR100
+def fetch_cifar100(root: Path | str, url: str | None = None, md5: str | None = None) -> Path:
+    """Download and unpack CIFAR-100 into `root`/cifar-100-python, once and atomically.
 
-        CIFAR100(str(folder.parent), train=True, download=True)
-    except Exception as exc:  # no network, disk full, ...: one line, with what to do
+    The archive is checked against its published md5 (torchvision's download, with a
+    progress bar) and unpacked in a temporary folder beside the destination, which is
+    renamed into place only when complete: an interrupted or failed fetch leaves nothing
+    that looks like the data. `url`/`md5` default to the official archive's.
+    """
+    import shutil
+    import socket
+    import tempfile
+
+    from torchvision.datasets import CIFAR100
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    root = Path(root)
+    folder = cifar100_dir(root)
+    if folder.is_dir():
+        return folder
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".cifar-100-fetch.", dir=root))
+    except OSError as exc:
+        raise RmlibError(f"cannot download CIFAR-100 into {root} ({exc.strerror or exc}); set "
+                         "RMLIB_DATA to a writable folder (or one that holds "
+                         "cifar-100-python/)") from exc
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # an unreachable host fails in a minute, not never
+    try:
+        download_and_extract_archive(url or CIFAR100.url, download_root=str(scratch),
+                                     filename=CIFAR100.filename, md5=md5 or CIFAR100.tgz_md5)
+        unpacked = scratch / CIFAR100_DIRNAME
+        if not (unpacked / "train").is_file() or not (unpacked / "test").is_file():
+            raise RmlibError(f"the archive from {url or CIFAR100.url} holds no "
+                             f"{CIFAR100_DIRNAME}/train and test")
+        unpacked.rename(folder)
+    except RmlibError:
+        raise
+    except Exception as exc:  # no network, a bad checksum, a full disk: one line
         raise RmlibError(
-            f"CIFAR-100 is not at {folder} and could not be downloaded ({type(exc).__name__}); "
-            "set RMLIB_DATA to a folder that holds cifar-100-python/"
-        ) from exc
+            f"CIFAR-100 is not at {folder} and could not be downloaded ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:120] if str(exc).strip() else 'no detail'}); "
+            "set RMLIB_DATA to a folder that holds cifar-100-python/") from exc
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder
 
 
 class _ForbiddenObject(pickle.UnpicklingError):
@@ -84,7 +121,7 @@ def load_cifar100(split: str, root: Path | str, download: bool = True) -> ImageS
                 f"CIFAR-100 is not at {folder}; set RMLIB_DATA to a folder that holds "
                 "cifar-100-python/ (or allow the download with RMLIB_DOWNLOAD=1)"
             )
-        _fetch(folder)
+        fetch_cifar100(root)
     path = folder / split
     if not path.is_file():
         raise RmlibError(f"{path} is missing: the CIFAR-100 folder is incomplete; re-download it")

@@ -12,6 +12,9 @@ Every problem is reported as one line that names the array and what to do.
 
 from __future__ import annotations
 
+import math
+import os
+import stat
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -167,6 +170,51 @@ def validate(arrays: BackfillArrays) -> None:
              _ints("gallery_cams", np.asarray(arrays.gallery_cams), n, "gallery row"))
 
 
+def readable_file(path: Path | str, kind: str) -> Path:
+    """`path` if it is a regular file this process may read; otherwise one RmlibError that
+    says what it is instead (missing, a folder, a FIFO or device, a loop of links,
+    unreadable). `kind` names what was expected, e.g. "an .npz file"."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode  # follows links: a link to a file is a file
+    except (FileNotFoundError, NotADirectoryError):
+        raise RmlibError(f"{path} does not exist; give the path of {kind}") from None
+    except OSError as exc:  # a loop of links, a name too long
+        raise RmlibError(f"{path} cannot be opened ({exc.strerror or exc}); give the path of "
+                         f"{kind}") from None
+    if stat.S_ISDIR(mode):
+        raise RmlibError(f"{path} is a folder; give the path of {kind}")
+    if not stat.S_ISREG(mode):
+        raise RmlibError(f"{path} is not a regular file (a FIFO, socket or device); give the "
+                         f"path of {kind}")
+    if not os.access(path, os.R_OK):
+        raise RmlibError(f"{path} is not readable (permission denied); give the path of {kind} "
+                         "this user may read")
+    return path
+
+
+def _declared_too_large(archive: np.lib.npyio.NpzFile, key: str) -> str | None:
+    """Whether member `key` claims more data than it holds (a damaged or crafted header
+    would otherwise make numpy allocate the claimed size first)."""
+    name = key if key in archive.zip.namelist() else f"{key}.npy"
+    info = archive.zip.getinfo(name)
+    with archive.zip.open(name) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            return None  # numpy reads (and checks) other versions itself
+        shape, _, dtype = read_header(f)
+        payload = info.file_size - f.tell()
+    if dtype.hasobject:
+        return None  # refused by allow_pickle=False when read
+    need = math.prod(shape) * dtype.itemsize
+    if need > payload:
+        return (f"its header claims shape {shape} of {dtype} ({need:,} bytes) but it holds "
+                f"{payload:,} bytes")
+    return None
+
+
 def load_npz(path: Path | str, required: tuple[str, ...], optional: tuple[str, ...] = ()
              ) -> dict[str, np.ndarray]:
     """The arrays of an .npz file that must hold `required` and may hold `optional`.
@@ -174,9 +222,7 @@ def load_npz(path: Path | str, required: tuple[str, ...], optional: tuple[str, .
     Any other array is an error: a misspelt optional array (`gallery_label`) would
     otherwise be ignored and silently change the protocol. Every problem is one RmlibError.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise RmlibError(f"{path} does not exist; give the path of an .npz file")
+    path = readable_file(path, "an .npz file")
     try:
         archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
@@ -189,8 +235,13 @@ def load_npz(path: Path | str, required: tuple[str, ...], optional: tuple[str, .
         found = {}
         for key in archive.files:
             try:
+                too_large = _declared_too_large(archive, key)
+                if too_large:
+                    raise RmlibError(f"{path}: array {key!r} is damaged: {too_large}; write the "
+                                     "file again with numpy.savez")
                 found[key] = archive[key]
-            except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
+            except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error,
+                    MemoryError) as exc:
                 raise RmlibError(f"{path}: array {key!r} cannot be read ({exc}); store numbers, "
                                  "not Python objects") from exc
     missing = [k for k in required if k not in found]

@@ -18,6 +18,7 @@ index (`OnlineBackfillIndex.next_batch`) take one. The policies:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from torch import nn
 
 from rmlib import RmlibError
 from rmlib.evaluation.backfill import backfill_order
-from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.evaluation.emb_file import BackfillArrays, readable_file
 from rmlib.evaluation.retrieval import EuclideanSystem, query_chunks
 
 POLICIES = ("random", "uncertainty", "oracle")
@@ -131,6 +132,12 @@ def policy_order(policy: str, arrays: BackfillArrays, seed: int = 0,
         if train is None:
             raise RmlibError("the uncertainty order learns from training items: pass their "
                              "systems as `train`")
+        for side in ("old_gallery", "new_gallery"):
+            got, want = getattr(train, side).shape[1], getattr(arrays, side).shape[1]
+            if got != want:
+                raise RmlibError(f"the training items' {side} has width {got} but the "
+                                 f"evaluation file's has {want}; --order-train must hold the "
+                                 "same two systems (the same models) on training items")
         head = fit_benefit_head(train.old_gallery, item_benefit(train), seed)
         return order_by_priority(predicted_benefit(head, arrays.old_gallery))
     raise RmlibError(f"unknown backfill order {policy!r}; use one of {', '.join(POLICIES)}")
@@ -139,14 +146,19 @@ def policy_order(policy: str, arrays: BackfillArrays, seed: int = 0,
 def load_order(path: Path | str, num_gallery: int) -> np.ndarray:
     """A user's own backfill order: a .npy integer array or a text file of one gallery
     index per line, each of the `num_gallery` items exactly once."""
-    path = Path(path)
+    path = readable_file(path, "a backfill order (.npy, or text with one index per line)")
     try:
-        order = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64,
-                                                                        ndmin=1)
-    except (OSError, ValueError) as exc:
+        with warnings.catch_warnings():  # an empty file: said below, in one line
+            warnings.simplefilter("ignore")
+            order = np.load(path) if path.suffix.lower() == ".npy" else \
+                np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except (OSError, ValueError, EOFError, MemoryError) as exc:
         raise RmlibError(f"{path} is not a backfill order ({exc}); give a .npy integer array "
                          "or a text file with one gallery index per line") from exc
     order = np.asarray(order)
+    if order.size == 0:
+        raise RmlibError(f"{path} is empty; a backfill order lists every gallery index "
+                         f"0..{num_gallery - 1} once")
     if order.ndim != 1 or not np.issubdtype(order.dtype, np.integer):
         raise RmlibError(f"{path} holds a {order.dtype} array of shape {order.shape}; a backfill "
                          "order is a 1-D array of integer gallery indices")
