@@ -1,20 +1,62 @@
-"""`python -m rmlib`: the command line, with Ctrl-C handled from the first instant.
+"""`python -m rmlib` (and the `rmlib` script): the command line as a process.
 
-Importing rmlib.cli imports torch (about 1.5 s); an interrupt during that import, or
-anywhere after it, ends with "rmlib: interrupted" and status 130, never a traceback.
+What only a process has is handled here. Importing rmlib.cli imports torch (about 1.5 s);
+an interrupt during that import, or anywhere after it, ends with "rmlib: interrupted" and
+status 130, never a traceback; once the command has finished, an interrupt no longer
+changes its status. A reader that leaves (`... | head`) does not stop the work.
 """
 
+import os
+import signal
 import sys
 
 
+class _ClosedPipeSafe:
+    """stdout that survives its reader leaving (`... | head`): once the pipe is closed,
+    further output goes to /dev/null and the command finishes its work (its --json and
+    --out files) and exits 0, without a BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+
+
 def run() -> int:
+    sys.stdout = _ClosedPipeSafe(sys.stdout)
     try:
         from rmlib.cli import main
 
-        return main()
+        status = main()
     except KeyboardInterrupt:
         print("rmlib: interrupted", file=sys.stderr)
-        return 130
+        status = 130
+    # The work is done and its status decided: an interrupt during the interpreter's
+    # shutdown (torch's exit handlers) must not turn it into a death by signal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stdout.flush()
+    return status
 
 
 if __name__ == "__main__":

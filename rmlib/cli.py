@@ -21,21 +21,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"rmlib: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
-    return value
+def _int_at_least(least: int, words: str):
+    """An argparse type: an integer of at least `least` (`words` says which, for the
+    message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is {words}; give {least} or more")
+        return value
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("0 is not positive; give 1 or more")
-    return value
+_non_negative_int = _int_at_least(0, "negative")
+_positive_int = _int_at_least(1, "not positive")
 
 
 def _positive_float(text: str) -> float:
@@ -108,52 +109,17 @@ def _order(args: argparse.Namespace, arrays):
 
 
 def _cmd_live(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from rmlib.evaluation.backfill import backfill_order, backfilled_count
     from rmlib.evaluation.emb_file import load_backfill_arrays
-    from rmlib.serving import index as live
-    from rmlib.serving.parts import MilvusParts
+    from rmlib.serving.live import check_widths, run_live
+    from rmlib.serving.location import check_location
 
+    check_location(str(args.uri), args.name, args.journal)  # before any work
     arrays = load_backfill_arrays(args.emb)
-    n = len(arrays.old_gallery)
-    order = _order(args, arrays)
-    order = backfill_order(n, args.seed) if order is None else order
-    state = live.creation_state(args.uri, args.name, args.journal)
-    if state == "complete" and not args.overwrite:
-        index = live.OnlineBackfillIndex.reopen(args.uri, args.name, args.journal)
-        if (index.num_old + index.num_new, index.old_dim, index.new_dim) != (
-                n, arrays.old_gallery.shape[1], arrays.new_gallery.shape[1]):
-            index.close()
-            raise RmlibError(f"the live index {args.name!r} at {args.uri} holds another "
-                             f"gallery than {args.emb}; give another --name or --uri")
-        print(f"resumed the live index {args.name!r} at {args.uri}: t = {index.ratio:.3f}")
-    else:
-        if state == "incomplete":
-            print(f"the creation of {args.name!r} at {args.uri} was interrupted: creating it "
-                  "again")
-        index = live.OnlineBackfillIndex(arrays.old_gallery, arrays.new_gallery.shape[1],
-                                         backend="milvus", uri=args.uri, name=args.name,
-                                         journal=args.journal, overwrite=state is not None)
-        print(f"created the live index {args.name!r} at {args.uri}: {n:,} items in the old part")
-    try:
-        target = backfilled_count(args.until, n)
-        with tqdm(total=max(target - index.num_new, 0), unit="item", disable=args.quiet,
-                  desc="backfill") as bar:
-            while index.num_new < target:
-                batch = index.next_batch(order, min(args.batch, target - index.num_new))
-                index.backfill(batch, arrays.new_gallery[batch])
-                bar.update(len(batch))
-        print(f"t = {index.ratio:.3f}: {index.num_old:,} items in the old part, "
-              f"{index.num_new:,} in the new part")
-        if n <= MilvusParts.max_top_k:  # the whole merged ranking, as the evaluator scores it
-            served = live.live_scores(index, arrays.new_query, arrays.old_query,
-                                      arrays.protocol()).summary()
-            print(f"served now: mAP {100 * served['mAP']:.2f}  top-1 {100 * served['top1']:.2f}"
-                  f"  top-5 {100 * served['top5']:.2f}")
-    finally:
-        index.close()
-    return 0
+    check_widths(arrays)  # before an order policy trains on them
+    return run_live(arrays, _order(args, arrays), source=args.emb, uri=str(args.uri),
+                    name=args.name, journal=args.journal, batch=args.batch, until=args.until,
+                    seed=args.seed, order_name=args.order, overwrite=args.overwrite,
+                    quiet=args.quiet)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -213,6 +179,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                          "--epochs, not both")
     info = fit_command(args.train, args.out, rho=args.rho, tau=args.tau, epochs=args.epochs,
                        search_size=args.search_size, progress=not args.quiet)
+    if info["normalised"]:
+        print("the embeddings of TRAIN.npz are not unit length: fit L2-normalises them (and "
+              "apply will normalise the evaluation file the same way)")
     selection = info["selection"]
     if selection:
         for what, key in (("tau", "val_auc_mAP"), ("width", "val_auc_mAP_by_hidden"),
@@ -229,10 +198,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from rmlib.evaluation.emb_file import load_backfill_arrays
-    from rmlib.own_upgrade import apply_compat
+    from rmlib.own_upgrade import apply_compat, is_unit
 
     check_outputs({"--out": args.out}, inputs=[args.compat, args.emb])
-    arrays = apply_compat(args.compat, load_backfill_arrays(args.emb), force=args.force)
+    naive = load_backfill_arrays(args.emb)
+    arrays = apply_compat(args.compat, naive, force=args.force)
+    if not all(map(is_unit, (naive.old_query, naive.old_gallery, naive.new_query,
+                             naive.new_gallery))):
+        print(f"the embeddings of {args.emb} are not unit length: normalised, as fit did "
+              "(negative flips stay counted against the raw old system)")
     arrays.save(args.out)
     print(f"wrote {args.out}: the RM systems; evaluate with `python -m rmlib backfill {args.out}`")
     return 0
@@ -302,13 +276,14 @@ def _add_live(sub) -> None:
         "Put the old gallery of EMB.npz into a Milvus database (a Milvus Lite file by "
         "default), then move items to the new part in batches, in the backfill order, with "
         "their new embeddings, until the backfilled fraction reaches --until. Killed at any "
-        "moment, the same command resumes, finishing the interrupted batch. Ends with what "
+        "moment, the same command resumes, finishing the interrupted batch (from the same "
+        "EMB.npz and order only: the journal records both). Ends with what "
         "the index serves: mAP and top-k over each query's whole merged ranking.")
     p.add_argument("emb", type=Path, metavar="EMB.npz", help="as for `backfill`")
     p.add_argument("--uri", default="online_backfill.db",
                    help="a Milvus Lite file (default online_backfill.db) or a server's URI")
-    p.add_argument("--name", default="gallery", help="the index's name (collections "
-                   "NAME_old and NAME_new; default gallery)")
+    p.add_argument("--name", default="gallery", help="the index's name: letters, digits and "
+                   "underscores (collections NAME_old and NAME_new; default gallery)")
     p.add_argument("--journal", type=Path, help="the journal file (default: beside a Milvus "
                    "Lite file; required for a server)")
     p.add_argument("--batch", type=_positive_int, default=10_000,
@@ -391,11 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from rmlib.config import Config
-    from rmlib.provenance import commit_at_start
-
     try:
+        args = build_parser().parse_args(argv)
+        from rmlib.config import Config
+        from rmlib.provenance import commit_at_start
+
         args.config = Config.from_env(getattr(args, "profile", None))  # the one read of it
         commit_at_start(args.config.commit)  # results record the code this started with
         return args.func(args)

@@ -212,3 +212,22 @@ def test_condition_8_judges_every_fall_against_its_own_noise():
     assert not falls_beyond_noise([0.30, 0.29, 0.31], [0.01, 0.01, 0.01])
     assert falls_beyond_noise([0.30, 0.2999, 0.31])  # one run: any fall counts
     assert not falls_beyond_noise([0.1, 0.2, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"seed": 2.5}, "seed must be an integer, not 2.5"),
+    ({"seed": "3"}, "seed must be an integer, not '3'"),
+    ({"seed": -1}, "seed is at least 0, not -1"),
+    ({"order": np.arange(10)}, "must be a permutation of the 60 gallery items"),
+    ({"order": np.arange(60.0)}, "must be a 1-D array of integer gallery indices"),
+])
+def test_bad_arguments_of_the_evaluator_are_one_line(kwargs, message):
+    from rmlib.evaluation.backfill import backfill_arrays
+    from rmlib.evaluation.emb_file import BackfillArrays
+
+    labels, x = clustered(60, 6, 5, 1.0, seed=0)
+    arrays = BackfillArrays(x, x, x * 2, x * 2, labels)
+    with pytest.raises(RmlibError, match=message):
+        backfill_arrays(arrays, **kwargs)
+    numpy_seed = backfill_arrays(arrays, seed=np.int64(4))[0]  # numpy integers are integers
+    assert numpy_seed.auc("mAP") == backfill_arrays(arrays, seed=4)[0].auc("mAP")

@@ -291,7 +291,7 @@ def test_backfill_order_policies_and_a_users_own_order(loo_file, tmp_path, capsy
     (["--order", "uncertainty"], "give --order-train"),
     (["--order", "oracle", "--order-train", "{path}"], "--order-train is for --order uncertainty"),
     (["--order", "{tmp}/missing.npy"], "missing.npy does not exist; give the path of a backf"),
-    (["--order", "{tmp}/short.txt"], "is not a permutation of the 150 gallery items"),
+    (["--order", "{tmp}/short.txt"], "short.txt must be a permutation of the 150 gallery items"),
     (["--order", "{tmp}/empty.txt"], "empty.txt is empty; a backfill order lists"),
     (["--order", "{tmp}"], "is a folder"),
     (["--order", "{tmp}/junk.npy"], "is not a backfill order"),
@@ -318,3 +318,42 @@ def test_an_order_file_with_an_upper_case_npy_suffix_is_read_as_npy(loo_file, tm
     np.save(tmp_path / "order.npy", np.arange(150)[::-1])
     (tmp_path / "order.npy").rename(tmp_path / "ORDER.NPY")
     assert main(["backfill", str(path), "--order", str(tmp_path / "ORDER.NPY")]) == 0
+
+
+@pytest.fixture
+def slow_file(tmp_path):
+    """An evaluation file big enough that a backfill runs for a few seconds."""
+    labels, old = clustered(4000, 32, 40, 1.0, seed=1)
+    new = (old + 0.3 * np.random.default_rng(2).normal(size=old.shape)).astype("f4")
+    return write(tmp_path / "big.npz", old_query=old, old_gallery=old, new_query=new,
+                 new_gallery=new, query_labels=labels)
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])
+def test_ctrl_c_at_any_moment_is_one_line_and_status_130(delay, slow_file):
+    """Before, during and after the 1.5 s import of torch (Python's own start-up, the
+    first ~50 ms, is before any rmlib code runs)."""
+    import signal
+    import time
+
+    job = subprocess.Popen([sys.executable, "-m", "rmlib", "backfill", str(slow_file)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    if job.poll() is not None:
+        pytest.skip(f"the command finished within {delay} s")
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=120)
+    # interrupted (or, if the signal came as it was exiting, finished): never a traceback
+    assert (job.returncode, err.strip()) in ((130, "rmlib: interrupted"), (0, ""))
+
+
+def test_a_closed_pipe_is_a_quiet_exit_that_still_writes_the_results(slow_file, tmp_path):
+    """`rmlib backfill ... | head -1`: the reader leaves; the --json file is still written."""
+    out = tmp_path / "out.json"
+    job = subprocess.Popen([sys.executable, "-m", "rmlib", "backfill", str(slow_file),
+                            "--json", str(out)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    job.stdout.close()  # the reader is gone before the first line
+    err = job.stderr.read().decode()
+    assert job.wait(timeout=300) == 0, err
+    assert err == "" and json.loads(out.read_text())["auc_mAP"] > 0

@@ -156,3 +156,117 @@ def test_a_policy_order_drives_the_live_backfill_and_matches_the_offline_curve()
         assert live["mAP"] == pytest.approx(curve.mAP[j], abs=1e-6)
     with pytest.raises(RmlibError, match="every gallery id once"):
         index.next_batch(order[:-1], 5)
+
+
+# --- refusals of the Python API: one line each, nothing changed --------------------------------
+
+def test_counts_take_numpy_integers_and_refuse_other_types():
+    old_g, new_g, old_q, new_q = data(n=40)
+    index = OnlineBackfillIndex(old_g, new_dim=np.int64(12))
+    np.testing.assert_array_equal(index.search(new_q, old_q, k=np.int64(3)).ids,
+                                  index.search(new_q, old_q, k=3).ids)
+    order = backfill_order(40, seed=0)
+    np.testing.assert_array_equal(index.next_batch(order, np.int32(5)), order[:5])
+    approx = OnlineBackfillIndex(old_g, new_dim=12, approximate=True, nlist=np.int64(4),
+                                 nprobe=np.int64(2), new_training_sample=new_g)
+    assert approx.search(new_q, old_q, k=np.uint8(2)).ids.shape == (30, 2)
+    for k, message in [(2.5, "k must be an integer, not 2.5"), ("3", "k must be an integer"),
+                       (True, "k must be an integer"), (0, "k is at least 1, not 0")]:
+        with pytest.raises(RmlibError, match=message):
+            index.search(new_q, old_q, k=k)
+    with pytest.raises(RmlibError, match="size must be an integer"):
+        index.next_batch(order, 2.0)
+    with pytest.raises(RmlibError, match="nprobe is at least 1"):
+        OnlineBackfillIndex(old_g, new_dim=12, nprobe=0)
+
+
+@pytest.mark.parametrize("old_gallery, new_dim, message", [
+    (np.empty((0, 8), "f4"), 12, "old_gallery must be a non-empty array"),
+    (np.empty((5, 0), "f4"), 12, "old_gallery must be a non-empty array"),
+    (np.ones(8, "f4"), 12, r"old_gallery must be a non-empty array \(n, d\).*\(8,\)"),
+    (np.ones((5, 8), "f4"), 0, "new_dim is at least 1, not 0"),
+    (np.ones((5, 8), "f4"), -3, "new_dim is at least 1, not -3"),
+    (np.ones((5, 8), "f4"), 12.0, "new_dim must be an integer, not 12.0"),
+    (np.ones((5, 8), "f4"), "12", "new_dim must be an integer"),
+])
+def test_an_empty_gallery_or_a_bad_width_is_refused_at_construction(old_gallery, new_dim,
+                                                                     message):
+    with pytest.raises(RmlibError, match=message) as refused:
+        OnlineBackfillIndex(old_gallery, new_dim=new_dim)
+    assert "\n" not in str(refused.value)
+
+
+def test_an_empty_batch_is_a_no_op():
+    old_g, new_g, old_q, new_q = data(n=30)
+    index = OnlineBackfillIndex(old_g, new_dim=12)
+    order = backfill_order(30, seed=0)
+    index.backfill(order, new_g[order])
+    batch = index.next_batch(order, 10)  # everything is moved: an empty batch
+    assert batch.shape == (0,)
+    before = index.search(new_q, old_q, k=5)
+    index.backfill(batch, new_g[batch])
+    index.backfill([], np.empty((0, 12)))
+    assert index.num_new == 30
+    np.testing.assert_array_equal(index.search(new_q, old_q, k=5).ids, before.ids)
+
+
+def test_a_closed_index_says_so_and_closes_twice_harmlessly():
+    old_g, new_g, old_q, new_q = data(n=20)
+    index = OnlineBackfillIndex(old_g, new_dim=12, meta={"built from": "test"})
+    assert index.meta == {"built from": "test"}
+    index.close()
+    index.close()
+    for call in (lambda: index.search(new_q, old_q, k=3),
+                 lambda: index.backfill(np.arange(2), new_g[:2]),
+                 lambda: index.next_batch(np.arange(20), 2)):
+        with pytest.raises(RmlibError, match="this index is closed; build a new one"):
+            call()
+
+
+def test_meta_must_survive_a_journal():
+    old_g = data(n=10)[0]
+    for meta in ([1], {"when": object()}, {1: "int key"}, {"t": (1, 2)}):
+        with pytest.raises(RmlibError, match="meta must be a dict of JSON values"):
+            OnlineBackfillIndex(old_g, new_dim=12, meta=meta)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"begin": "abc"}\n', "no version-1 header"),
+    ("[1, 2]\n", "every line must be a JSON object"),
+    ("[]\n", "every line must be a JSON object"),
+    ("", "every line must be a JSON object"),
+    ('{"journal": 1, "name": "gallery"}\n', "'num_items' is not of type int"),
+    ('{"journal": 1, "name": "g", "num_items": "4", "id_sum": 6, "old_dim": 2, "new_dim": 2, '
+     '"complete": true}\n', "'num_items' is not of type int"),
+    ('{"journal": 1, "name": "g", "num_items": 4, "id_sum": 6, "old_dim": 2, "new_dim": 2, '
+     '"complete": 1}\n', "'complete' is not of type bool"),
+    ('{"journal": 1, "name": "g", "num_items": 4, "id_sum": 6, "old_dim": 2, "new_dim": 2, '
+     '"complete": true, "meta": []}\n', "'meta' is not an object"),
+    ('{"journal": 1, "name": "g", "num_items": 4, "id_sum": 6, "old_dim": 2, "new_dim": 2, '
+     '"complete": true}\n{"begin": [1.5, "a"]}\n', "'begin' is not a list of ids"),
+    ('{"journal": 1, "name": "g", "num_items": 4, "id_sum": 6, "old_dim": 2, "new_dim": 2, '
+     '"complete": true}\n{"begin": [1]}\n{"inserted": 1}\n', "third line"),
+    ("\xff\n", "not a backfill journal"),
+])
+def test_a_journal_of_wrong_records_is_refused_in_one_line(tmp_path, text, problem):
+    from rmlib.serving.journal import BackfillJournal
+
+    path = tmp_path / "j.journal"
+    path.write_bytes(text.encode("latin-1") if text == "\xff\n" else text.encode())
+    for read in (lambda j: j.header(), lambda j: j.pending()):
+        with pytest.raises(RmlibError, match="is not a backfill journal") as refused:
+            read(BackfillJournal(path))
+        assert problem in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_journal_lock_is_removed_when_nothing_was_created(tmp_path):
+    from rmlib.serving.journal import BackfillJournal
+
+    journal = BackfillJournal(tmp_path / "j.journal")
+    journal.lock()
+    journal.unlock()
+    assert list(tmp_path.iterdir()) == []
+    journal.lock()
+    journal.start({"name": "g"})
+    journal.unlock()  # a journal exists: its lock file stays, for the next process
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.journal", "j.journal.lock"]

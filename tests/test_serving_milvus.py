@@ -17,7 +17,11 @@ pytest.importorskip("pymilvus")
 import rmlib.serving.parts as parts  # noqa: E402
 from rmlib import RmlibError  # noqa: E402
 from rmlib.evaluation.backfill import backfill_order, backfilled_count  # noqa: E402
-from rmlib.serving.index import OnlineBackfillIndex, float32_tolerance  # noqa: E402
+from rmlib.serving.index import (  # noqa: E402
+    OnlineBackfillIndex,
+    creation_state,
+    float32_tolerance,
+)
 from rmlib.serving.journal import BackfillJournal  # noqa: E402
 from tests import backfill_worker as worker  # noqa: E402
 
@@ -502,3 +506,172 @@ def test_agreement_allows_swaps_of_float_ties_only():
     assert base.agrees_with(result([0.0003, 0.5000001, 0.5, 0.9], [1, 3, 2, 4]), tol).all()
     assert not base.agrees_with(result([0.0, 0.5, 0.52, 0.9], [1, 3, 2, 4]), tol).any()
     assert not base.agrees_with(result([0.0, 0.5, 0.5000001, np.inf], [1, 2, 3, -1]), tol).any()
+
+
+# --- the live command's refusals: one line, exit 2, nothing left behind ---------------------
+
+HEADER = {"journal": 1, "name": "gallery", "num_items": 40, "id_sum": 780, "old_dim": 8,
+          "new_dim": 12, "complete": True}
+
+
+def save_emb(path: Path, n: int = 40, d_old: int = 8, d_new: int = 12, seed: int = 0) -> Path:
+    """A small EMB.npz: n items of 4 classes, scored leave-one-out."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    old = (rng.normal(size=(4, d_old))[labels] + rng.normal(size=(n, d_old))).astype("f4")
+    new = (rng.normal(size=(4, d_new))[labels] + 0.5 * rng.normal(size=(n, d_new))).astype("f4")
+    np.savez(path, old_query=old, old_gallery=old, new_query=new, new_gallery=new,
+             query_labels=labels)
+    return path
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def journal_of(*records):
+    """A setup that leaves a journal of these records where `live --uri g.db` looks."""
+    def setup(tmp: Path) -> list[str]:
+        (tmp / "g.db.gallery.journal").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return []
+    return setup
+
+
+def read_only_folder(tmp: Path) -> list[str]:
+    (tmp / "ro").mkdir(mode=0o555)
+    return ["--uri", str(tmp / "ro" / "g.db")]
+
+
+def a_file_as_folder(tmp: Path) -> list[str]:
+    (tmp / "file.txt").write_text("not a folder")
+    return ["--uri", str(tmp / "file.txt" / "g.db")]
+
+
+def width(d_old: int, d_new: int):
+    def setup(tmp: Path) -> list[str]:
+        save_emb(tmp / "emb.npz", n=6, d_old=d_old, d_new=d_new)
+        return []
+    return setup
+
+
+BAD_LIVE = [
+    pytest.param(journal_of({"begin": "abc"}), "no version-1 header", id="journal-batch-only"),
+    pytest.param(journal_of([1, 2]), "every line must be a JSON object", id="journal-list"),
+    pytest.param(journal_of([]), "every line must be a JSON object", id="journal-header-[]"),
+    pytest.param(journal_of({"journal": 1, "name": "gallery"}), "'num_items' is not",
+                 id="journal-header-missing-keys"),
+    pytest.param(journal_of(HEADER | {"old_dim": "8"}), "'old_dim' is not of type int",
+                 id="journal-header-wrong-type"),
+    pytest.param(journal_of(HEADER, {"begin": ["a", 1.5]}), "'begin' is not a list of ids",
+                 id="journal-begin-not-ids"),
+    pytest.param(lambda tmp: ["--uri", "/proc/g.db"], "cannot write in /proc", id="uri-in-proc"),
+    pytest.param(a_file_as_folder, "does not exist or is not a folder", id="uri-under-a-file"),
+    pytest.param(lambda tmp: ["--uri", str(tmp / "missing" / "g.db")], "does not exist",
+                 id="uri-in-a-missing-folder"),
+    pytest.param(read_only_folder, "cannot write in", id="uri-in-a-read-only-folder",
+                 marks=pytest.mark.skipif(os.geteuid() == 0,
+                                          reason="root writes in a read-only folder")),
+    pytest.param(lambda tmp: ["--uri", str(tmp / "g.sqlite")], "neither a Milvus Lite file",
+                 id="uri-not-db"),
+    pytest.param(lambda tmp: ["--journal", str(tmp)], "is a folder", id="journal-a-folder"),
+    pytest.param(lambda tmp: ["--name", "my-gallery"], "cannot name a live index", id="name-dash"),
+    pytest.param(lambda tmp: ["--name", ""], "cannot name a live index", id="name-empty"),
+    pytest.param(lambda tmp: ["--name", "g" * 252], "cannot name a live index", id="name-252"),
+    pytest.param(lambda tmp: ["--name", "1st"], "cannot name a live index", id="name-digit"),
+    pytest.param(width(1, 12), "old embeddings have 1", id="width-1"),
+    pytest.param(width(8, 40_000), "new embeddings have 40000", id="width-40000"),
+]
+
+
+@pytest.mark.parametrize("setup, message", BAD_LIVE)
+def test_the_live_command_refuses_bad_input_in_one_line_and_leaves_nothing(tmp_path, capsys,
+                                                                           setup, message):
+    from rmlib.cli import main
+
+    emb = save_emb(tmp_path / "emb.npz")
+    extra = setup(tmp_path)
+    before = files(tmp_path)
+    try:
+        rc = main(["live", str(emb), "--uri", str(tmp_path / "g.db"), "--quiet", *extra])
+    finally:
+        if (tmp_path / "ro").exists():
+            (tmp_path / "ro").chmod(0o755)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.startswith("rmlib: error: ") and err.count("\n") == 1 and message in err, err
+    assert files(tmp_path) == before  # no lock, .tmp, journal or Milvus Lite file
+
+
+def test_the_live_command_resumes_only_from_its_own_file_and_order(tmp_path, capsys):
+    from rmlib.cli import main
+
+    a, b = save_emb(tmp_path / "a.npz"), save_emb(tmp_path / "b.npz", seed=1)  # one shape
+    db = tmp_path / "g.db"
+
+    def live(emb: Path, *extra: str) -> int:
+        return main(["live", str(emb), "--uri", str(db), "--quiet", *extra])
+
+    assert live(a, "--until", "0.5") == 0
+    capsys.readouterr()
+    before = files(tmp_path)
+    assert live(b, "--until", "0.8") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds another gallery than" in err
+    assert str(a) in err and str(b) in err and "--overwrite" in err and "--name" in err
+    assert live(a, "--until", "0.8", "--seed", "1") == 2
+    err = capsys.readouterr().err
+    assert "another order (--order random --seed 0) than --order random --seed 1" in err
+    assert files(tmp_path) == before
+    assert live(a, "--until", "0.8", "--batch", "7") == 0  # the same file resumes
+    out = capsys.readouterr().out
+    assert "resumed the live index 'gallery'" in out and "t = 0.500" in out
+    assert "t = 0.800: 8 items in the old part, 32 in the new part" in out
+    index = OnlineBackfillIndex.reopen(str(db))
+    assert index.meta["source"] == str(a) and index.meta["order"] == "random"
+    assert (index.meta["seed"], index.meta["batch"]) == (0, 10_000)  # as created
+    index.close()
+
+    journal = Path(f"{db}.gallery.journal")  # as an older rmlib wrote it: no record
+    header = json.loads(journal.read_text())
+    journal.write_text(json.dumps({k: v for k, v in header.items() if k != "meta"}) + "\n")
+    assert live(a) == 2
+    err = capsys.readouterr().err
+    assert "does not record which file it was built from" in err and "--overwrite" in err
+    assert live(b, "--overwrite", "--until", "0.25") == 0
+    assert "created the live index" in capsys.readouterr().out
+
+
+def test_milvus_refusals_in_python_leave_no_file(tmp_path):
+    old_g, new_g, old_q, new_q = data(n=20)
+    db = str(tmp_path / "g.db")
+    for name in ("my-gallery", "", "9lives", "g" * 252, None):
+        with pytest.raises(RmlibError, match="cannot name a live index"):
+            OnlineBackfillIndex(old_g, 12, backend="milvus", uri=db, name=name)
+        with pytest.raises(RmlibError, match="cannot name a live index"):
+            OnlineBackfillIndex.reopen(db, name=name)
+        with pytest.raises(RmlibError, match="cannot name a live index"):
+            creation_state(db, name)
+    with pytest.raises(RmlibError, match="old embeddings have 1"):
+        OnlineBackfillIndex(old_g[:, :1], 12, backend="milvus", uri=db)
+    with pytest.raises(RmlibError, match="new embeddings have 32769"):
+        OnlineBackfillIndex(old_g, 32_769, backend="milvus", uri=db)
+    with pytest.raises(RmlibError, match="is a folder"):
+        OnlineBackfillIndex(old_g, 12, backend="milvus", uri=db, journal=tmp_path)
+    with pytest.raises(RmlibError, match="longer than the 255 bytes"):  # g.db.ggg...g.journal
+        OnlineBackfillIndex(old_g, 12, backend="milvus", uri=db, name="g" * 251)
+    assert files(tmp_path) == []
+    journal = tmp_path / "g.journal"
+    index = OnlineBackfillIndex(old_g, 12, backend="milvus", uri=db, name="g" * 251,
+                                journal=journal, meta={"from": "a test"})
+    assert index.search(new_q, old_q, k=np.int64(3)).ids.shape == (20, 3)
+    index.close()
+    index.close()
+    with pytest.raises(RmlibError, match="this index is closed; open it again with .*reopen"):
+        index.search(new_q, old_q, k=3)
+    with pytest.raises(RmlibError, match="this index is closed"):
+        index.backfill(np.arange(2), new_g[:2])
+    with pytest.raises(RmlibError, match="no Milvus Lite file at"):
+        OnlineBackfillIndex.reopen(str(tmp_path / "other.db"), name="g" * 251, journal=journal)
+    again = OnlineBackfillIndex.reopen(db, name="g" * 251, journal=journal)
+    assert again.meta == {"from": "a test"}
+    again.close()

@@ -105,6 +105,7 @@ def test_two_items_per_label_fit_when_tau_is_given(files, capsys):
     (["--tau", "nan"], "--tau: nan is not a finite positive number"),
     (["--tau", "-1"], "--tau: -1 is not a finite positive number"),
     (["--epochs", "0"], "--epochs: 0 is not positive"),
+    (["--epochs", "-5"], "--epochs: -5 is not positive; give 1 or more"),
 ])
 def test_bad_fit_options_are_one_line(argv, message, files, capsys):
     with pytest.raises(SystemExit) as done:
@@ -135,9 +136,21 @@ BAD_COMPAT = {
                    "psi maps 16 -> 13 dimensions"),
     "bad mean": (lambda s: s.update(new_mean=s["new_mean"][:3]), "new_mean has shape (3,)"),
     "nan weights": (_nan_psi, "psi weights hold NaN or inf"),
-    "size mismatch": (lambda s: s.update(psi_dims=[16, 12, 7]), "transforms do not load"),
-    "bad config": (lambda s: s.update(config="{not json"), "transforms do not load"),
+    "size mismatch": (lambda s: s.update(psi_dims=[16, 12, 7]), "is not psi's 7"),
+    "bad config": (lambda s: s.update(config="{not json"), "config does not parse"),
+    # a config that would build a million layers (about 1 TB) is refused by counting tensors
+    "a million layers": (lambda s: _config(s, layers=1_000_000),
+                         "which is 7000002 psi tensors, but the file holds"),
+    "zero layers": (lambda s: _config(s, layers=0), "layers 0, not a positive integer"),
+    "another objective": (lambda s: _config(s, objective="cl", rho=False), "objective is 'cl'"),
+    "rho missing": (lambda s: s.update(rho={}), "with rho, which is"),
+    "tensor shape": (lambda s: s["psi"].update({"net.0.weight": torch.zeros(3, 3)}),
+                     "psi tensor 'net.0.weight' has shape (3, 3)"),
 }
+
+
+def _config(state, **changes):
+    state["config"] = json.dumps({**json.loads(state["config"]), **changes})
 
 
 @pytest.mark.parametrize("case", sorted(BAD_COMPAT))
@@ -225,3 +238,29 @@ def test_select_settings_is_a_coordinate_search_on_the_validation_score(monkeypa
     assert calls[3:5] == [(0.2, 256, 3), (0.2, 1024, 3)]  # (0.2, 512, 3) is not fitted again
     assert calls[5:] == [(0.2, 256, 6), (0.2, 256, 12)]
     assert len(calls) == len(set(calls))
+
+
+def test_embeddings_that_are_not_unit_length_give_the_same_result(files, capsys):
+    """fit and apply L2-normalise what they read: norms near 20 (a model without a final
+    normalisation) give the AUC of the unit-length data, not a broken merge."""
+    rng = np.random.default_rng(5)
+    scaled = files / "scaled"
+    scaled.mkdir()
+    for name in ("train.npz", "emb.npz"):
+        with np.load(files / name) as f:
+            arrays = {k: f[k] * rng.uniform(18, 22, (len(f[k]), 1)).astype(np.float32)
+                      if f[k].ndim == 2 else f[k] for k in f.files}
+        np.savez(scaled / name, **arrays)
+    auc = {}
+    for folder in (files, scaled):
+        fit = ["fit", str(folder / "train.npz"), "--out", str(folder / "c.pt"), "--tau", "0.2",
+               "--epochs", "2", "--quiet"]
+        assert main(fit) == 0
+        assert main(["apply", str(folder / "c.pt"), str(folder / "emb.npz"), "--out",
+                     str(folder / "rm.npz")]) == 0
+        assert main(["backfill", str(folder / "rm.npz"), "--json", str(folder / "rm.json")]) == 0
+        auc[folder] = json.loads((folder / "rm.json").read_text())["auc_mAP"]
+    out = capsys.readouterr().out
+    assert out.count("not unit length") == 2  # fit and apply each say so, once
+    assert auc[scaled] == pytest.approx(auc[files], abs=0.005)
+    assert torch.load(scaled / "c.pt", weights_only=True)["unit_inputs"] is True

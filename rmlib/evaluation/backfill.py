@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from rmlib import RmlibError
+from rmlib.arguments import count, permutation
 from rmlib.config import default_device
 from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.evaluation.retrieval import (
@@ -44,7 +45,8 @@ T_GRID = np.round(np.linspace(0.0, 1.0, 21), 10)
 
 def backfill_order(num_gallery: int, seed: int = 0) -> np.ndarray:
     """The order in which gallery items are re-embedded: default_rng(seed).permutation(N)."""
-    return np.random.default_rng(seed).permutation(num_gallery)
+    return np.random.default_rng(count("seed", seed, 0)).permutation(
+        count("num_gallery", num_gallery, 0))
 
 
 def backfilled_count(t: float, num_gallery: int) -> int:
@@ -186,8 +188,7 @@ def simulate_backfill(
     new = EuclideanSystem.of(new_query, new_gallery, "the new system's embeddings").to(device)
     if order is None:
         order = backfill_order(n, seed)
-    if len(order) != n or not np.array_equal(np.sort(order), np.arange(n)):
-        raise RmlibError(f"the backfill order must be a permutation of the {n} gallery items")
+    order = permutation("the backfill order", order, n)
     ts = np.asarray(ts, dtype=np.float64)
     segment = torch.as_tensor(item_segments(np.asarray(order), ts), device=device)
     ref_correct = None  # per query: is the deployed old system's top-1 relevant?

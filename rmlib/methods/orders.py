@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rmlib import RmlibError
+from rmlib.arguments import permutation
 from rmlib.evaluation.backfill import backfill_order
 from rmlib.evaluation.emb_file import BackfillArrays, readable_file
 from rmlib.evaluation.retrieval import EuclideanSystem, query_chunks
@@ -159,11 +160,4 @@ def load_order(path: Path | str, num_gallery: int) -> np.ndarray:
     if order.size == 0:
         raise RmlibError(f"{path} is empty; a backfill order lists every gallery index "
                          f"0..{num_gallery - 1} once")
-    if order.ndim != 1 or not np.issubdtype(order.dtype, np.integer):
-        raise RmlibError(f"{path} holds a {order.dtype} array of shape {order.shape}; a backfill "
-                         "order is a 1-D array of integer gallery indices")
-    if len(order) != num_gallery or not np.array_equal(np.sort(order), np.arange(num_gallery)):
-        raise RmlibError(f"{path} is not a permutation of the {num_gallery} gallery items "
-                         f"(it has {len(order)} entries, {len(np.unique(order))} distinct); "
-                         "list every index 0..N-1 exactly once")
-    return order.astype(np.int64)
+    return permutation(str(path), order, num_gallery)

@@ -20,20 +20,20 @@ part after), and changes that rule only when no search is in flight. With Milvus
 batch is also written ahead in a journal (`rmlib.serving.journal`): a process killed in
 the middle of a batch is resumed by `OnlineBackfillIndex.reopen`, which finishes the
 move of every item that reached the new part and leaves the rest whole in the old part.
+Beside this module: its argument checks (`checks`), where an index lives (`location`) and
+the merged result and search gate (`merge`).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rmlib import RmlibError
+from rmlib.arguments import count
 from rmlib.evaluation.retrieval import (
     Protocol,
     QueryScores,
@@ -41,96 +41,26 @@ from rmlib.evaluation.retrieval import (
     query_chunks,
     relevant_slots,
 )
+from rmlib.serving.checks import (
+    check_dims,
+    check_meta,
+    float_rows,
+    gallery_rows,
+    id_array,
+    id_sum,
+)
 from rmlib.serving.journal import BackfillJournal
+from rmlib.serving.location import (
+    DEFAULT_MILVUS_URI,
+    check_location,
+    is_local,
+    open_locked,
+)
+from rmlib.serving.location import creation_state as creation_state  # where callers find it
+from rmlib.serving.merge import SearchGate
+from rmlib.serving.merge import SearchResult as SearchResult  # where callers find them
+from rmlib.serving.merge import float32_tolerance as float32_tolerance
 from rmlib.serving.parts import FaissParts, MilvusParts
-
-DEFAULT_MILVUS_URI = "online_backfill.db"  # a Milvus Lite file in the working directory
-
-
-def _as_rows(name: str, x: np.ndarray, dim: int) -> np.ndarray:
-    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-    if x.ndim != 2 or x.shape[1] != dim:
-        raise RmlibError(f"{name} must have shape (n, {dim}), got {x.shape}")
-    if not np.isfinite(x).all():
-        raise RmlibError(f"{name} has NaN or inf; re-extract those embeddings")
-    return x
-
-
-def _ids(ids: np.ndarray) -> np.ndarray:
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise RmlibError(f"ids must be a 1-D integer array, got {ids.dtype}{ids.shape}")
-    return ids.astype(np.int64)
-
-
-def _id_sum(ids: np.ndarray) -> int:
-    """A checksum of a set of ids (with their count, it tells a gallery from another)."""
-    return int(np.sum(ids, dtype=np.uint64))
-
-
-@dataclass
-class SearchResult:
-    """Merged top-k per query: Euclidean distances, gallery ids, and the part (0 old, 1 new)."""
-
-    distances: np.ndarray
-    ids: np.ndarray
-    parts: np.ndarray
-
-    def agrees_with(self, other: SearchResult, atol: float) -> np.ndarray:
-        """Per query, whether two results rank alike up to float32 rounding: at every rank
-        both hold an item at the same squared distance, within `atol`.
-
-        Engines compute |q - g|^2 as |q|^2 + |g|^2 - 2 q.g in float32 by different routes,
-        so a squared distance is known only to a few float32 epsilons of the squared norms
-        involved (a dot product of d terms adds up to about sqrt(d) of them): `atol` =
-        1e-5 x the largest squared norm is a safe bound (`float32_tolerance`). Items tied
-        within it may swap; any other difference is a different ranking."""
-        a, b = self.distances.astype(np.float64) ** 2, other.distances.astype(np.float64) ** 2
-        same_missing = np.isfinite(a) == np.isfinite(b)
-        close = np.abs(np.where(np.isfinite(a) & np.isfinite(b), a - b, 0)) <= atol
-        return (close & same_missing).all(1)
-
-
-def float32_tolerance(*embeddings: np.ndarray) -> float:
-    """The float32 error bound of squared distances among these embeddings (for
-    `SearchResult.agrees_with`): 1e-5 (about 80 float32 epsilons) x the largest squared
-    norm."""
-    return 1e-5 * max(float(np.square(np.asarray(x, dtype=np.float64)).sum(1).max())
-                      for x in embeddings)
-
-
-class _SearchGate:
-    """Searches run side by side; a batch changes which part serves its moving items only
-    when no search is in flight, so a search never mixes two rules. A waiting change goes
-    first: new searches wait for it, so a stream of searches cannot stall the backfill."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._searches = 0
-        self._changes_waiting = 0
-
-    @contextmanager
-    def searching(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: self._changes_waiting == 0)
-            self._searches += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._searches -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def changing(self) -> Iterator[None]:
-        with self._cond:
-            self._changes_waiting += 1
-            try:
-                self._cond.wait_for(lambda: self._searches == 0)
-                yield
-            finally:
-                self._changes_waiting -= 1
-                self._cond.notify_all()
 
 
 class OnlineBackfillIndex:
@@ -140,15 +70,20 @@ class OnlineBackfillIndex:
     Milvus database at `uri` (default: a Milvus Lite file, `online_backfill.db`; a server
     by "http://host:19530"), as collections `<name>_old` and `<name>_new`, with the
     journal at `journal` (default: beside a Milvus Lite file; required for a server).
+    `meta`, a JSON-able dict, is kept in the journal (e.g. what the gallery was built
+    from) and read back as `index.meta` after `reopen`.
     """
 
     def __init__(self, old_gallery: np.ndarray, new_dim: int, ids: np.ndarray | None = None,
                  approximate: bool = False, nlist: int = 1024, nprobe: int = 16,
                  new_training_sample: np.ndarray | None = None, backend: str = "faiss",
                  uri: str | None = None, name: str = "gallery", journal: str | Path | None = None,
-                 token: str = "", overwrite: bool = False):
-        old_gallery = _as_rows("old_gallery", old_gallery, np.asarray(old_gallery).shape[-1])
-        ids = np.arange(len(old_gallery), dtype=np.int64) if ids is None else _ids(ids)
+                 token: str = "", overwrite: bool = False, meta: dict | None = None):
+        old_gallery = gallery_rows(old_gallery)
+        new_dim, nlist, nprobe = (count(k, v) for k, v in
+                                  (("new_dim", new_dim), ("nlist", nlist), ("nprobe", nprobe)))
+        meta = check_meta(meta)
+        ids = np.arange(len(old_gallery), dtype=np.int64) if ids is None else id_array(ids)
         if len(ids) != len(old_gallery):
             raise RmlibError(f"{len(ids)} ids for {len(old_gallery)} gallery rows")
         unique, counts = np.unique(ids, return_counts=True)
@@ -164,14 +99,15 @@ class OnlineBackfillIndex:
         if backend == "faiss":
             training = None if not approximate else {
                 "old": old_gallery,
-                "new": _as_rows("new_training_sample", new_training_sample, new_dim)}
+                "new": float_rows("new_training_sample", new_training_sample, new_dim)}
             parts = FaissParts(dims, approximate, training, min(nlist, len(old_gallery)),
                                nprobe)
             journal = None
         elif backend == "milvus":
-            uri = uri or DEFAULT_MILVUS_URI
-            journal = BackfillJournal(_journal_path(uri, name, journal))
-            parts = _open_locked(journal, uri, name, token, nprobe)
+            uri = str(uri or DEFAULT_MILVUS_URI)
+            check_dims(dims)
+            journal = BackfillJournal(check_location(uri, name, journal))
+            parts = open_locked(journal, uri, name, token, nprobe)
         else:
             raise RmlibError(f"unknown backend {backend!r}: use 'faiss' or 'milvus'")
         try:
@@ -181,8 +117,8 @@ class OnlineBackfillIndex:
                         f"Milvus at {uri!r} already holds a live index named {name!r}: resume "
                         f"it with OnlineBackfillIndex.reopen(uri={uri!r}, name={name!r}) (or "
                         "`python -m rmlib live` again), or start it again with overwrite=True")
-                journal.start({"name": name, "num_items": len(ids), "id_sum": _id_sum(ids),
-                               "old_dim": dims["old"], "new_dim": dims["new"]})
+                journal.start({"name": name, "num_items": len(ids), "id_sum": id_sum(ids),
+                               "old_dim": dims["old"], "new_dim": dims["new"], "meta": meta})
                 parts.drop()  # after the journal says "incomplete": a kill here is redone
                 parts.create(dims, approximate, nlist)
             parts.put("old", ids, old_gallery, replace=False)
@@ -193,7 +129,7 @@ class OnlineBackfillIndex:
             if journal is not None:
                 journal.unlock()
             raise
-        self._setup(parts, journal, dims, np.sort(ids), np.zeros(len(ids), dtype=bool))
+        self._setup(parts, journal, dims, np.sort(ids), np.zeros(len(ids), dtype=bool), meta)
 
     @classmethod
     def reopen(cls, uri: str = DEFAULT_MILVUS_URI, name: str = "gallery",
@@ -201,16 +137,22 @@ class OnlineBackfillIndex:
                ) -> OnlineBackfillIndex:
         """Resume a Milvus-backed index, e.g. after its process was killed mid-batch: the
         journal's unfinished batch is completed, and every item is in exactly one part."""
-        journal = BackfillJournal(_journal_path(uri, name, journal))
+        uri = str(uri)
+        journal = BackfillJournal(check_location(uri, name, journal))
+        nprobe = count("nprobe", nprobe)
         header = journal.header()
         if not header["complete"]:
             raise RmlibError(f"creating the live index {name!r} at {uri!r} did not finish; "
                              "create it again (OnlineBackfillIndex(..., overwrite=True), or "
                              "`python -m rmlib live` does it by itself)")
-        parts = _open_locked(journal, uri, name, token, nprobe)
+        if is_local(uri) and not Path(uri).is_file():
+            raise RmlibError(f"no Milvus Lite file at {uri!r}, though {journal.path} is its "
+                             "journal: pass the uri it was created at")
+        parts = open_locked(journal, uri, name, token, nprobe)
         try:
             index = cls.__new__(cls)
-            index._setup(parts, journal, *_recover(parts, journal, header, uri, name))
+            index._setup(parts, journal, *_recover(parts, journal, header, uri, name),
+                         header.get("meta", {}))
             return index
         except BaseException:
             parts.close()
@@ -218,12 +160,12 @@ class OnlineBackfillIndex:
             raise
 
     def _setup(self, parts, journal: BackfillJournal | None, dims: dict[str, int],
-               sorted_ids: np.ndarray, in_new: np.ndarray) -> None:
-        self._parts, self._journal = parts, journal
+               sorted_ids: np.ndarray, in_new: np.ndarray, meta: dict) -> None:
+        self._parts, self._journal, self._meta = parts, journal, meta
         self.old_dim, self.new_dim = dims["old"], dims["new"]
         self._sorted_ids, self._in_new = sorted_ids, in_new  # id -> is it in the new part?
         self._num_new = int(in_new.sum())
-        self._gate = _SearchGate()
+        self._gate = SearchGate()
         self._batch_lock = threading.Lock()  # one batch at a time, whichever thread sends it
         self._moving = np.empty(0, dtype=np.int64)  # ids of the batch in flight (old -> new)
         self._insert_done = False  # has the batch in flight reached the new part?
@@ -232,13 +174,23 @@ class OnlineBackfillIndex:
     def flush(self) -> None:
         """Seal what was written so far into the database's indexed segments (Milvus seals
         them as they fill; a flush makes a freshly loaded gallery search at full speed)."""
-        self._parts.flush()
+        self._open_parts().flush()
 
     def close(self) -> None:
-        """Release the database connection and the journal's lock (the data stays)."""
-        self._parts.close()
-        if self._journal is not None:
-            self._journal.unlock()
+        """Release the database connection and the journal's lock (the data stays); a
+        second close does nothing."""
+        parts, self._parts = self._parts, None
+        if parts is not None:
+            parts.close()
+            if self._journal is not None:
+                self._journal.unlock()
+
+    def _open_parts(self):
+        if self._parts is None:
+            raise RmlibError("this index is closed; " + (
+                "open it again with OnlineBackfillIndex.reopen(uri, name)"
+                if self._journal is not None else "build a new one"))
+        return self._parts
 
     # --- state ----------------------------------------------------------------------------
     def _positions(self, ids: np.ndarray) -> np.ndarray:
@@ -248,6 +200,11 @@ class OnlineBackfillIndex:
             raise RmlibError(f"{len(unknown)} unknown id(s), e.g. {unknown[:3].tolist()}; "
                              "nothing was changed")
         return pos
+
+    @property
+    def meta(self) -> dict:
+        """What the creator recorded with the index (`meta=`), kept across `reopen`."""
+        return dict(self._meta)
 
     @property
     def num_new(self) -> int:
@@ -265,24 +222,25 @@ class OnlineBackfillIndex:
     def stored(self) -> dict[str, int]:
         """How many items each part holds, as its store counts them: a check of the
         bookkeeping (num_old and num_new), and of the database after a crash."""
-        return {part: self._parts.count(part) for part in ("old", "new")}
+        parts = self._open_parts()
+        return {part: parts.count(part) for part in ("old", "new")}
 
     def part_of(self, ids: np.ndarray) -> np.ndarray:
         """1 where an id is in the new part, 0 where in the old part."""
-        return self._in_new[self._positions(_ids(ids))].astype(np.int64)
+        return self._in_new[self._positions(id_array(ids))].astype(np.int64)
 
     # --- backfill ---------------------------------------------------------------------------
     def next_batch(self, order: np.ndarray, size: int) -> np.ndarray:
         """The first `size` ids of a backfill `order` (all gallery ids, most urgent first:
         `rmlib.methods.orders`) that are still in the old part: what the backfill job
         re-embeds next. Asked again after a restart, it gives the items not yet moved."""
-        order = _ids(order)
+        self._open_parts()
+        size = count("size", size)
+        order = id_array(order)
         if len(order) != len(self._sorted_ids) or not np.array_equal(np.sort(order),
                                                                       self._sorted_ids):
             raise RmlibError(f"a backfill order lists every gallery id once; got {len(order)} "
                              f"ids for a gallery of {len(self._sorted_ids)}")
-        if size < 1:
-            raise RmlibError(f"a backfill batch has at least one item, not {size}")
         return order[~self._in_new[self._positions(order)]][:size]
 
     def backfill(self, ids: np.ndarray, new_embeddings: np.ndarray) -> None:
@@ -292,10 +250,13 @@ class OnlineBackfillIndex:
         in steps of at most `MilvusParts.max_batch` items, each journaled: a search during
         a step asks each part for k plus the step's size, within Milvus's 16,384.
         """
+        self._open_parts()
         if self._broken:
             raise RmlibError(self._broken)
-        ids = _ids(ids)
-        emb = _as_rows("new_embeddings", new_embeddings, self.new_dim)
+        ids = id_array(ids)
+        if len(ids) == 0 and np.size(new_embeddings) == 0:
+            return  # what next_batch gives once every item is new
+        emb = float_rows("new_embeddings", new_embeddings, self.new_dim)
         if len(emb) != len(ids):
             raise RmlibError(f"{len(ids)} ids but {len(emb)} embeddings in the backfill batch")
         pos = self._positions(ids)
@@ -341,14 +302,14 @@ class OnlineBackfillIndex:
                ) -> SearchResult:
         """Merged top-k: new_queries search the new part, old_queries (e.g. psi(rho(q)))
         the old part; both lists merge by distance, ties by id."""
-        nq = _as_rows("new_queries", new_queries, self.new_dim)
-        oq = _as_rows("old_queries", old_queries, self.old_dim)
+        nq = float_rows("new_queries", new_queries, self.new_dim)
+        oq = float_rows("old_queries", old_queries, self.old_dim)
         if len(nq) != len(oq):
             raise RmlibError(f"{len(nq)} new queries but {len(oq)} old queries")
-        if k < 1:
-            raise RmlibError(f"k is at least 1, not {k}")
-        if self._parts.max_top_k is not None and k > self._parts.max_top_k:
-            raise RmlibError(f"this backend answers at most {self._parts.max_top_k:,} results "
+        k = count("k", k)
+        parts = self._open_parts()
+        if parts.max_top_k is not None and k > parts.max_top_k:
+            raise RmlibError(f"this backend answers at most {parts.max_top_k:,} results "
                              f"per query (Milvus's limit less a batch step), not k={k:,}; "
                              "ask for fewer")
         with self._gate.searching():
@@ -361,7 +322,7 @@ class OnlineBackfillIndex:
                 kk = min(k + len(hidden[part]), size[part])
                 if kk == 0:
                     continue
-                d, i = self._parts.search(part, q, kk)
+                d, i = parts.search(part, q, kk)
                 if len(hidden[part]):
                     drop = np.isin(i, hidden[part])
                     d, i = np.where(drop, np.inf, d), np.where(drop, -1, i)
@@ -371,17 +332,6 @@ class OnlineBackfillIndex:
         rows = np.arange(len(d))[:, None]
         return SearchResult(np.sqrt(np.maximum(d[rows, order], 0)), i[rows, order],
                             part[rows, order])
-
-
-def _open_locked(journal: BackfillJournal, uri: str, name: str, token: str, nprobe: int
-                 ) -> MilvusParts:
-    """Take the journal's lock (one process at a time changes a live index), then connect."""
-    journal.lock()
-    try:
-        return MilvusParts(uri, name, token, nprobe)
-    except BaseException:
-        journal.unlock()
-        raise
 
 
 def _recover(parts: MilvusParts, journal: BackfillJournal, header: dict, uri: str, name: str
@@ -410,30 +360,11 @@ def _recover(parts: MilvusParts, journal: BackfillJournal, header: dict, uri: st
         raise RmlibError(f"the live index {name!r} at {uri!r} holds {len(ids):,} items but "
                          f"its journal says {header['num_items']:,}: items were removed outside "
                          "rmlib; create it again with overwrite=True")
-    if _id_sum(ids) != header["id_sum"]:
+    if id_sum(ids) != header["id_sum"]:
         raise RmlibError(f"the live index {name!r} at {uri!r} holds other ids than its "
                          "journal's gallery: it was changed outside rmlib; create it again "
                          "with overwrite=True")
     return dims, ids, np.isin(ids, new)
-
-
-def creation_state(uri: str = DEFAULT_MILVUS_URI, name: str = "gallery",
-                   journal: str | Path | None = None) -> str | None:
-    """Whether a Milvus-backed live index was created at `uri` under `name`: "complete"
-    (reopen it), "incomplete" (its creation was interrupted: create it again), or None."""
-    path = _journal_path(uri, name, journal)
-    if not path.is_file():
-        return None
-    return "complete" if BackfillJournal(path).header()["complete"] else "incomplete"
-
-
-def _journal_path(uri: str, name: str, journal: str | Path | None) -> Path:
-    if journal is not None:
-        return Path(journal)
-    if "://" in uri:
-        raise RmlibError(f"a live index on the Milvus server {uri!r} needs journal=PATH, a "
-                         "local file that survives the backfill process")
-    return Path(f"{uri}.{name}.journal")
 
 
 def live_scores(index: OnlineBackfillIndex, new_queries: np.ndarray, old_queries: np.ndarray,

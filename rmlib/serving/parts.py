@@ -23,6 +23,7 @@ from rmlib import RmlibError
 
 PARTS = ("old", "new")
 MILVUS_MAX_TOP_K = 16_384  # Milvus answers at most this many results per query
+MILVUS_DIMS = (2, 32_768)  # the widths of a FLOAT_VECTOR field that Milvus accepts
 MILVUS_REQUEST_ROWS = 5_000  # rows per insert or delete request (under gRPC's 64 MB)
 _LITE_USERS: Counter[str] = Counter()  # open MilvusParts per URI in this process
 

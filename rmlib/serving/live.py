@@ -1,0 +1,109 @@
+"""`python -m rmlib live`: backfill the gallery of an EMB.npz file in Milvus, resumably.
+
+The journal's header records what the index was built from: a hash of the old and new
+galleries and one of the backfill order, with the file, order, seed and batch named. A
+run that would resume it from another file, or in another order, is refused: it would
+serve a mix of two galleries, or move items that no order puts next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from rmlib import RmlibError
+from rmlib.evaluation.backfill import backfill_order, backfilled_count
+from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.serving.checks import check_dims
+from rmlib.serving.index import OnlineBackfillIndex, live_scores
+from rmlib.serving.location import check_location, journal_header
+from rmlib.serving.parts import MilvusParts
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """A hash of the arrays' types, shapes and bytes: the same data gives the same hash,
+    whichever file it came from."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def source_record(arrays: BackfillArrays, order: np.ndarray, source: str | Path,
+                  order_name: str, seed: int, batch: int) -> dict:
+    """What the journal keeps of a live index's source (its `meta`)."""
+    return {"source": str(source), "gallery": fingerprint(arrays.old_gallery, arrays.new_gallery),
+            "order": str(order_name), "seed": seed, "order_hash": fingerprint(order),
+            "batch": batch}
+
+
+def check_resume(meta: dict, asked: dict, uri: str, name: str) -> None:
+    """Refuse to resume an index built from another gallery, or backfilled in another
+    order, than this run's."""
+    where = f"the live index {name!r} at {uri}"
+    fix = "start it again with --overwrite, or give another --name or --uri"
+    if "gallery" not in meta or "order_hash" not in meta:
+        raise RmlibError(f"{where} does not record which file it was built from (an older "
+                         f"rmlib, or Python without meta=, made it); {fix}")
+    if meta["gallery"] != asked["gallery"]:
+        raise RmlibError(f"{where} holds another gallery than {asked['source']} (it was built "
+                         f"from {meta.get('source', '?')}): resume it with that file, or {fix}")
+    if meta["order_hash"] != asked["order_hash"]:
+        raise RmlibError(f"{where} is backfilled in another order (--order "
+                         f"{meta.get('order', '?')} --seed {meta.get('seed', '?')}) than "
+                         f"--order {asked['order']} --seed {asked['seed']}: resume it with "
+                         f"those, or {fix}")
+
+
+def check_widths(arrays: BackfillArrays) -> None:
+    """Refuse widths Milvus cannot store before an order policy trains on the arrays."""
+    check_dims({"old": arrays.old_gallery.shape[1], "new": arrays.new_gallery.shape[1]})
+
+
+def run_live(arrays: BackfillArrays, order: np.ndarray | None, *, source: str | Path,
+             uri: str, name: str, journal: str | Path | None, batch: int, until: float,
+             seed: int, order_name: str, overwrite: bool, quiet: bool) -> int:
+    """Create (or resume) the live index of `arrays`' gallery at `uri`, backfill it in
+    `order` (None: the seeded random order) until the fraction `until`, and print what it
+    then serves. Returns the exit status, 0."""
+    from tqdm.auto import tqdm
+
+    check_location(uri, name, journal)
+    check_widths(arrays)
+    n = len(arrays.old_gallery)
+    order = backfill_order(n, seed) if order is None else np.asarray(order, dtype=np.int64)
+    asked = source_record(arrays, order, source, order_name, seed, batch)
+    header = journal_header(uri, name, journal)
+    if header is not None and header["complete"] and not overwrite:
+        check_resume(header.get("meta", {}), asked, uri, name)
+        index = OnlineBackfillIndex.reopen(uri, name, journal)
+        print(f"resumed the live index {name!r} at {uri}: t = {index.ratio:.3f}")
+    else:
+        if header is not None and not header["complete"]:
+            print(f"the creation of {name!r} at {uri} was interrupted: creating it again")
+        index = OnlineBackfillIndex(arrays.old_gallery, arrays.new_gallery.shape[1],
+                                    backend="milvus", uri=uri, name=name, journal=journal,
+                                    overwrite=overwrite or header is not None, meta=asked)
+        print(f"created the live index {name!r} at {uri}: {n:,} items in the old part")
+    try:
+        target = backfilled_count(until, n)
+        with tqdm(total=max(target - index.num_new, 0), unit="item", disable=quiet,
+                  desc="backfill") as bar:
+            while index.num_new < target:
+                ids = index.next_batch(order, min(batch, target - index.num_new))
+                index.backfill(ids, arrays.new_gallery[ids])
+                bar.update(len(ids))
+        print(f"t = {index.ratio:.3f}: {index.num_old:,} items in the old part, "
+              f"{index.num_new:,} in the new part")
+        if n <= MilvusParts.max_top_k:  # the whole merged ranking, as the evaluator scores it
+            served = live_scores(index, arrays.new_query, arrays.old_query,
+                                 arrays.protocol()).summary()
+            print(f"served now: mAP {100 * served['mAP']:.2f}  top-1 {100 * served['top1']:.2f}"
+                  f"  top-5 {100 * served['top5']:.2f}")
+    finally:
+        index.close()
+    return 0
