@@ -226,7 +226,10 @@ def _add_backfill(sub) -> None:
     p = _command(
         sub, "backfill", _cmd_backfill, "simulate an online backfill of your old and new "
         "embeddings", "Rank-merge the old and new systems at 21 backfill ratios t and report "
-        "mAP, top-1, top-5, negative flips, AUCs and the paper's conditions (6)-(8).")
+        "mAP, top-1, top-5, negative flips, AUCs and the paper's conditions (6)-(8). "
+        "Distances are Euclidean on the arrays as given: L2-normalise them first if your "
+        "systems search by cosine similarity. Labels are classes as given (-1 is not "
+        "special).")
     p.add_argument("emb", type=Path, metavar="EMB.npz",
                    help="old_query, old_gallery, new_query, new_gallery, query_labels "
                         "[, gallery_labels, query_cams, gallery_cams, reference_query]")
@@ -321,7 +324,8 @@ def _add_fit(sub) -> None:
         sub, "fit", _cmd_fit, "fit psi (and rho) with MCL on your own old and new embeddings",
         "Train the reverse query transform psi (and the new embedding rho) with "
         "metric-compatible contrastive learning on old and new embeddings of the same "
-        "labelled training items. tau is chosen on a held-out split unless given.")
+        "labelled training items. tau is chosen on a held-out split unless given. "
+        "Every embedding is L2-normalised first (psi and rho live on the unit sphere).")
     p.add_argument("train", type=Path, metavar="TRAIN.npz",
                    help="arrays old (N, d_old), new (N, d_new), labels (N,)")
     p.add_argument("--out", type=Path, required=True, metavar="COMPAT.pt")
@@ -341,7 +345,8 @@ def _add_apply(sub) -> None:
     p = _command(
         sub, "apply", _cmd_apply, "turn an evaluation file into the RM system's arrays",
         "Apply fitted transforms to EMB.npz: the old side becomes psi(rho(new_query)) "
-        "against old_gallery, the new side rho(new_query) against rho(new_gallery).")
+        "against old_gallery, the new side rho(new_query) against rho(new_gallery). "
+        "Every embedding is L2-normalised first, as fit did.")
     p.add_argument("compat", type=Path, metavar="COMPAT.pt")
     p.add_argument("emb", type=Path, metavar="EMB.npz")
     p.add_argument("--out", type=Path, required=True, metavar="EMB_RM.npz")

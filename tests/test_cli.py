@@ -322,8 +322,8 @@ def test_an_order_file_with_an_upper_case_npy_suffix_is_read_as_npy(loo_file, tm
 
 @pytest.fixture
 def slow_file(tmp_path):
-    """An evaluation file big enough that a backfill runs for a few seconds."""
-    labels, old = clustered(4000, 32, 40, 1.0, seed=1)
+    """An evaluation file big enough that a backfill runs for several seconds."""
+    labels, old = clustered(12_000, 32, 40, 1.0, seed=1)
     new = (old + 0.3 * np.random.default_rng(2).normal(size=old.shape)).astype("f4")
     return write(tmp_path / "big.npz", old_query=old, old_gallery=old, new_query=new,
                  new_gallery=new, query_labels=labels)

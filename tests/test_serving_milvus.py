@@ -542,6 +542,23 @@ def read_only_folder(tmp: Path) -> list[str]:
     return ["--uri", str(tmp / "ro" / "g.db")]
 
 
+def _deny_writes_in(folder: Path, monkeypatch) -> None:
+    """The probe of `folder` fails as it does for a user without write permission."""
+    import errno
+    import tempfile
+
+    from rmlib.serving import location
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(location.tempfile, "mkstemp", mkstemp)
+
+
 def a_file_as_folder(tmp: Path) -> list[str]:
     (tmp / "file.txt").write_text("not a folder")
     return ["--uri", str(tmp / "file.txt" / "g.db")]
@@ -568,9 +585,7 @@ BAD_LIVE = [
     pytest.param(a_file_as_folder, "does not exist or is not a folder", id="uri-under-a-file"),
     pytest.param(lambda tmp: ["--uri", str(tmp / "missing" / "g.db")], "does not exist",
                  id="uri-in-a-missing-folder"),
-    pytest.param(read_only_folder, "cannot write in", id="uri-in-a-read-only-folder",
-                 marks=pytest.mark.skipif(os.geteuid() == 0,
-                                          reason="root writes in a read-only folder")),
+    pytest.param(read_only_folder, "cannot write in", id="uri-in-a-read-only-folder"),
     pytest.param(lambda tmp: ["--uri", str(tmp / "g.sqlite")], "neither a Milvus Lite file",
                  id="uri-not-db"),
     pytest.param(lambda tmp: ["--journal", str(tmp)], "is a folder", id="journal-a-folder"),
@@ -585,11 +600,14 @@ BAD_LIVE = [
 
 @pytest.mark.parametrize("setup, message", BAD_LIVE)
 def test_the_live_command_refuses_bad_input_in_one_line_and_leaves_nothing(tmp_path, capsys,
-                                                                           setup, message):
+                                                                           setup, message,
+                                                                           monkeypatch):
     from rmlib.cli import main
 
     emb = save_emb(tmp_path / "emb.npz")
     extra = setup(tmp_path)
+    if (tmp_path / "ro").exists() and os.geteuid() == 0:  # root writes in a 0o555 folder:
+        _deny_writes_in(tmp_path / "ro", monkeypatch)    # deny it as the kernel would
     before = files(tmp_path)
     try:
         rc = main(["live", str(emb), "--uri", str(tmp_path / "g.db"), "--quiet", *extra])
