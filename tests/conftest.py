@@ -3,13 +3,10 @@ once, before them, when it may), and caches go to a temp folder."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-os.environ.setdefault("RMLIB_DOWNLOAD", "0")
 
 
 def real_data_root() -> Path | None:
@@ -21,12 +18,15 @@ def real_data_root() -> Path | None:
     return root if (root / "cifar-100-python" / "test").is_file() else None
 
 
+NO_DATA = ("real CIFAR-100 not available: set RMLIB_DATA to a folder that holds "
+           "cifar-100-python/ (or run once with a network to download it)")
+
+
 @pytest.fixture
 def cifar_root() -> Path:
     root = real_data_root()
     if root is None:
-        pytest.skip("real CIFAR-100 not available: set RMLIB_DATA to a folder that holds "
-                    "cifar-100-python/ (or run once with a network to download it)")
+        pytest.skip(NO_DATA)
     return root
 
 

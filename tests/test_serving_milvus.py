@@ -103,11 +103,11 @@ def cifar_rm_systems(tmp_path_factory):
     from rmlib.config import Config
     from rmlib.methods.experiment import Experiment
     from rmlib.methods.registry import METHODS
-    from tests.conftest import real_data_root
+    from tests.conftest import NO_DATA, real_data_root
 
     root = real_data_root()
     if root is None:
-        pytest.skip("real CIFAR-100 not available (set RMLIB_DATA)")
+        pytest.skip(NO_DATA)
     tmp = tmp_path_factory.mktemp("rm")
     config = Config.from_env("smoke").with_paths(runs=tmp / "runs", results=tmp / "results",
                                                   data=root)
