@@ -66,10 +66,33 @@ def _needs_data(notebook: Path) -> list[str]:
     return list(metadata.get("rmlib", {}).get("needs_data", []))
 
 
+# Markers by where a test lives (pyproject.toml registers them): `-m "not slow"` is the
+# fast loop of unit tests; the README's test command runs everything.
+_MARKERS_BY_FILE = {
+    "tests/book/test_book.py": ("book",),
+    "tests/book/test_browser.py": ("book", "browser"),
+    "tests/serving/test_milvus.py": ("milvus",),
+}
+_SLOW_MARKERS = {"book", "browser", "milvus"}
+_SLOW_FIXTURES = {"cifar_root", "smoke_config"}  # trains or embeds on real CIFAR-100
+
+
+def _mark(item: pytest.Item, root: Path) -> None:
+    path = Path(str(item.fspath))
+    names = ("book",) if path.suffix == ".ipynb" else \
+        _MARKERS_BY_FILE.get(path.relative_to(root).as_posix(), ())
+    for name in names:
+        item.add_marker(name)
+    if _SLOW_MARKERS & set(names) or _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        item.add_marker("slow")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip, with one line, the cells of chapters whose data is missing."""
+    """Mark every test by where it lives and what it needs; skip, with one line, the cells
+    of chapters whose data is missing."""
     verdicts: dict[Path, pytest.MarkDecorator | None] = {}
     for item in items:
+        _mark(item, config.rootpath)
         path = Path(str(item.fspath))
         if path.suffix != ".ipynb":
             continue

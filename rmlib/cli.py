@@ -59,12 +59,13 @@ def _fraction(text: str) -> float:
 def _cmd_backfill(args: argparse.Namespace) -> int:
     from rmlib.evaluation.backfill import backfill_arrays
     from rmlib.evaluation.emb_file import load_backfill_arrays
+    from rmlib.evaluation.orders import ORDER_POLICIES
     from rmlib.figures import plot_curves
     from rmlib.provenance import provenance
     from rmlib.report import summary_text
 
     inputs = [args.emb] + [Path(p) for p in (args.order_train, args.order)
-                           if p is not None and p not in ("random", "uncertainty", "oracle")]
+                           if p is not None and p not in ORDER_POLICIES]
     check_outputs({"--json": args.json, "--plot": args.plot}, inputs=inputs,
                   figures=["--plot"])
     start = time.time()
@@ -75,7 +76,8 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
                 else "camera" if arrays.query_cams is not None else "plain")
     print(f"{args.emb}: {len(arrays.old_query)} queries, {len(arrays.old_gallery)} gallery items, "
           f"{protocol} protocol, backfill order {args.order}"
-          + (f" (seed {args.seed})" if args.order in ("random", "uncertainty") else ""))
+          + (f" (seed {args.seed})" if args.order in ORDER_POLICIES
+             and ORDER_POLICIES[args.order].seeded else ""))
     print(summary_text(curve, conditions))
     if args.json:
         out = curve.to_dict()
@@ -95,17 +97,19 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 def _order(args: argparse.Namespace, arrays):
     """The backfill order --order asks for (None: the seeded random order)."""
     from rmlib.evaluation.emb_file import load_backfill_arrays
-    from rmlib.methods.orders import POLICIES, load_order, policy_order
+    from rmlib.evaluation.orders import ORDER_POLICIES, load_order, policy_order
 
-    if args.order not in POLICIES:
+    if args.order not in ORDER_POLICIES:
         return load_order(args.order, len(arrays.old_gallery))
-    if args.order == "uncertainty" and args.order_train is None:
-        raise RmlibError("--order uncertainty learns from labelled training items: give "
+    spec = ORDER_POLICIES[args.order]
+    if spec.needs_train and args.order_train is None:
+        raise RmlibError(f"--order {args.order} learns from labelled training items: give "
                          "--order-train TRAIN_EMB.npz (the same two systems built on them)")
-    if args.order_train is not None and args.order != "uncertainty":
-        raise RmlibError("--order-train is for --order uncertainty only")
+    if args.order_train is not None and not spec.needs_train:
+        learners = [name for name, p in ORDER_POLICIES.items() if p.needs_train]
+        raise RmlibError(f"--order-train is for --order {' or '.join(learners)} only")
     train = load_backfill_arrays(args.order_train) if args.order_train else None
-    return None if args.order == "random" else policy_order(args.order, arrays, args.seed, train)
+    return policy_order(args.order, arrays, args.seed, train)
 
 
 def _cmd_live(args: argparse.Namespace) -> int:
@@ -222,6 +226,19 @@ def _quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _order_options(p: argparse.ArgumentParser, lead: str) -> None:
+    """--order and --order-train, described by the registered order policies."""
+    from rmlib.evaluation.orders import ORDER_POLICIES
+
+    policies = "; ".join(f"{name} ({spec.summary})" for name, spec in ORDER_POLICIES.items())
+    learners = " or ".join(n for n, spec in ORDER_POLICIES.items() if spec.needs_train)
+    p.add_argument("--order", default="random", metavar="|".join(ORDER_POLICIES) + "|FILE",
+                   help=f"{lead}{policies}; or a .npy / text file of gallery indices")
+    p.add_argument("--order-train", type=Path, metavar="TRAIN_EMB.npz",
+                   help=f"for --order {learners}: the same two systems on labelled training "
+                        "items (never the evaluation set), in EMB.npz's format")
+
+
 def _add_backfill(sub) -> None:
     p = _command(
         sub, "backfill", _cmd_backfill, "simulate an online backfill of your old and new "
@@ -235,14 +252,7 @@ def _add_backfill(sub) -> None:
                         "[, gallery_labels, query_cams, gallery_cams, reference_query]")
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the backfill order, a non-negative integer (default 0)")
-    p.add_argument("--order", default="random", metavar="random|uncertainty|oracle|FILE",
-                   help="which items are re-embedded first: random (the paper's, seeded), "
-                        "uncertainty (largest predicted benefit first, learned from "
-                        "--order-train), oracle (measured with the new embeddings and labels: "
-                        "privileged, a reference), or a .npy / text file of gallery indices")
-    p.add_argument("--order-train", type=Path, metavar="TRAIN_EMB.npz",
-                   help="for --order uncertainty: the same two systems on labelled training "
-                        "items (never the evaluation set), in EMB.npz's format")
+    _order_options(p, "which items are re-embedded first: ")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the curves and AUCs as JSON")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="save the curves as a figure")
 
@@ -295,10 +305,7 @@ def _add_live(sub) -> None:
                    help="stop at this backfilled fraction t, in (0, 1] (default 1)")
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the random backfill order (default 0)")
-    p.add_argument("--order", default="random", metavar="random|uncertainty|oracle|FILE",
-                   help="which items are re-embedded first, as for `backfill`")
-    p.add_argument("--order-train", type=Path, metavar="TRAIN_EMB.npz",
-                   help="for --order uncertainty, as for `backfill`")
+    _order_options(p, "which items are re-embedded first, as for `backfill`: ")
     p.add_argument("--overwrite", action="store_true",
                    help="start the live index NAME again from the old gallery")
     _quiet(p)

@@ -208,6 +208,7 @@ def test_where_the_embeddings_sit_does_not_change_the_numbers(case, dtype, tmp_p
                                                           abs=1e-3 if dtype == "f4" else 1e-5)
 
 
+@pytest.mark.slow  # a process of its own
 def test_module_entry_point_runs_without_traceback(loo_file, tmp_path):
     path, _ = loo_file
     ok = subprocess.run([sys.executable, "-m", "rmlib", "backfill", str(path)],
@@ -273,7 +274,7 @@ def test_backfill_order_policies_and_a_users_own_order(loo_file, tmp_path, capsy
     assert out["oracle"]["auc_mAP"] > out["random"]["auc_mAP"]
     # a user's own order, as text: the oracle's, reversed, is the worst case
     from rmlib.evaluation.emb_file import load_backfill_arrays
-    from rmlib.methods.orders import policy_order
+    from rmlib.evaluation.orders import policy_order
 
     worst = policy_order("oracle", load_backfill_arrays(path))[::-1]
     np.savetxt(tmp_path / "mine.txt", worst, fmt="%d")
@@ -329,6 +330,7 @@ def slow_file(tmp_path):
                  new_gallery=new, query_labels=labels)
 
 
+@pytest.mark.slow  # a process of its own
 @pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])
 def test_ctrl_c_at_any_moment_is_one_line_and_status_130(delay, slow_file):
     """Before, during and after the 1.5 s import of torch (Python's own start-up, the
@@ -347,6 +349,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_status_130(delay, slow_file):
     assert (job.returncode, err.strip()) in ((130, "rmlib: interrupted"), (0, ""))
 
 
+@pytest.mark.slow  # a process of its own
 def test_a_closed_pipe_is_a_quiet_exit_that_still_writes_the_results(slow_file, tmp_path):
     """`rmlib backfill ... | head -1`: the reader leaves; the --json file is still written."""
     out = tmp_path / "out.json"

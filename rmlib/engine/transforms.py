@@ -1,18 +1,21 @@
 """Training psi, rho and the baselines' transforms on cached embeddings (seconds to minutes).
 
 The backbones stay frozen: every transform here learns from pairs of embeddings of the
-same training images, (phi_old(x), phi_new(x), y). Objectives:
+same training images, (phi_old(x), phi_new(x), y). Each objective is one registered
+`TransformObjective` (`OBJECTIVES`): its loss and what it builds.
   - "rqt" (eq. 9), "cl" (eq. 10), "mcl" (eq. 11): psi: new -> old;
   - "mcl" with rho=True (eq. 12-13): psi and rho: new -> new, jointly;
   - "fct": FCT's h: old -> new by l2 regression (no side-information);
   - "bict": BiCT's forward upgrade h': old -> a space classified by a cosine classifier of
     all classes (the classifier is kept: BiCT's new backbone trains against it).
+A new objective is one loss function and one `register_objective(TransformObjective(...))`.
+Explained in the book's chapters on RQT, MCL, rho and the baselines.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,7 +32,44 @@ from rmlib.losses import cl_loss, mcl_loss, mean_distance_loss
 from rmlib.models import CosineClassifier, EmbeddingTransform
 from rmlib.outputs import cached, save_torch
 
-OBJECTIVES = ("rqt", "cl", "mcl", "fct", "bict")
+
+@dataclass(frozen=True)
+class TransformObjective:
+    """One way to train the transforms: its loss of a batch (t, old, new, labels) and what
+    it builds. `forward`: psi maps old embeddings (FCT's and BiCT's h), else new ones back
+    to the old space; `output`: the space psi maps into; `takes_tau`: the loss reads the
+    temperature (chosen on validation); `classifier`: a cosine classifier of all classes is
+    trained with it; `rho`: it may train the new embedding rho jointly."""
+
+    name: str
+    loss: Callable[[Transforms, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    forward: bool = False
+    output: str = "old"
+    takes_tau: bool = False
+    classifier: bool = False
+    rho: bool = False
+
+
+OBJECTIVES: dict[str, TransformObjective] = {}
+
+
+def register_objective(objective: TransformObjective) -> TransformObjective:
+    """Add `objective` to `OBJECTIVES` (a name is registered once)."""
+    if objective.name in OBJECTIVES:
+        raise RmlibError(f"the transform objective {objective.name!r} is already registered")
+    if objective.output not in ("old", "new"):
+        raise RmlibError(f"objective {objective.name!r}: output is 'old' or 'new', not "
+                         f"{objective.output!r}")
+    OBJECTIVES[objective.name] = objective
+    return objective
+
+
+def objective_of(name: str) -> TransformObjective:
+    """The registered objective `name`; an unknown one is an error, never a fallback."""
+    if name not in OBJECTIVES:
+        raise RmlibError(f"unknown objective {name!r}; use one of {', '.join(OBJECTIVES)} "
+                         "(or register_objective a new one)")
+    return OBJECTIVES[name]
 
 
 @dataclass(frozen=True)
@@ -50,10 +90,11 @@ class TransformConfig:
     sources: tuple[str, ...] = field(default=())  # what it trains on (part of the cache key)
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise RmlibError(f"unknown objective {self.objective!r}; use one of {OBJECTIVES}")
-        if self.rho and self.objective != "mcl":
-            raise RmlibError("rho is trained with MCL (eq. 12-13); use objective 'mcl'")
+        spec = objective_of(self.objective)  # an unknown name fails here, at once
+        if self.rho and not spec.rho:
+            able = [o.name for o in OBJECTIVES.values() if o.rho]
+            raise RmlibError(f"rho is trained with {', '.join(able)} (eq. 12-13), not with "
+                             f"{self.objective!r}")
 
     def key(self) -> str:
         return config_key(self)
@@ -91,6 +132,10 @@ class Transforms:
         """FCT / BiCT: upgrade old gallery embeddings, h(phi_old)."""
         return self._apply(self.psi, old)
 
+    def loss(self, old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch, by the registered objective of the config."""
+        return objective_of(self.config.objective).loss(self, old, new, labels)
+
     def modules(self) -> list[torch.nn.Module]:
         """psi, and rho and the classifier where there are."""
         return [m for m in (self.psi, self.rho, self.classifier) if m is not None]
@@ -108,8 +153,11 @@ class Transforms:
         raw = json.loads(state["config"])
         config = TransformConfig(**{**raw, "sources": tuple(raw["sources"])})
         d_in, d_out, hidden = state["psi_dims"]
-        forward = config.objective in ("fct", "bict")  # psi: old -> ..., else new -> old
-        d_old, d_new = (d_in, d_out) if forward else (d_out, d_in)
+        spec = objective_of(config.objective)
+        if spec.forward:  # psi: old -> old or new
+            d_old, d_new = d_in, (d_out if spec.output == "new" else d_in)
+        else:  # psi: new -> old
+            d_old, d_new = d_out, d_in
         with torch.random.fork_rng():  # loading leaves the global random state alone
             t = build_transforms(replace(config, hidden=hidden), d_old, d_new)
         t.config, t.history = config, state["history"]
@@ -120,19 +168,44 @@ class Transforms:
         return t
 
 
-def _loss(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    c = t.config
-    if c.objective == "fct":
-        return mean_distance_loss(t.psi(o), n)
-    if c.objective == "bict":
-        return F.cross_entropy(t.classifier(t.psi(o)), y, label_smoothing=0.1)
-    new = t.rho(n) if t.rho is not None else n
-    rev = t.psi(new)
-    if c.objective == "rqt":
-        return mean_distance_loss(rev, o)
-    if c.objective == "cl":
-        return cl_loss(rev, o, y, c.tau, c.mine)
-    return mcl_loss(rev, o, new, y, c.tau, c.mine)
+def rqt_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor
+                  ) -> torch.Tensor:
+    """eq. 9: psi(phi_new) regressed onto phi_old."""
+    return mean_distance_loss(t.psi(n), o)
+
+
+def cl_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor
+                 ) -> torch.Tensor:
+    """eq. 10: psi(phi_new) contrasted against the old space's items."""
+    return cl_loss(t.psi(n), o, y, t.config.tau, t.config.mine)
+
+
+def mcl_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor
+                  ) -> torch.Tensor:
+    """eq. 11, and with rho eq. 12-13: the backward and the new system trained to share
+    one metric."""
+    new = t.rho(n) if t.rho is not None else n  # rho_new(q), or phi_new(q) without rho
+    rev = t.psi(new)  # rho_rev(q) = psi(rho_new(q))
+    return mcl_loss(rev, o, new, y, t.config.tau, t.config.mine)
+
+
+def fct_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor
+                  ) -> torch.Tensor:
+    """FCT's h: old -> new by l2 regression (eq-fct in the baselines chapter)."""
+    return mean_distance_loss(t.psi(o), n)
+
+
+def bict_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor
+                   ) -> torch.Tensor:
+    """BiCT's forward upgrade h': old -> a space a cosine classifier of all classes reads."""
+    return F.cross_entropy(t.classifier(t.psi(o)), y, label_smoothing=0.1)
+
+
+register_objective(TransformObjective("rqt", rqt_objective))
+register_objective(TransformObjective("cl", cl_objective, takes_tau=True))
+register_objective(TransformObjective("mcl", mcl_objective, takes_tau=True, rho=True))
+register_objective(TransformObjective("fct", fct_objective, forward=True, output="new"))
+register_objective(TransformObjective("bict", bict_objective, forward=True, classifier=True))
 
 
 def steps_per_epoch(config: TransformConfig, labels: np.ndarray) -> int:
@@ -142,16 +215,13 @@ def steps_per_epoch(config: TransformConfig, labels: np.ndarray) -> int:
 
 def build_transforms(config: TransformConfig, d_old: int, d_new: int) -> Transforms:
     """Freshly initialised modules of `config` (seeded) for old/new widths d_old, d_new."""
+    spec = objective_of(config.objective)
     torch.manual_seed(config.seed)
-    if config.objective in ("fct", "bict"):
-        out = d_new if config.objective == "fct" else d_old
-        psi = EmbeddingTransform(d_old, out, config.hidden, layers=config.layers)
-    else:
-        psi = EmbeddingTransform(d_new, d_old, config.hidden, layers=config.layers)
+    d_in, d_out = d_old if spec.forward else d_new, d_new if spec.output == "new" else d_old
+    psi = EmbeddingTransform(d_in, d_out, config.hidden, layers=config.layers)
     rho = (EmbeddingTransform(d_new, d_new, config.hidden, residual=True, layers=config.layers)
            if config.rho else None)
-    classifier = CosineClassifier(d_old, config.num_classes) if config.objective == "bict" \
-        else None
+    classifier = CosineClassifier(d_out, config.num_classes) if spec.classifier else None
     return Transforms(config, psi, rho, classifier)
 
 
@@ -189,7 +259,7 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
                 yield idx
 
     def loss_of(idx: torch.Tensor):
-        return _loss(t, o_all[idx], n_all[idx], y_dev[idx]), len(idx), {}
+        return t.loss(o_all[idx], n_all[idx], y_dev[idx]), len(idx), {}
 
     train_epochs(range(config.epochs), batches, loss_of, opt, t.history, f"fit {config.name}",
                  config.epochs, progress)

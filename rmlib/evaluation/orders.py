@@ -1,8 +1,13 @@
-"""Which gallery items to re-embed first: backfill order policies.
+"""Which gallery items to re-embed first: backfill order policies, beside the evaluator.
 
 The paper backfills in a random order. Any permutation of the gallery is an order; the
 evaluator (`simulate_backfill(order=...)`), the CLI (`backfill --order`) and the live
-index (`OnlineBackfillIndex.next_batch`) take one. The policies:
+index (`OnlineBackfillIndex.next_batch`) take one. Each policy is a registered
+`OrderPolicy` (`ORDER_POLICIES`): how it orders a gallery, and whether it is seeded, learns
+from training items, or reads what a deployment cannot (privileged); the CLI's choices
+and the study's rows come from the registry. A new policy is one function and one
+`register_order_policy(...)`. Explained in the book's chapter "Beyond the paper". The
+policies:
 
 - `random`: `default_rng(seed).permutation(N)`, the paper's.
 - `uncertainty`: the largest *predicted* benefit first. A small head, trained on the
@@ -19,6 +24,8 @@ index (`OnlineBackfillIndex.next_batch`) take one. The policies:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +38,41 @@ from rmlib.evaluation.backfill import backfill_order
 from rmlib.evaluation.emb_file import BackfillArrays, readable_file
 from rmlib.evaluation.retrieval import EuclideanSystem, query_chunks
 
-POLICIES = ("random", "uncertainty", "oracle")
+
+@dataclass(frozen=True)
+class OrderPolicy:
+    """A backfill order policy: `order(arrays, seed, train)` gives the permutation of the
+    gallery of `arrays`. `seeded`: the seed changes it; `needs_train`: it learns from
+    `train`, the same two systems on labelled training items (never the evaluation set);
+    `privileged`: it reads what a deployment cannot (the new embeddings or the labels of the
+    evaluation set), so it is a reference, not a policy to run. `summary`: one line for
+    the command line's help."""
+
+    name: str
+    order: Callable[[BackfillArrays, int, BackfillArrays | None], np.ndarray]
+    seeded: bool = False
+    needs_train: bool = False
+    privileged: bool = False
+    summary: str = ""
+
+
+ORDER_POLICIES: dict[str, OrderPolicy] = {}
+
+
+def register_order_policy(policy: OrderPolicy) -> OrderPolicy:
+    """Add `policy` to `ORDER_POLICIES` (a name is registered once)."""
+    if policy.name in ORDER_POLICIES:
+        raise RmlibError(f"the order policy {policy.name!r} is already registered")
+    ORDER_POLICIES[policy.name] = policy
+    return policy
+
+
+def order_policy(name: str) -> OrderPolicy:
+    """The registered policy `name`; an unknown one is an error."""
+    if name not in ORDER_POLICIES:
+        raise RmlibError(f"unknown backfill order {name!r}; use one of "
+                         f"{', '.join(ORDER_POLICIES)}, or a file of gallery indices")
+    return ORDER_POLICIES[name]
 
 
 def item_benefit(arrays: BackfillArrays, nearest_irrelevant: int = 10,
@@ -122,26 +163,40 @@ def predicted_benefit(head: BenefitHead, old_embeddings: np.ndarray) -> np.ndarr
 
 def policy_order(policy: str, arrays: BackfillArrays, seed: int = 0,
                  train: BackfillArrays | None = None) -> np.ndarray:
-    """The backfill order of `policy` for the gallery of `arrays`. `uncertainty` learns its
-    head from `train` (the same two systems built on training items, with their labels)."""
-    n = len(arrays.old_gallery)
-    if policy == "random":
-        return backfill_order(n, seed)
-    if policy == "oracle":
-        return order_by_priority(item_benefit(arrays))
-    if policy == "uncertainty":
+    """The backfill order of the registered `policy` for the gallery of `arrays`; a policy
+    that learns (`needs_train`) reads `train`, the same two systems built on training
+    items, with their labels."""
+    spec = order_policy(policy)
+    if spec.needs_train:
         if train is None:
-            raise RmlibError("the uncertainty order learns from training items: pass their "
-                             "systems as `train`")
+            raise RmlibError(f"the {policy} order learns from training items: pass their "
+                             "systems as `train` (--order-train)")
         for side in ("old_gallery", "new_gallery"):
             got, want = getattr(train, side).shape[1], getattr(arrays, side).shape[1]
             if got != want:
                 raise RmlibError(f"the training items' {side} has width {got} but the "
                                  f"evaluation file's has {want}; --order-train must hold the "
                                  "same two systems (the same models) on training items")
-        head = fit_benefit_head(train.old_gallery, item_benefit(train), seed)
-        return order_by_priority(predicted_benefit(head, arrays.old_gallery))
-    raise RmlibError(f"unknown backfill order {policy!r}; use one of {', '.join(POLICIES)}")
+    return permutation(f"the {policy} order", spec.order(arrays, seed, train),
+                       len(arrays.old_gallery))
+
+
+def _uncertainty_order(arrays: BackfillArrays, seed: int, train: BackfillArrays | None
+                       ) -> np.ndarray:
+    head = fit_benefit_head(train.old_gallery, item_benefit(train), seed)
+    return order_by_priority(predicted_benefit(head, arrays.old_gallery))
+
+
+register_order_policy(OrderPolicy(
+    "random", lambda arrays, seed, train: backfill_order(len(arrays.old_gallery), seed),
+    seeded=True, summary="the paper's, seeded"))
+register_order_policy(OrderPolicy(
+    "uncertainty", _uncertainty_order, seeded=True, needs_train=True,
+    summary="largest predicted benefit first, learned from --order-train"))
+register_order_policy(OrderPolicy(
+    "oracle", lambda arrays, seed, train: order_by_priority(item_benefit(arrays)),
+    privileged=True, summary="measured with the new embeddings and labels: privileged, a "
+    "reference"))
 
 
 def load_order(path: Path | str, num_gallery: int) -> np.ndarray:

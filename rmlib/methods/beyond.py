@@ -1,6 +1,6 @@
 """Two studies beyond the paper, each written to its own results file with provenance.
 
-- `order_policies`: which items to backfill first (rmlib.methods.orders), for RM_naive and
+- `order_policies`: which items to backfill first (rmlib.evaluation.orders), for RM_naive and
   RM, each policy with every seed of the profile: `order_policies.json`.
 - `heterogeneous`: an upgrade across architectures. The old model is a CIFAR ResNet-20
   (deep, narrow, residual, 64-d embeddings) instead of the fast net; the new model is
@@ -17,8 +17,8 @@ import numpy as np
 
 from rmlib.config import Config
 from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.evaluation.orders import ORDER_POLICIES, order_policy, policy_order
 from rmlib.methods.experiment import Experiment
-from rmlib.methods.orders import POLICIES, policy_order
 from rmlib.methods.reproduce import evaluate_method, evaluate_rows, final_metrics, gain
 from rmlib.methods.selection import rm_systems
 from rmlib.methods.setups import SETUPS
@@ -53,16 +53,19 @@ def evaluate_order(exp: Experiment, method: str, policy: str, old: dict, new: di
     """One method under one order policy: `evaluate_method` with, for each seed, that
     seed's transforms and its random order or head."""
     def order(arrays: BackfillArrays, seed: int) -> np.ndarray:
-        train = training_systems(exp, method, seed) if policy == "uncertainty" else None
+        train = training_systems(exp, method, seed) if order_policy(policy).needs_train \
+            else None
         return policy_order(policy, arrays, seed, train)
 
     return {**evaluate_method(exp, method, old, new, order=order), "policy": policy,
-            "privileged": policy == "oracle"}
+            "privileged": order_policy(policy).privileged}
 
 
-def order_policies(dataset: str, config: Config, policies: tuple[str, ...] = POLICIES,
+def order_policies(dataset: str, config: Config, policies: tuple[str, ...] | None = None,
                    progress: bool = False) -> dict:
-    """Every order policy for RM_naive and RM; writes order_policies.json."""
+    """Every registered order policy (or `policies`) for RM_naive and RM; writes
+    order_policies.json."""
+    policies = tuple(ORDER_POLICIES) if policies is None else policies
     start = time.time()
     out = study_path(dataset, config, "orders")
     check_output(out, "the results file")

@@ -13,7 +13,12 @@ from rmlib.data import train_val_split
 from rmlib.engine.backbones import TrainedModel, train_backbone
 from rmlib.engine.embed import cached_embeddings
 from rmlib.engine.objectives import InfluenceObjective, Objective
-from rmlib.engine.transforms import TransformConfig, Transforms, cached_transforms
+from rmlib.engine.transforms import (
+    TransformConfig,
+    Transforms,
+    cached_transforms,
+    objective_of,
+)
 from rmlib.evaluation.calibration import DistanceCalibration
 from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.methods.selection import select_settings
@@ -111,7 +116,8 @@ class Experiment:
         sources = tuple(self.model(r).run_dir.name for r in ROLES)
         base = {"objective": objective, "rho": rho, "epochs": recipe.epochs,
                 "hidden": recipe.hidden, "sources": sources,
-                "num_classes": self.setup.num_classes if objective == "bict" else 0}
+                "num_classes": self.setup.num_classes if objective_of(objective).classifier
+                else 0}
         return TransformConfig(**{**base, **kw})
 
     def settings(self) -> dict:
@@ -136,15 +142,17 @@ class Experiment:
         return cached_transforms(cfg, old, new, labels, folder, progress)
 
     def transform(self, name: str, seed: int = 0) -> Transforms:
-        """'rqt', 'cl', 'mcl', 'mcl-rho', 'fct' or 'bict', trained on all training items;
-        `seed` sets their initialisation and batches (the settings are chosen once)."""
+        """A registered objective's transforms ('rqt', 'cl', 'mcl', 'fct', 'bict', ...), or
+        with '-rho' also rho ('mcl-rho'), trained on all training items; `seed` sets their
+        initialisation and batches (the settings are chosen once)."""
         key = name if seed == 0 else f"{name}@seed{seed}"
         if key not in self.transforms:
             chosen = self.settings()  # timed on its own, not inside the first transform
             t0 = time.time()
-            objective, rho = name.split("-")[0], name.endswith("-rho")
+            rho = name.endswith("-rho")
+            objective = name.removesuffix("-rho")
             kw = {"hidden": chosen["hidden"], "epochs": chosen["epochs"], "seed": seed}
-            if objective in ("cl", "mcl"):
+            if objective_of(objective).takes_tau:
                 kw["tau"] = chosen["tau"]
             self.transforms[key] = self._fit_transform(
                 self.transform_config(objective, rho, **kw), self.embeddings("old", "train"),

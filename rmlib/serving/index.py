@@ -232,7 +232,7 @@ class OnlineBackfillIndex:
     # --- backfill ---------------------------------------------------------------------------
     def next_batch(self, order: np.ndarray, size: int) -> np.ndarray:
         """The first `size` ids of a backfill `order` (all gallery ids, most urgent first:
-        `rmlib.methods.orders`) that are still in the old part: what the backfill job
+        `rmlib.evaluation.orders`) that are still in the old part: what the backfill job
         re-embeds next. Asked again after a restart, it gives the items not yet moved."""
         self._open_parts()
         size = count("size", size)

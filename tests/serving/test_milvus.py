@@ -23,8 +23,20 @@ from rmlib.serving.index import (  # noqa: E402
     float32_tolerance,
 )
 from rmlib.serving.journal import BackfillJournal  # noqa: E402
-from tests import backfill_worker as worker  # noqa: E402
 
+
+def _load_worker():
+    """scripts/backfill_worker.py, the job the serving chapter kills too (not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "backfill_worker.py"
+    spec = importlib.util.spec_from_file_location("backfill_worker", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+worker = _load_worker()
 WORKER = Path(worker.__file__)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rmlib.engine.objectives import InfluenceObjective, Objective
-from rmlib.engine.transforms import TransformConfig, _loss, build_transforms
+from rmlib.engine.transforms import TransformConfig, build_transforms
 from rmlib.losses import bct_influence_loss, mcl_loss, mean_distance_loss, pairwise_distances
 from rmlib.models import CosineClassifier, EmbeddingTransform
 
@@ -86,12 +86,12 @@ def test_fct_and_bict_training_losses_are_eq_fct_and_eq_bict_upgrade():
     torch.manual_seed(0)
     old, new, y = torch.randn(6, 3), torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
     fct = build_transforms(TransformConfig(objective="fct"), 3, 4)
-    assert _loss(fct, old, new, y).item() == pytest.approx(
+    assert fct.loss(old, new, y).item() == pytest.approx(
         (fct.psi(old) - new).norm(dim=1).mean().item(), abs=1e-5)
     bict = build_transforms(TransformConfig(objective="bict", num_classes=3), 3, 4)
     expected = torch.nn.functional.cross_entropy(bict.classifier(bict.psi(old)), y,
                                                  label_smoothing=0.1)
-    assert _loss(bict, old, new, y).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert bict.loss(old, new, y).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -139,4 +139,4 @@ def test_rho_systems_and_loss_are_eq_rho_embeddings_and_eq_rho_s():
         torch.testing.assert_close(torch.as_tensor(t.new_side(new.numpy())), rho_new)
         torch.testing.assert_close(torch.as_tensor(t.reverse(new.numpy())), rho_rev)
         expected = mcl_loss(rho_rev, old, rho_new, y, tau=0.5, mine=True)
-        torch.testing.assert_close(_loss(t, old, new, y), expected)
+        torch.testing.assert_close(t.loss(old, new, y), expected)

@@ -1,4 +1,4 @@
-"""A backfill job to be killed: `python tests/backfill_worker.py DB STAGE`.
+"""A backfill job to be killed: `python scripts/backfill_worker.py DB STAGE`.
 
 It creates a Milvus-backed live index of `GALLERY` items in DB (or resumes it, as
 `python -m rmlib live` does: reopened when it was created, created again when its

@@ -6,7 +6,7 @@ import pytest
 from rmlib import RmlibError
 from rmlib.evaluation.backfill import simulate_backfill
 from rmlib.evaluation.emb_file import BackfillArrays
-from rmlib.methods.orders import (
+from rmlib.evaluation.orders import (
     fit_benefit_head,
     item_benefit,
     order_by_priority,

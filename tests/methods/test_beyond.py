@@ -3,8 +3,8 @@
 import json
 
 from rmlib.cli import main
+from rmlib.evaluation.orders import ORDER_POLICIES
 from rmlib.methods.beyond import HETEROGENEOUS_OLD, heterogeneous, order_policies
-from rmlib.methods.orders import POLICIES
 
 
 def test_order_policies_write_every_policy_with_seeds_for_both_merges(smoke_config, capsys,
@@ -15,7 +15,7 @@ def test_order_policies_write_every_policy_with_seeds_for_both_merges(smoke_conf
     assert json.loads(path.read_text())["rows"].keys() == {"RM_naive", "RM"}
     seeds = list(smoke_config.profile.transforms.seeds)
     for rows in result["rows"].values():
-        assert tuple(rows) == POLICIES
+        assert tuple(rows) == tuple(ORDER_POLICIES)
         for policy, row in rows.items():
             assert row["seeds"] == seeds and len(row["auc_mAP_seeds"]) == len(seeds)
             assert row["privileged"] == (policy == "oracle")

@@ -69,7 +69,7 @@ def test_rqt_brings_reverse_queries_into_the_old_space():
 def test_bad_transform_configs():
     with pytest.raises(RmlibError, match="unknown objective"):
         TransformConfig(objective="nope")
-    with pytest.raises(RmlibError, match="rho is trained with MCL"):
+    with pytest.raises(RmlibError, match="rho is trained with mcl"):
         TransformConfig(objective="rqt", rho=True)
 
 

@@ -132,7 +132,7 @@ def test_a_policy_order_drives_the_live_backfill_and_matches_the_offline_curve()
     what it serves is the evaluator's curve under that same order."""
     from rmlib.evaluation.backfill import simulate_backfill
     from rmlib.evaluation.emb_file import BackfillArrays
-    from rmlib.methods.orders import policy_order
+    from rmlib.evaluation.orders import policy_order
     from rmlib.serving.index import live_scores
 
     rng = np.random.default_rng(5)

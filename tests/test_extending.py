@@ -1,0 +1,106 @@
+"""Extending rmlib: a new entry of a registry, defined here, runs end to end."""
+
+import numpy as np
+import pytest
+import torch
+
+from rmlib import RmlibError
+from rmlib.engine import transforms
+from rmlib.engine.transforms import (
+    OBJECTIVES,
+    TransformConfig,
+    TransformObjective,
+    build_transforms,
+    fit_transforms,
+    objective_of,
+    register_objective,
+)
+from rmlib.evaluation.backfill import backfill_arrays
+from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.methods.selection import rm_systems
+
+
+def _spaces(n: int, seed: int, classes: int = 8):
+    """Labelled items in an old and a better new space (unrelated coordinates)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    old = np.random.default_rng(1).normal(size=(classes, 6))[labels] + rng.normal(size=(n, 6))
+    new = np.random.default_rng(2).normal(size=(classes, 8))[labels] + \
+        0.5 * rng.normal(size=(n, 8))
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    return labels, unit(old), unit(new)
+
+
+def cosine_objective(t, o, n, y):
+    """A new compatibility loss: psi(phi_new) aligned with phi_old by cosine."""
+    return (1 - torch.nn.functional.cosine_similarity(t.psi(n), o)).mean()
+
+
+@pytest.fixture
+def cosine(monkeypatch):
+    monkeypatch.setattr(transforms, "OBJECTIVES", dict(OBJECTIVES))  # undone after the test
+    return register_objective(TransformObjective("cosine", cosine_objective))
+
+
+def test_a_new_objective_is_one_function_and_one_registry_entry(cosine):
+    labels, old, new = _spaces(600, seed=0)
+    config = TransformConfig(objective="cosine", hidden=32, epochs=3, classes_per_batch=4,
+                             per_class=8)
+    t = fit_transforms(config, old, new, labels, progress=False)
+    assert t.config.name == "cosine" and t.rho is None and t.psi.d_out == 6
+    history = [h["loss"] for h in t.history]
+    assert history[-1] < history[0]  # it trained on the new loss
+    q_labels, q_old, q_new = _spaces(200, seed=3)
+    untrained = build_transforms(config, 6, 8)
+
+    def alignment(tr):  # how close psi(phi_new(x)) is to phi_old(x), on held-out items
+        return float(np.mean(np.sum(tr.reverse(q_new) * q_old, axis=1)))
+
+    assert alignment(t) > alignment(untrained) + 0.2  # what the new loss asks for
+    curve, conditions = backfill_arrays(rm_systems(t, BackfillArrays(q_old, q_old, q_new,
+                                                                     q_new, q_labels)))
+    assert len(curve.t) == 21 and np.isfinite(curve.auc("mAP")) and "cond6" in str(conditions)
+    saved = transforms.Transforms.from_state(t.state())
+    torch.testing.assert_close(saved.psi(torch.as_tensor(q_new)), t.psi(torch.as_tensor(q_new)))
+
+
+def test_an_unknown_objective_is_an_error_never_a_fallback(cosine):
+    with pytest.raises(RmlibError, match="unknown objective 'cosin'; use one of .*cosine"):
+        TransformConfig(objective="cosin")
+    with pytest.raises(RmlibError, match="rho is trained with mcl .* not with 'cosine'"):
+        TransformConfig(objective="cosine", rho=True)
+    with pytest.raises(RmlibError, match="already registered"):
+        register_objective(TransformObjective("cosine", cosine_objective))
+    assert objective_of("mcl").takes_tau and not objective_of("cosine").takes_tau
+
+
+def test_a_new_order_policy_is_one_function_and_one_registry_entry(tmp_path, monkeypatch,
+                                                                   capsys):
+    """Registered, a policy is a choice of the command line, with its own help."""
+    import json
+
+    from rmlib.cli import main
+    from rmlib.evaluation import orders
+
+    monkeypatch.setattr(orders, "ORDER_POLICIES", dict(orders.ORDER_POLICIES))
+    orders.register_order_policy(orders.OrderPolicy(
+        "last_first", lambda arrays, seed, train: np.arange(len(arrays.old_gallery))[::-1],
+        summary="the gallery from its end"))
+    labels, old, new = _spaces(120, seed=4)
+    np.savez(tmp_path / "emb.npz", old_query=old, old_gallery=old, new_query=new,
+             new_gallery=new, query_labels=labels)
+    with pytest.raises(SystemExit):
+        main(["backfill", "--help"])
+    assert "last_first (the gallery from its end)" in " ".join(capsys.readouterr().out.split())
+    for policy in ("last_first", "random"):
+        assert main(["backfill", str(tmp_path / "emb.npz"), "--order", policy, "--json",
+                     str(tmp_path / f"{policy}.json")]) == 0
+    shown = capsys.readouterr().out
+    assert "backfill order last_first\n" in shown  # not seeded: no seed printed
+    curves = {p: json.loads((tmp_path / f"{p}.json").read_text()) for p in ("last_first",
+                                                                            "random")}
+    assert curves["last_first"]["provenance"]["config"]["order"] == "last_first"
+    assert curves["last_first"]["mAP"] != curves["random"]["mAP"]
+    assert main(["backfill", str(tmp_path / "emb.npz"), "--order", "last_first",
+                 "--order-train", str(tmp_path / "emb.npz")]) == 2
+    assert "--order-train is for --order uncertainty only" in capsys.readouterr().err
