@@ -6,6 +6,8 @@ Seo et al., "Metric Compatible Training for Online Backfilling in Large-Scale Re
 The modules follow the direction of data: config -> data -> models -> losses -> engine
 (training loop, backbones, transforms, embeddings) -> evaluation (retrieval, backfill) ->
 methods (setups, experiment, registry, reproduce) -> serving -> report -> own_upgrade -> cli.
+
+Explained in the book: book/intro.
 """
 
 __version__ = "0.1.0"

@@ -4,6 +4,8 @@ What only a process has is handled here. Importing rmlib.cli imports torch (abou
 an interrupt during that import, or anywhere after it, ends with "rmlib: interrupted" and
 status 130, never a traceback; once the command has finished, an interrupt no longer
 changes its status. A reader that leaves (`... | head`) does not stop the work.
+
+Explained in the book: book/own_upgrade.
 """
 
 import os

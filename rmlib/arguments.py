@@ -2,6 +2,8 @@
 
 numpy integers are integers here (`np.int64(3)` is as good as 3); floats, strings and
 booleans are not counts.
+
+Explained in the book: book/own_upgrade.
 """
 
 from __future__ import annotations

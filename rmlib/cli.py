@@ -1,4 +1,7 @@
-"""`python -m rmlib ...`: the command line. Every user error exits 2 with one clear line."""
+"""`python -m rmlib ...`: the command line. Every user error exits 2 with one clear line.
+
+Explained in the book: book/own_upgrade.
+"""
 
 from __future__ import annotations
 
@@ -275,7 +278,9 @@ _TRAINING_COMMANDS = {
 def _add_training(sub, name: str) -> None:
     short, description, func = _TRAINING_COMMANDS[name]
     p = _command(sub, name, func, short, description)
-    p.add_argument("dataset", choices=["cifar100", "market1501"])
+    from rmlib.methods.setups import DATASETS
+
+    p.add_argument("dataset", choices=list(DATASETS))
     if name == "train":
         p.add_argument("which", choices=["old", "new", "both"])
     p.add_argument("--profile", choices=list(PROFILES),

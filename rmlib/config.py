@@ -9,6 +9,8 @@ with a GPU, cpu otherwise), RMLIB_DATA (the data root), RMLIB_RUNS (the run cach
 RMLIB_RESULTS (results with provenance), RMLIB_DOWNLOAD (0 forbids downloads),
 RMLIB_PRECISION (fp32 | bf16 forces the autocast mode), RMLIB_COMMIT (the commit of a
 tree copied without its .git).
+
+Explained in the book: book/intro.
 """
 
 from __future__ import annotations

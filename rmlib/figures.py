@@ -2,7 +2,10 @@
 every page, sized for the book's column (7 in wide at most, text 9 pt or more), drawn at
 twice the screen's pixel density, legends outside the data. Backfill curves (one panel per
 metric, the seed spread as bands), the two systems' distance calibration on one shared
-axis, and merged top-k retrievals."""
+axis, and merged top-k retrievals.
+
+Explained in the book: book/table1.
+"""
 
 from __future__ import annotations
 

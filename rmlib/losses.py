@@ -13,6 +13,8 @@
 Similarities are s = exp(-dist / tau); the sums of eq. 10-11 are computed as logsumexp
 over masked logits (the plain sums underflow). Distances go through a clamped square root:
 the gradient of sqrt at 0 is infinite, and a system's own diagonal is exactly 0.
+
+Explained in the book: book/rqt, book/mcl, book/rho, book/baselines.
 """
 
 from __future__ import annotations

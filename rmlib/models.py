@@ -5,6 +5,8 @@
 - `RetrievalModel`: backbone -> linear -> L2-normalised 128-d embedding -> cosine classifier.
   The cosine classifier scores normalised embeddings, so training shapes the very space
   that retrieval searches with Euclidean distance.
+
+Explained in the book: book/models, book/rho.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """What a chapter of the book opens with: the configuration, built once from the environment,
 and the results it shows. A chapter never starts a long run by itself: where a profile's
 results or cached models are missing it says what is missing, what making them cost when
-it was measured, and the one command that makes them (with progress bars)."""
+it was measured, and the one command that makes them (with progress bars).
+
+Explained in the book: book/table1.
+"""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ new path or a regular file (a folder, a symbolic link, a device, a FIFO or a soc
 replaced by the rename, or never receive the data), a figure needs an extension matplotlib
 can write, and no output may be an input. The check creates nothing: a run that fails
 leaves no empty folders behind.
+
+Explained in the book: book/own_upgrade.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ vectors, and MCL compares them with old embeddings. So both commands L2-normalis
 embedding they read (`unit_rows`); without it, embeddings of norm 20 would be merged with
 unit-length ones and the old part would win or lose every comparison (AUC mAP 7 instead of
 66 in the test). COMPAT.pt records the convention (`unit_inputs`).
+
+Explained in the book: book/own_upgrade.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Provenance of a result: which code, profile, config and machine made it, and how long."""
+"""Provenance of a result: which code, profile, config and machine made it, and how long.
+
+Explained in the book: book/table1.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """Text for the terminal: the summary of a backfill, Table 1 beside the paper, and the line
 that says which run made a results file. (Figures: `rmlib.figures`; HTML tables:
-`rmlib.tables`.)"""
+`rmlib.tables`.)
+
+Explained in the book: book/table1.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """Results rows as pandas tables for the book: mean plus or minus the std over seeds, the
 paper's numbers beside ours, the paper's conditions as check marks, the best value bold,
-and differences smaller than their noise marked. (The CLI prints `rmlib.report`'s text.)"""
+and differences smaller than their noise marked. (The CLI prints `rmlib.report`'s text.)
+
+Explained in the book: book/table1.
+"""
 
 from __future__ import annotations
 

@@ -104,3 +104,71 @@ def test_a_new_order_policy_is_one_function_and_one_registry_entry(tmp_path, mon
     assert main(["backfill", str(tmp_path / "emb.npz"), "--order", "last_first",
                  "--order-train", str(tmp_path / "emb.npz")]) == 2
     assert "--order-train is for --order uncertainty only" in capsys.readouterr().err
+
+
+def test_a_new_objective_gives_a_table_row_through_the_runner(cosine, smoke_config,
+                                                               monkeypatch):
+    """One objective and one Method entry: the runner fits it with the chosen settings and
+    evaluates its row beside the others (smoke profile, real CIFAR-100)."""
+    from rmlib.methods import registry
+    from rmlib.methods.experiment import Experiment
+    from rmlib.methods.reproduce import evaluate_rows
+
+    row = registry.Method("+COS", registry._reverse_transform("cosine"),
+                          "psi_cos(phi_new) / phi_old, then phi_new")
+    monkeypatch.setitem(registry.METHODS, row.name, row)
+    exp = Experiment("cifar100", smoke_config, progress=False)
+    rows = evaluate_rows(exp, ("RM_naive", "+COS"))
+    assert list(rows) == ["Old", "New", "RM_naive", "+COS"]
+    cos = rows["+COS"]["auc_mAP"]
+    assert 0 < cos < 1 and cos != rows["RM_naive"]["auc_mAP"]
+    fitted = exp.transform("cosine")
+    # its spec says it takes no tau: the chosen tau is not passed (the default stays)
+    assert fitted.config.objective == "cosine" and fitted.config.tau == TransformConfig().tau
+
+
+def _toy_setup(config):
+    """A data set of 10 colour classes (32 x 32): old on classes 0-4, leave-one-out test."""
+    from rmlib.data import ImageSet
+    from rmlib.methods.setups import Setup
+
+    rng = np.random.default_rng(0)
+    colours = rng.integers(40, 216, (10, 3, 1, 1))
+
+    def images(per_class):
+        labels = np.repeat(np.arange(10), per_class)
+        noise = rng.normal(0, 40, (len(labels), 3, 32, 32))
+        return ImageSet(np.clip(colours[labels] + noise, 0, 255).astype(np.uint8), labels)
+
+    train, test = images(30), images(8)
+    return Setup("toy", config, train, train.labels < 5, 5, 10, test,
+                 details={"classes": 10})
+
+
+@pytest.mark.slow  # trains every backbone and transform of the smoke profile
+def test_a_new_dataset_is_one_loader_and_one_registry_entry(config_of, monkeypatch, capsys):
+    import json
+    from dataclasses import replace
+
+    from rmlib.cli import main
+    from rmlib.engine.objectives import Objective
+    from rmlib.methods import setups
+
+    def toy_backbone(setup, role):
+        return replace(setups._cifar_backbone(setup, role), dataset="toy")
+
+    monkeypatch.setattr(setups, "DATASETS", dict(setups.DATASETS))
+    setups.register_dataset(setups.Dataset(
+        "toy", _toy_setup, lambda p: p.cifar, toy_backbone, lambda c: Objective(),
+        test_protocol="toy test, leave-one-out",
+        backfill_protocol="toy test, leave-one-out; backfill order default_rng(0)"))
+    config = config_of("smoke")
+    monkeypatch.setenv("RMLIB_PROFILE", "smoke")
+    assert main(["reproduce", "toy", "--quiet"]) == 0  # a choice of the command line now
+    assert "Table 1, toy, profile smoke" in capsys.readouterr().out
+    table = json.loads((config.paths.results / "toy" / "smoke" / "table1.json").read_text())
+    assert set(table["rows"]) >= {"Old", "New", "RM_naive", "BCT", "FCT", "BiCT", "RM"}
+    assert table["paper"] == {}  # the paper has no numbers for it
+    config_record = table["provenance"]["config"]
+    assert config_record["protocol"].startswith("toy test") and config_record["classes"] == 10
+    assert all(0 <= r["auc_mAP"] <= 1 for r in table["rows"].values())

@@ -178,11 +178,14 @@ def test_fit_checks_out_before_fitting(out, message, tmp_path, capsys, monkeypat
 def test_training_commands_check_their_results_folder_first(command, tmp_path, capsys,
                                                             monkeypatch):
     """An unwritable results folder fails in a second, not after an hour of training."""
-    from rmlib.methods import experiment
+    from dataclasses import replace
+
+    from rmlib.methods import setups
 
     (tmp_path / "afile").write_text("x")
     monkeypatch.setenv("RMLIB_RESULTS", str(tmp_path / "afile"))
-    monkeypatch.setattr(experiment, "SETUPS", {"cifar100": lambda c: pytest.fail("worked")})
+    never = replace(setups.DATASETS["cifar100"], setup=lambda c: pytest.fail("worked"))
+    monkeypatch.setitem(setups.DATASETS, "cifar100", never)
     argv = [command, "cifar100", *(["both"] if command == "train" else []), "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

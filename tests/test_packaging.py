@@ -37,3 +37,15 @@ def test_pyproject_declares_every_third_party_import_of_rmlib():
                 if not dists & declared:
                     missing.add(f"{top} ({path.relative_to(ROOT)})")
     assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"
+
+
+def test_every_module_names_the_chapter_that_explains_it():
+    """As d2l's code names its chapter: a reader of rmlib finds the page, and a reader of
+    the book the code."""
+    toc = (ROOT / "_toc.yml").read_text()
+    for path in sorted((ROOT / "rmlib").rglob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        named = re.findall(r"book/(\w+)", doc.split("Explained in the book:")[-1])
+        assert "Explained in the book:" in doc and named, path.relative_to(ROOT)
+        for chapter in named:
+            assert f"book/{chapter}" in toc, f"{path.relative_to(ROOT)} names book/{chapter}"

@@ -1,4 +1,7 @@
-"""Data: the CIFAR-100 and Market-1501 readers, the old/new protocol, tensor augmentation."""
+"""Data: the CIFAR-100 and Market-1501 readers, the old/new protocol, tensor augmentation.
+
+Explained in the book: book/data_protocol.
+"""
 
 from rmlib.data.cifar import (
     CIFAR100_MEAN,

@@ -1,4 +1,7 @@
-"""Augmentation on batched uint8 tensors: one gather per batch instead of per-image PIL calls."""
+"""Augmentation on batched uint8 tensors: one gather per batch instead of per-image PIL calls.
+
+Explained in the book: book/models.
+"""
 
 from __future__ import annotations
 

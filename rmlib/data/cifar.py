@@ -4,6 +4,8 @@ The pickles are read directly (shapes and counts checked, not md5): copies whose
 placeholder file names differ from the official tarball are still the official pixels,
 labels, split and order. torchvision is used only to download the archive when the folder
 is missing and a network is there (`fetch_cifar100`: md5-checked, unpacked atomically).
+
+Explained in the book: book/data_protocol.
 """
 
 from __future__ import annotations

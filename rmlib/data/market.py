@@ -7,6 +7,8 @@ Every protocol rule of the data set that is a property of a file lives here, in 
   - the old model trains on the first half of the sorted training ids.
 The per-query rule (same id and same camera removed) is the evaluator's
 (`rmlib.evaluation.retrieval.Protocol.camera`).
+
+Explained in the book: book/market1501.
 """
 
 from __future__ import annotations

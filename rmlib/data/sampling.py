@@ -1,4 +1,7 @@
-"""Class-balanced P x K batches: P classes, K items each, so every anchor has positives."""
+"""Class-balanced P x K batches: P classes, K items each, so every anchor has positives.
+
+Explained in the book: book/mcl.
+"""
 
 from __future__ import annotations
 

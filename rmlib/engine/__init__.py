@@ -1,2 +1,5 @@
 """The engine: one training loop, cached runs, and what runs on it (backbones, transforms,
-embedding extraction)."""
+embedding extraction).
+
+Explained in the book: book/models.
+"""

@@ -4,6 +4,8 @@ Every run is a function of its config: it lives in
 `<runs>/<dataset>/<profile>/<role>-<config key>/`, writes a checkpoint every epoch, resumes
 from it after an interruption, and is reused only when the key matches. Checkpoints hold
 tensors and plain numbers only, so they load with `torch.load(..., weights_only=True)`.
+
+Explained in the book: book/models.
 """
 
 from __future__ import annotations

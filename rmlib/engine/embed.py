@@ -1,4 +1,7 @@
-"""Batched embedding extraction with an on-disk cache next to the model that made it."""
+"""Batched embedding extraction with an on-disk cache next to the model that made it.
+
+Explained in the book: book/models.
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ the training set's patches, identity (dirac) initialisation of the convolutions,
 learning rate on the BatchNorm biases, an exponential moving average of the weights with
 a faster BatchNorm momentum, and flips that alternate between epochs instead of being
 drawn anew. Test-time augmentation (flips and 1-pixel shifts) lives in `rmlib.engine.embed`.
+
+Explained in the book: book/models.
 """
 
 from __future__ import annotations

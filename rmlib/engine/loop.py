@@ -8,6 +8,8 @@ checkpoint, print, or add fields).
 The running sums stay on the loss's device and are read once per epoch (and, when a
 progress bar is shown, every `POSTFIX_EVERY` steps): a GPU is never made to wait for the
 host inside an epoch.
+
+Explained in the book: book/models.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The loss of a backbone's training step: plain, re-id (triplet), and BCT/BiCT influence.
 
 An objective's `spec` enters the backbone's config, and so its cache key.
+
+Explained in the book: book/baselines.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A run lives in `<runs>/<dataset>/<profile>/<name>-<key>/` (`rmlib.outputs.cached
 a value once and reads it back afterwards). The key hashes every field of the config together with
 `CACHE_VERSION`, a salt to bump whenever a change in the code changes what the same
 config produces, so that stale runs are never reused.
+
+Explained in the book: book/models.
 """
 
 from __future__ import annotations

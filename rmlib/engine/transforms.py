@@ -9,7 +9,8 @@ same training images, (phi_old(x), phi_new(x), y). Each objective is one registe
   - "bict": BiCT's forward upgrade h': old -> a space classified by a cosine classifier of
     all classes (the classifier is kept: BiCT's new backbone trains against it).
 A new objective is one loss function and one `register_objective(TransformObjective(...))`.
-Explained in the book's chapters on RQT, MCL, rho and the baselines.
+
+Explained in the book: book/rqt, book/mcl, book/rho, book/baselines.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ old key is smaller). Each gallery item is backfilled from one grid step on (its 
 so bucketing every item's keys among the (few) keys of the relevant items and
 histogramming (segment, bucket) gives, after two prefix sums, every one of those counts
 for every t at once: O(N log R) per query instead of a full sort per query and ratio.
+
+Explained in the book: book/rank_merge, book/evaluator.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ probability that a pair at that distance is relevant, estimated by isotonic regr
 pairs of *training* items (never test ones), and the two systems merged by that
 probability. The map is made strictly increasing in the distance, so that each system's
 own ranking is kept and only the merge changes.
+
+Explained in the book: book/rank_merge.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ deployed old model's query embedding that defines negative flips (default old_qu
 reference_gallery (N, d_ref), the deployed old gallery it searches (default old_gallery:
 give it when old_gallery is not what the old system served, e.g. an upgraded h(phi_old)).
 Every problem is reported as one line that names the array and what to do.
+
+Explained in the book: book/own_upgrade.
 """
 
 from __future__ import annotations

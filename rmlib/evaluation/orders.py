@@ -6,8 +6,7 @@ index (`OnlineBackfillIndex.next_batch`) take one. Each policy is a registered
 `OrderPolicy` (`ORDER_POLICIES`): how it orders a gallery, and whether it is seeded, learns
 from training items, or reads what a deployment cannot (privileged); the CLI's choices
 and the study's rows come from the registry. A new policy is one function and one
-`register_order_policy(...)`. Explained in the book's chapter "Beyond the paper". The
-policies:
+`register_order_policy(...)`. The policies:
 
 - `random`: `default_rng(seed).permutation(N)`, the paper's.
 - `uncertainty`: the largest *predicted* benefit first. A small head, trained on the
@@ -19,6 +18,8 @@ policies:
   its labels: a privileged order that no deployment can run (it needs what the backfill
   is about to compute), reported as such. It is greedy per item, so it is a reference for
   what an order can buy, not a bound on every metric.
+
+Explained in the book: book/beyond.
 """
 
 from __future__ import annotations

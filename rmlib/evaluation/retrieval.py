@@ -8,6 +8,8 @@ Conventions (one evaluator for every row of Table 1):
   - AP is non-interpolated and rank-based over all relevant gallery items, CMC top-k is the
     share of valid queries with a relevant item among the first k, and a query with no
     relevant item is not valid (it is skipped, as in Market-1501's protocol).
+
+Explained in the book: book/rank_merge, book/evaluator.
 """
 
 from __future__ import annotations

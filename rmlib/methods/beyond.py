@@ -5,6 +5,8 @@
 - `heterogeneous`: an upgrade across architectures. The old model is a CIFAR ResNet-20
   (deep, narrow, residual, 64-d embeddings) instead of the fast net; the new model is
   Table 1's. Rows Old, New, RM_naive, RM and New+rho: `heterogeneous.json`.
+
+Explained in the book: book/beyond.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from rmlib.evaluation.orders import ORDER_POLICIES, order_policy, policy_order
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.reproduce import evaluate_method, evaluate_rows, final_metrics, gain
 from rmlib.methods.selection import rm_systems
-from rmlib.methods.setups import SETUPS
+from rmlib.methods.setups import dataset_spec
 from rmlib.outputs import check_folder, check_output, write_json
 from rmlib.provenance import provenance
 
@@ -99,7 +101,7 @@ def heterogeneous(dataset: str, config: Config, progress: bool = False) -> dict:
     out = study_path(dataset, config, "heterogeneous")
     check_output(out, "the results file")
     check_folder(config.paths.runs / dataset, "the run cache")
-    setup = replace(SETUPS[dataset](config), old_backbone=HETEROGENEOUS_OLD)
+    setup = replace(dataset_spec(dataset).setup(config), old_backbone=HETEROGENEOUS_OLD)
     exp = Experiment(dataset, config, progress, setup=setup)
     rows = evaluate_rows(exp, HETEROGENEOUS_ROWS)
     prov = provenance(

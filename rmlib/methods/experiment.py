@@ -1,5 +1,8 @@
 """Everything the methods need on one data set for one profile: backbones, their embeddings
-and the transforms, each made on first use and cached on disk by its config."""
+and the transforms, each made on first use and cached on disk by its config.
+
+Explained in the book: book/models, book/table1.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from rmlib.engine.transforms import (
 from rmlib.evaluation.calibration import DistanceCalibration
 from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.methods.selection import select_settings
-from rmlib.methods.setups import ROLES, SETUPS, Setup
+from rmlib.methods.setups import ROLES, Setup, dataset_spec
 
 
 class Experiment:
@@ -34,7 +37,7 @@ class Experiment:
     def __init__(self, dataset: str, config: Config, progress: bool = True,
                  setup: Setup | None = None):
         self.dataset, self.config, self.progress = dataset, config, progress
-        self.setup = setup or SETUPS[dataset](config)
+        self.setup = setup or dataset_spec(dataset).setup(config)
         self.profile = config.name
         self.models: dict[str, TrainedModel] = {}
         self.transforms: dict[str, Transforms] = {}

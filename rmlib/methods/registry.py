@@ -4,6 +4,8 @@ A method is two retrieval systems over the same gallery, built from the experime
 backbones and transforms: the old side (queries against the not-yet-backfilled gallery)
 and the new side (queries against the backfilled items). Adding a method is one entry
 here (and its test); the paper's numbers are in `paper_table1.json` beside this file.
+
+Explained in the book: book/table1.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ Systems = Callable[[Experiment, int], BackfillArrays]
 
 @dataclass(frozen=True)
 class Method:
-    """One row: its name, the backbones and transforms it needs, how it builds its two
-    systems for a seed, and what they are in words.
+    """One row: its name, how it builds its two systems for a seed, and what they are in
+    words. What a row needs (backbones, transforms, calibrations) is built lazily by the
+    `Experiment` the first time `systems` asks for it, and cached: a runner evaluating a
+    subset of rows builds only what those rows touch, and no list of needs can go stale.
 
     `seeded`: its systems or its merge depend on the seed (the backfill order, and the
     initialisation and batches of its transforms), so it is run with every seed of the
@@ -34,7 +38,6 @@ class Method:
     """
 
     name: str
-    needs: tuple[str, ...]  # backbones and transforms (negative flips always need "old")
     systems: Systems
     note: str
     seeded: bool = True
@@ -65,35 +68,33 @@ def _upgraded_model(e: Experiment, seed: int) -> BackfillArrays:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("Old", ("old",), lambda e, s: e.systems(*e.pair("old"), *e.pair("old")),
+    Method("Old", lambda e, s: e.systems(*e.pair("old"), *e.pair("old")),
            "phi_old / phi_old, no backfill", seeded=False),
-    Method("New", ("old", "new"), lambda e, s: e.systems(*e.pair("new"), *e.pair("new")),
+    Method("New", lambda e, s: e.systems(*e.pair("new"), *e.pair("new")),
            "phi_new / phi_new, fully backfilled", seeded=False),
-    Method("RM_naive", ("old", "new"), lambda e, s: e.naive(),
+    Method("RM_naive", lambda e, s: e.naive(),
            "rank merge of old/old and new/new"),
-    Method("BCT", ("old", "bct"),
-           lambda e, s: e.systems(e.pair("bct")[0], e.pair("old")[1], *e.pair("bct")),
+    Method("BCT", lambda e, s: e.systems(e.pair("bct")[0], e.pair("old")[1], *e.pair("bct")),
            "phi_bct / phi_old, then phi_bct"),
-    Method("FCT", ("old", "new", "transform fct"), _forward_gallery("new", "fct"),
+    Method("FCT", _forward_gallery("new", "fct"),
            "phi_new / h(phi_old), no side-information"),
-    Method("BiCT", ("old", "new", "bict", "transform bict"),
-           _forward_gallery("bict", "bict", seeded=False),
+    Method("BiCT", _forward_gallery("bict", "bict", seeded=False),
            "phi_bict / h'(phi_old), then phi_bict (our reimplementation)"),
-    Method("RM", ("old", "new", "transform mcl-rho"), _reverse_transform("mcl-rho"),
+    Method("RM", _reverse_transform("mcl-rho"),
            "psi(rho(phi_new)) / phi_old, then rho(phi_new)"),
-    Method("New+rho", ("old", "new", "transform mcl-rho"), _upgraded_model,
+    Method("New+rho", _upgraded_model,
            "rho(phi_new) / rho(phi_new): the upgraded model alone, fully backfilled"),
-    Method("RM_naive+cal", ("old", "new", "calibration"), lambda e, s: e.naive(),
+    Method("RM_naive+cal", lambda e, s: e.naive(),
            "rank merge of old/old and new/new by P(relevant | distance), each system "
            "calibrated by isotonic regression on training pairs",
            calibration=lambda e, s: e.calibrations(s)),
-    Method("+RQT", ("old", "new", "transform rqt"), _reverse_transform("rqt"),
+    Method("+RQT", _reverse_transform("rqt"),
            "psi_rqt(phi_new) / phi_old, then phi_new"),
-    Method("+CL", ("old", "new", "transform cl"), _reverse_transform("cl"),
+    Method("+CL", _reverse_transform("cl"),
            "psi_cl(phi_new) / phi_old, then phi_new"),
-    Method("+MCL", ("old", "new", "transform mcl"), _reverse_transform("mcl"),
+    Method("+MCL", _reverse_transform("mcl"),
            "psi_mcl(phi_new) / phi_old, then phi_new"),
-    Method("+rho", ("old", "new", "transform mcl-rho"), _reverse_transform("mcl-rho"),
+    Method("+rho", _reverse_transform("mcl-rho"),
            "psi(rho(phi_new)) / phi_old, then rho(phi_new)", same_as="RM"),
 )}
 

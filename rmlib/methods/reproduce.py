@@ -3,6 +3,8 @@
 `train_backbones` writes backbones.json; `reproduce` writes table1.json and ablation.json:
 for every row, the backfill curves, their AUCs, the Gain and the paper's conditions
 (6)-(8) against the deployed old system and the upgraded model.
+
+Explained in the book: book/table1.
 """
 
 from __future__ import annotations
@@ -28,15 +30,9 @@ from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.evaluation.retrieval import evaluate
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.registry import ABLATION_ROWS, METHODS, TABLE1_ROWS, paper_table1
-from rmlib.methods.setups import ROLES
+from rmlib.methods.setups import ROLES, dataset_spec
 from rmlib.outputs import check_folder, check_output, write_json
 from rmlib.provenance import provenance
-
-PROTOCOLS = {
-    "cifar100": "CIFAR-100 test, leave-one-out; backfill order default_rng(0)",
-    "market1501": "Market-1501 query/gallery, same-id same-camera removed, distractors kept; "
-                  "backfill order default_rng(0)",
-}
 
 
 def backbone_entry(exp: Experiment, role: str) -> dict:
@@ -64,13 +60,11 @@ def train_backbones(dataset: str, config: Config, roles: tuple[str, ...] = ROLES
     exp = Experiment(dataset, config, progress)
     for role in roles:
         result[role] = backbone_entry(exp, role)
-    protocol = ("CIFAR-100 test, leave-one-out" if dataset == "cifar100"
-                else "Market-1501 query/gallery, same-id same-camera removed")
     result["provenance"] = provenance(
-        config={"roles": list(roles), "protocol": protocol,
+        config={"roles": list(roles), "protocol": dataset_spec(dataset).test_protocol,
                 "old_classes": exp.setup.num_old_classes,
                 "test_time_views": exp.setup.test_time_views,
-                **(exp.setup.extra or {})},
+                **(exp.setup.details or {})},
         wall_time_s=time.time() - start, profile=config.name)
     result["provenance"]["train_wall_time_s"] = {
         r: result[r]["train_wall_time_s"] for r in ROLES if r in result}
@@ -159,10 +153,10 @@ def reproduce(dataset: str, config: Config, progress: bool = True) -> dict:
         "backbones": {r: asdict(m.config) for r, m in exp.models.items()},
         "transforms": {n: asdict(t.config) for n, t in exp.transforms.items()},
         "hyperparameter_selection": exp.selection,
-        "protocol": PROTOCOLS[dataset],
+        "protocol": dataset_spec(dataset).backfill_protocol,
         "fct": "without side-information",
         "test_time_views": exp.setup.test_time_views,
-        **(exp.setup.extra or {}),
+        **(exp.setup.details or {}),
     }
     prov = provenance(run_config, time.time() - start, config.name)
     prov["step_seconds"] = exp.timings
@@ -170,7 +164,7 @@ def reproduce(dataset: str, config: Config, progress: bool = True) -> dict:
     prov["transform_fit_seconds"] = {n: sum(h["seconds"] for h in t.history)
                                      for n, t in exp.transforms.items()}
     tables = {"table1": {"rows": {n: rows[n] for n in TABLE1_ROWS},
-                         "paper": paper_table1()[dataset]},
+                         "paper": paper_table1().get(dataset, {})},
               "ablation": {"rows": {n: rows[n] for n in ABLATION_ROWS}}}
     for name, body in tables.items():
         body["provenance"] = prov

@@ -3,6 +3,8 @@
 Every choice (tau, the width, the epochs) maximises one score: the AUC_mAP of the simulated
 online backfill of the RM systems on a held-out split of the *training* items. The test
 set is never used.
+
+Explained in the book: book/mcl.
 """
 
 from __future__ import annotations

@@ -7,16 +7,25 @@ Market-1501: the old model trains on the first half of the sorted training ident
 the new one on all; the standard query/gallery protocol (same id and same camera removed,
 distractors kept, junk dropped by the reader).
 The smoke profile takes a small real, class-balanced subset of both CIFAR-100 splits.
+
+Each data set is one registered `Dataset` (`DATASETS`): how it is loaded for a profile,
+the profile's recipe for it, its backbones' configs and objective, and its protocols in
+words; the command line's choices and every caller read the spec, with no default branch.
+A new data set is one loader and one `register_dataset(Dataset(...))`.
+
+Explained in the book: book/data_protocol, book/market1501.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from rmlib.config import Config
+from rmlib import RmlibError
+from rmlib.config import Config, Profile
 from rmlib.data import ImageSet, load_cifar100, load_market1501, market_old_ids, old_class_mask
 from rmlib.data.cifar import NUM_CLASSES, OLD_CLASSES
 from rmlib.data.market import IMAGENET_MEAN, IMAGENET_STD, read_images
@@ -54,7 +63,7 @@ class Setup:
     gallery: ImageSet | None = None
     query_cams: np.ndarray | None = None
     gallery_cams: np.ndarray | None = None
-    extra: dict | None = None
+    details: dict | None = None  # what the provenance records of this data set
     old_backbone: dict | None = None  # old-model config fields replaced (rmlib.methods.beyond)
 
     @property
@@ -64,9 +73,7 @@ class Setup:
     @property
     def test_time_views(self) -> str:
         """How query and gallery images are embedded (rmlib.engine.embed.VIEWS)."""
-        recipe = self.config.profile.cifar if self.dataset == "cifar100" else \
-            self.config.profile.market
-        return recipe.tta
+        return dataset_spec(self.dataset).recipe(self.config.profile).tta
 
     @property
     def test(self) -> ImageSet:
@@ -100,32 +107,40 @@ class Setup:
         return self.train
 
     def objective(self) -> Objective:
-        """Cross-entropy (CIFAR-100); cross-entropy plus batch-hard triplet (Market-1501)."""
-        if self.dataset == "market1501":
-            return TripletObjective(self.config.profile.market.triplet_margin)
-        return Objective()
+        """The backbones' base objective, as the data set's spec says."""
+        return dataset_spec(self.dataset).objective(self.config)
 
     def backbone_config(self, role: str) -> BackboneConfig:
         """The config of the old or new backbone (BCT and BiCT copy the new one's)."""
+        config = dataset_spec(self.dataset).backbone(self, role)
+        return replace(config, **self.old_backbone) if role == "old" and self.old_backbone \
+            else config
+
+    def _common(self, role: str) -> dict:
+        """The backbone config fields every data set sets alike."""
         old = role == "old"
-        num_classes = self.num_old_classes if old else self.num_classes
-        common = {"profile": self.profile, "role": role, "num_classes": num_classes,
-                  "seed": 0 if old else 1}
-        if self.dataset == "cifar100":
-            r = self.config.profile.cifar
-            config = BackboneConfig(
-                dataset="cifar100", arch=r.arch, widths=tuple(r.widths),
-                epochs=r.epochs_old if old else r.epochs_new, batch_size=r.batch_size, lr=r.lr,
-                low_res_epochs=r.low_res_epochs_old if old else r.low_res_epochs_new,
-                **dict(r.options), **common)
-            return replace(config, **self.old_backbone) if old and self.old_backbone else config
-        m = self.config.profile.market
-        return BackboneConfig(
-            dataset="market1501", arch=m.arch, widths=(),
-            epochs=m.epochs_old if old else m.epochs_new, batch_size=m.sampler[0] * m.sampler[1],
-            lr=m.lr, weight_decay=5e-4, padding=m.padding, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            sampler=tuple(m.sampler), erase=m.erase, image_size=tuple(m.image_size),
-            objective=self.objective().spec, **common)
+        return {"profile": self.profile, "role": role,
+                "num_classes": self.num_old_classes if old else self.num_classes,
+                "seed": 0 if old else 1}
+
+
+def _cifar_backbone(setup: Setup, role: str) -> BackboneConfig:
+    r, old = setup.config.profile.cifar, role == "old"
+    return BackboneConfig(
+        dataset="cifar100", arch=r.arch, widths=tuple(r.widths),
+        epochs=r.epochs_old if old else r.epochs_new, batch_size=r.batch_size, lr=r.lr,
+        low_res_epochs=r.low_res_epochs_old if old else r.low_res_epochs_new,
+        **dict(r.options), **setup._common(role))
+
+
+def _market_backbone(setup: Setup, role: str) -> BackboneConfig:
+    m, old = setup.config.profile.market, role == "old"
+    return BackboneConfig(
+        dataset="market1501", arch=m.arch, widths=(),
+        epochs=m.epochs_old if old else m.epochs_new, batch_size=m.sampler[0] * m.sampler[1],
+        lr=m.lr, weight_decay=5e-4, padding=m.padding, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        sampler=tuple(m.sampler), erase=m.erase, image_size=tuple(m.image_size),
+        objective=setup.objective().spec, **setup._common(role))
 
 
 def cifar_setup(config: Config) -> Setup:
@@ -158,7 +173,52 @@ def market_setup(config: Config) -> Setup:
         ImageSet(images("query"), splits["query"].pids), ImageSet(images("gallery"),
                                                                  splits["gallery"].pids),
         splits["query"].cams, splits["gallery"].cams,
-        extra={"train_ids": len(ids), "old_ids": len(old_ids), "image_size": list(size)})
+        details={"train_ids": len(ids), "old_ids": len(old_ids), "image_size": list(size)})
 
 
-SETUPS = {"cifar100": cifar_setup, "market1501": market_setup}
+@dataclass(frozen=True)
+class Dataset:
+    """A data set as rmlib runs it: `setup(config)` loads it under the old/new protocol;
+    `recipe(profile)` is the profile's recipe for it (its `tta`: the test-time views);
+    `backbone(setup, role)` the old or new backbone's config; `objective(config)` the
+    backbones' base objective; `test_protocol` and `backfill_protocol` say in words what
+    the backbones and the backfill are evaluated on (results files record them). The
+    paper's numbers, where it has them, are `paper_table1.json`'s entry of the same name."""
+
+    name: str
+    setup: Callable[[Config], Setup]
+    recipe: Callable[[Profile], object]
+    backbone: Callable[[Setup, str], BackboneConfig]
+    objective: Callable[[Config], Objective]
+    test_protocol: str
+    backfill_protocol: str
+
+
+DATASETS: dict[str, Dataset] = {}
+
+
+def register_dataset(dataset: Dataset) -> Dataset:
+    """Add `dataset` to `DATASETS` (a name is registered once)."""
+    if dataset.name in DATASETS:
+        raise RmlibError(f"the data set {dataset.name!r} is already registered")
+    DATASETS[dataset.name] = dataset
+    return dataset
+
+
+def dataset_spec(name: str) -> Dataset:
+    """The registered data set `name`; an unknown one is an error, never a default."""
+    if name not in DATASETS:
+        raise RmlibError(f"unknown data set {name!r}; use one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+register_dataset(Dataset(
+    "cifar100", cifar_setup, lambda p: p.cifar, _cifar_backbone, lambda c: Objective(),
+    test_protocol="CIFAR-100 test, leave-one-out",
+    backfill_protocol="CIFAR-100 test, leave-one-out; backfill order default_rng(0)"))
+register_dataset(Dataset(
+    "market1501", market_setup, lambda p: p.market, _market_backbone,
+    lambda c: TripletObjective(c.profile.market.triplet_margin),
+    test_protocol="Market-1501 query/gallery, same-id same-camera removed",
+    backfill_protocol="Market-1501 query/gallery, same-id same-camera removed, distractors "
+                      "kept; backfill order default_rng(0)"))

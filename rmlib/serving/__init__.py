@@ -1,1 +1,4 @@
-"""Serving during a live backfill."""
+"""Serving during a live backfill.
+
+Explained in the book: book/serving.
+"""

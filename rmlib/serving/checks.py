@@ -1,5 +1,8 @@
 """Checks of what a live index is handed, before anything is written: arrays, counts,
-names, widths. Each mistake is one line that says what to pass instead."""
+names, widths. Each mistake is one line that says what to pass instead.
+
+Explained in the book: book/serving.
+"""
 
 from __future__ import annotations
 

@@ -22,6 +22,8 @@ the middle of a batch is resumed by `OnlineBackfillIndex.reopen`, which finishes
 move of every item that reached the new part and leaves the rest whole in the old part.
 Beside this module: its argument checks (`checks`), where an index lives (`location`) and
 the merged result and search gate (`merge`).
+
+Explained in the book: book/serving.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ The file holds a header line (the gallery it belongs to) and at most one batch, 
 stays small however long the backfill runs. Every change is written to a temporary file,
 synced and renamed over the journal: a reader sees the old or the new state, never half
 a line.
+
+Explained in the book: book/serving.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ The journal's header records what the index was built from: a hash of the old an
 galleries and one of the backfill order, with the file, order, seed and batch named. A
 run that would resume it from another file, or in another order, is refused: it would
 serve a mix of two galleries, or move items that no order puts next.
+
+Explained in the book: book/serving.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 All of it is checked before the first file is written (a lock, a journal, a Milvus Lite
 database), so a mistyped name or path is one line and leaves nothing behind.
+
+Explained in the book: book/serving.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """How the answers of the two parts become one: the merged result, its comparison up to
-float32 rounding, and the gate that keeps a search from mixing two states of a batch."""
+float32 rounding, and the gate that keeps a search from mixing two states of a batch.
+
+Explained in the book: book/serving.
+"""
 
 from __future__ import annotations
 

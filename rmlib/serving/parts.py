@@ -6,6 +6,8 @@ Both backends answer the same four requests for a part ("old" or "new"): put vec
 under ids, delete ids, search the k nearest (squared Euclidean distances, ids, padded
 with id -1 at distance inf) and count. `OnlineBackfillIndex` keeps the bookkeeping of
 which item is in which part and merges the two searches; the parts know nothing of it.
+
+Explained in the book: book/serving.
 """
 
 from __future__ import annotations
