@@ -6,13 +6,13 @@ Explained in the book: book/own_upgrade.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 from typing import NoReturn
 
 from rmlib import RmlibError, __version__
+from rmlib.arguments import fraction, non_negative_int, positive_float, positive_int
 from rmlib.config import PROFILES
 from rmlib.outputs import check_outputs, write_json
 
@@ -22,41 +22,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"rmlib: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _int_at_least(least: int, words: str):
-    """An argparse type: an integer of at least `least` (`words` says which, for the
-    message)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"{value} is {words}; give {least} or more")
-        return value
-    return parse
-
-
-_non_negative_int = _int_at_least(0, "negative")
-_positive_int = _int_at_least(1, "not positive")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite positive number")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"{text} is more than 1; give a fraction in (0, 1]")
-    return value
 
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
@@ -119,14 +84,16 @@ def _cmd_live(args: argparse.Namespace) -> int:
     from rmlib.evaluation.emb_file import load_backfill_arrays
     from rmlib.serving.live import check_widths, run_live
     from rmlib.serving.location import check_location
+    from rmlib.serving.parts import backend_spec
 
-    check_location(str(args.uri), args.name, args.journal)  # before any work
+    backend = backend_spec(args.backend, durable=True)
+    check_location(str(args.uri), args.name, args.journal, backend.local_files)  # no work yet
     arrays = load_backfill_arrays(args.emb)
-    check_widths(arrays)  # before an order policy trains on them
+    check_widths(arrays, args.backend)  # before an order policy trains on them
     return run_live(arrays, _order(args, arrays), source=args.emb, uri=str(args.uri),
                     name=args.name, journal=args.journal, batch=args.batch, until=args.until,
                     seed=args.seed, order_name=args.order, overwrite=args.overwrite,
-                    quiet=args.quiet)
+                    quiet=args.quiet, backend=args.backend)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -253,7 +220,7 @@ def _add_backfill(sub) -> None:
     p.add_argument("emb", type=Path, metavar="EMB.npz",
                    help="old_query, old_gallery, new_query, new_gallery, query_labels "
                         "[, gallery_labels, query_cams, gallery_cams, reference_query]")
-    p.add_argument("--seed", type=_non_negative_int, default=0,
+    p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the backfill order, a non-negative integer (default 0)")
     _order_options(p, "which items are re-embedded first: ")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the curves and AUCs as JSON")
@@ -298,17 +265,23 @@ def _add_live(sub) -> None:
         "EMB.npz and order only: the journal records both). Ends with what "
         "the index serves: mAP and top-k over each query's whole merged ranking.")
     p.add_argument("emb", type=Path, metavar="EMB.npz", help="as for `backfill`")
+    from rmlib.serving.parts import BACKENDS
+
+    durable = [name for name, spec in BACKENDS.items() if spec.durable]
+    p.add_argument("--backend", default="milvus", choices=durable,
+                   help="where the two parts live: a backend whose data outlives the process "
+                        "(default milvus)")
     p.add_argument("--uri", default="online_backfill.db",
                    help="a Milvus Lite file (default online_backfill.db) or a server's URI")
     p.add_argument("--name", default="gallery", help="the index's name: letters, digits and "
                    "underscores (collections NAME_old and NAME_new; default gallery)")
     p.add_argument("--journal", type=Path, help="the journal file (default: beside a Milvus "
                    "Lite file; required for a server)")
-    p.add_argument("--batch", type=_positive_int, default=10_000,
+    p.add_argument("--batch", type=positive_int, default=10_000,
                    help="items per backfill batch (default 10,000)")
-    p.add_argument("--until", type=_fraction, default=1.0,
+    p.add_argument("--until", type=fraction, default=1.0,
                    help="stop at this backfilled fraction t, in (0, 1] (default 1)")
-    p.add_argument("--seed", type=_non_negative_int, default=0,
+    p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the random backfill order (default 0)")
     _order_options(p, "which items are re-embedded first, as for `backfill`: ")
     p.add_argument("--overwrite", action="store_true",
@@ -343,9 +316,9 @@ def _add_fit(sub) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="COMPAT.pt")
     p.add_argument("--rho", action=argparse.BooleanOptionalAction, default=True,
                    help="also learn rho, the new embedding (default: yes)")
-    p.add_argument("--tau", type=_positive_float,
+    p.add_argument("--tau", type=positive_float,
                    help="temperature, finite and positive; default: chosen on validation")
-    p.add_argument("--epochs", type=_positive_int,
+    p.add_argument("--epochs", type=positive_int,
                    help="training epochs (default: the CIFAR-100 recipe's, 6)")
     p.add_argument("--search-size", action="store_true",
                    help="also choose the width and epochs of psi/rho on the hold-out, as the "

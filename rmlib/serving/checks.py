@@ -12,7 +12,7 @@ import re
 import numpy as np
 
 from rmlib import RmlibError
-from rmlib.serving.parts import MILVUS_DIMS
+from rmlib.serving.parts import Backend
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,250}")  # a Milvus collection name, less "_old"
 
@@ -73,11 +73,14 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_dims(dims: dict[str, int]) -> None:
-    """Milvus stores vectors of 2 to 32,768 dimensions: say so before anything is written."""
-    low, high = MILVUS_DIMS
+def check_dims(dims: dict[str, int], backend: Backend) -> None:
+    """The widths a backend stores (Milvus: 2 to 32,768): say so before anything is
+    written."""
+    if backend.dims is None:
+        return
+    low, high = backend.dims
     for part, dim in dims.items():
         if not low <= dim <= high:
-            raise RmlibError(f"Milvus stores vectors of {low} to {high:,} dimensions, and the "
-                             f"{part} embeddings have {dim}: serve them in faiss (Python: "
-                             "backend='faiss'), or embed with another width")
+            raise RmlibError(f"{backend.name} stores vectors of {low} to {high:,} dimensions, "
+                             f"and the {part} embeddings have {dim}: serve them in faiss "
+                             "(Python: backend='faiss'), or embed with another width")

@@ -8,8 +8,9 @@ rho_new(q) for the new part and rho_rev(q) = psi(rho_new(q)) for the old part (o
 query embeddings), and gets one merged top-k, ranked by distance with ties broken by id,
 as the offline evaluator ranks them.
 
-The parts live in faiss indexes in this process (`backend="faiss"`, the default) or in
-two collections of a Milvus database (`backend="milvus"`, `rmlib.serving.parts`). Exact
+The parts live in faiss indexes in this process (`backend="faiss"`, the default), in
+two collections of a Milvus database (`backend="milvus"`), or in any registered backend
+(`rmlib.serving.parts.BACKENDS`). Exact
 (flat) search by default; `approximate=True` uses IVF indexes, whose recall against exact
 search the benchmark reports.
 
@@ -62,7 +63,7 @@ from rmlib.serving.location import creation_state as creation_state  # where cal
 from rmlib.serving.merge import SearchGate
 from rmlib.serving.merge import SearchResult as SearchResult  # where callers find them
 from rmlib.serving.merge import float32_tolerance as float32_tolerance
-from rmlib.serving.parts import FaissParts, MilvusParts
+from rmlib.serving.parts import DurableStore, backend_spec
 
 
 class OnlineBackfillIndex:
@@ -98,25 +99,24 @@ class OnlineBackfillIndex:
             raise RmlibError("an approximate index needs new_training_sample (new-model "
                              "embeddings to train its coarse quantizer)")
         dims = {"old": old_gallery.shape[1], "new": new_dim}
-        if backend == "faiss":
+        spec = backend_spec(backend)
+        check_dims(dims, spec)
+        if not spec.durable:
             training = None if not approximate else {
                 "old": old_gallery,
                 "new": float_rows("new_training_sample", new_training_sample, new_dim)}
-            parts = FaissParts(dims, approximate, training, min(nlist, len(old_gallery)),
+            parts = spec.build(dims, approximate, training, min(nlist, len(old_gallery)),
                                nprobe)
             journal = None
-        elif backend == "milvus":
-            uri = str(uri or DEFAULT_MILVUS_URI)
-            check_dims(dims)
-            journal = BackfillJournal(check_location(uri, name, journal))
-            parts = open_locked(journal, uri, name, token, nprobe)
         else:
-            raise RmlibError(f"unknown backend {backend!r}: use 'faiss' or 'milvus'")
+            uri = str(uri or DEFAULT_MILVUS_URI)
+            journal = BackfillJournal(check_location(uri, name, journal, spec.local_files))
+            parts = open_locked(journal, spec, uri, name, token, nprobe)
         try:
             if journal is not None:
                 if parts.exists() and not overwrite:
                     raise RmlibError(
-                        f"Milvus at {uri!r} already holds a live index named {name!r}: resume "
+                        f"{backend} at {uri!r} already holds a live index named {name!r}: resume "
                         f"it with OnlineBackfillIndex.reopen(uri={uri!r}, name={name!r}) (or "
                         "`python -m rmlib live` again), or start it again with overwrite=True")
                 journal.start({"name": name, "num_items": len(ids), "id_sum": id_sum(ids),
@@ -135,22 +135,24 @@ class OnlineBackfillIndex:
 
     @classmethod
     def reopen(cls, uri: str = DEFAULT_MILVUS_URI, name: str = "gallery",
-               journal: str | Path | None = None, token: str = "", nprobe: int = 16
-               ) -> OnlineBackfillIndex:
-        """Resume a Milvus-backed index, e.g. after its process was killed mid-batch: the
-        journal's unfinished batch is completed, and every item is in exactly one part."""
+               journal: str | Path | None = None, token: str = "", nprobe: int = 16,
+               backend: str = "milvus") -> OnlineBackfillIndex:
+        """Resume an index of a durable backend (Milvus by default), e.g. after its process
+        was killed mid-batch: the journal's unfinished batch is completed, and every item
+        is in exactly one part."""
         uri = str(uri)
-        journal = BackfillJournal(check_location(uri, name, journal))
+        spec = backend_spec(backend, durable=True)
+        journal = BackfillJournal(check_location(uri, name, journal, spec.local_files))
         nprobe = count("nprobe", nprobe)
         header = journal.header()
         if not header["complete"]:
             raise RmlibError(f"creating the live index {name!r} at {uri!r} did not finish; "
                              "create it again (OnlineBackfillIndex(..., overwrite=True), or "
                              "`python -m rmlib live` does it by itself)")
-        if is_local(uri) and not Path(uri).is_file():
-            raise RmlibError(f"no Milvus Lite file at {uri!r}, though {journal.path} is its "
+        if spec.local_files and is_local(uri) and not Path(uri).is_file():
+            raise RmlibError(f"no {backend} database file at {uri!r}, though {journal.path} is its "
                              "journal: pass the uri it was created at")
-        parts = open_locked(journal, uri, name, token, nprobe)
+        parts = open_locked(journal, spec, uri, name, token, nprobe)
         try:
             index = cls.__new__(cls)
             index._setup(parts, journal, *_recover(parts, journal, header, uri, name),
@@ -186,6 +188,11 @@ class OnlineBackfillIndex:
             parts.close()
             if self._journal is not None:
                 self._journal.unlock()
+
+    @property
+    def max_top_k(self) -> int | None:
+        """The most results a search may ask for (None: no limit), as the backend says."""
+        return self._open_parts().max_top_k
 
     def _open_parts(self):
         if self._parts is None:
@@ -249,7 +256,7 @@ class OnlineBackfillIndex:
         """Move a batch of items to the new part (or re-embed items already there).
 
         Unknown or repeated ids are an error that changes nothing. In Milvus, a batch moves
-        in steps of at most `MilvusParts.max_batch` items, each journaled: a search during
+        in steps of at most the backend's `max_batch` items, each journaled: a search during
         a step asks each part for k plus the step's size, within Milvus's 16,384.
         """
         self._open_parts()
@@ -312,7 +319,7 @@ class OnlineBackfillIndex:
         parts = self._open_parts()
         if parts.max_top_k is not None and k > parts.max_top_k:
             raise RmlibError(f"this backend answers at most {parts.max_top_k:,} results "
-                             f"per query (Milvus's limit less a batch step), not k={k:,}; "
+                             f"per query (its limit less a batch step), not k={k:,}; "
                              "ask for fewer")
         with self._gate.searching():
             moving = self._moving  # served by the old part until the insert is done
@@ -336,7 +343,7 @@ class OnlineBackfillIndex:
                             part[rows, order])
 
 
-def _recover(parts: MilvusParts, journal: BackfillJournal, header: dict, uri: str, name: str
+def _recover(parts: DurableStore, journal: BackfillJournal, header: dict, uri: str, name: str
              ) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
     """Check that the database holds the journal's gallery, finish an interrupted batch and
     return (dims, sorted ids, in_new). An item found in both parts (the journal's batch, or

@@ -21,7 +21,7 @@ from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.serving.checks import check_dims
 from rmlib.serving.index import OnlineBackfillIndex, live_scores
 from rmlib.serving.location import check_location, journal_header
-from rmlib.serving.parts import MilvusParts
+from rmlib.serving.parts import backend_spec
 
 
 def fingerprint(*arrays: np.ndarray) -> str:
@@ -61,34 +61,37 @@ def check_resume(meta: dict, asked: dict, uri: str, name: str) -> None:
                          f"those, or {fix}")
 
 
-def check_widths(arrays: BackfillArrays) -> None:
-    """Refuse widths Milvus cannot store before an order policy trains on the arrays."""
-    check_dims({"old": arrays.old_gallery.shape[1], "new": arrays.new_gallery.shape[1]})
+def check_widths(arrays: BackfillArrays, backend: str = "milvus") -> None:
+    """Refuse widths the durable `backend` cannot store before an order policy trains on
+    the arrays."""
+    check_dims({"old": arrays.old_gallery.shape[1], "new": arrays.new_gallery.shape[1]},
+               backend_spec(backend, durable=True))
 
 
 def run_live(arrays: BackfillArrays, order: np.ndarray | None, *, source: str | Path,
              uri: str, name: str, journal: str | Path | None, batch: int, until: float,
-             seed: int, order_name: str, overwrite: bool, quiet: bool) -> int:
+             seed: int, order_name: str, overwrite: bool, quiet: bool,
+             backend: str = "milvus") -> int:
     """Create (or resume) the live index of `arrays`' gallery at `uri`, backfill it in
     `order` (None: the seeded random order) until the fraction `until`, and print what it
     then serves. Returns the exit status, 0."""
     from tqdm.auto import tqdm
 
-    check_location(uri, name, journal)
-    check_widths(arrays)
+    check_location(uri, name, journal, backend_spec(backend, durable=True).local_files)
+    check_widths(arrays, backend)
     n = len(arrays.old_gallery)
     order = backfill_order(n, seed) if order is None else np.asarray(order, dtype=np.int64)
     asked = source_record(arrays, order, source, order_name, seed, batch)
     header = journal_header(uri, name, journal)
     if header is not None and header["complete"] and not overwrite:
         check_resume(header.get("meta", {}), asked, uri, name)
-        index = OnlineBackfillIndex.reopen(uri, name, journal)
+        index = OnlineBackfillIndex.reopen(uri, name, journal, backend=backend)
         print(f"resumed the live index {name!r} at {uri}: t = {index.ratio:.3f}")
     else:
         if header is not None and not header["complete"]:
             print(f"the creation of {name!r} at {uri} was interrupted: creating it again")
         index = OnlineBackfillIndex(arrays.old_gallery, arrays.new_gallery.shape[1],
-                                    backend="milvus", uri=uri, name=name, journal=journal,
+                                    backend=backend, uri=uri, name=name, journal=journal,
                                     overwrite=overwrite or header is not None, meta=asked)
         print(f"created the live index {name!r} at {uri}: {n:,} items in the old part")
     try:
@@ -101,7 +104,8 @@ def run_live(arrays: BackfillArrays, order: np.ndarray | None, *, source: str | 
                 bar.update(len(ids))
         print(f"t = {index.ratio:.3f}: {index.num_old:,} items in the old part, "
               f"{index.num_new:,} in the new part")
-        if n <= MilvusParts.max_top_k:  # the whole merged ranking, as the evaluator scores it
+        limit = index.max_top_k  # the whole merged ranking, as the evaluator scores it:
+        if limit is None or n <= limit:
             served = live_scores(index, arrays.new_query, arrays.old_query,
                                  arrays.protocol()).summary()
             print(f"served now: mAP {100 * served['mAP']:.2f}  top-1 {100 * served['top1']:.2f}"

@@ -15,7 +15,7 @@ from pathlib import Path
 from rmlib import RmlibError
 from rmlib.serving.checks import check_name
 from rmlib.serving.journal import BackfillJournal
-from rmlib.serving.parts import MilvusParts
+from rmlib.serving.parts import Backend, DurableStore
 
 DEFAULT_MILVUS_URI = "online_backfill.db"  # a Milvus Lite file in the working directory
 
@@ -57,10 +57,12 @@ def journal_path(uri: str, name: str, journal: str | Path | None) -> Path:
     return Path(f"{uri}.{name}.journal")
 
 
-def check_location(uri: str, name: str, journal: str | Path | None) -> Path:
-    """The journal's path, once the name, the URI and both files' folders are usable."""
+def check_location(uri: str, name: str, journal: str | Path | None,
+                   local_files: bool = True) -> Path:
+    """The journal's path, once the name, the URI and both files' folders are usable.
+    `local_files`: the backend makes a local file of a uri that is not a URL (Milvus Lite)."""
     path = journal_path(uri, name, journal)
-    if is_local(uri):
+    if local_files and is_local(uri):
         if not uri.endswith(".db"):
             raise RmlibError(f"{uri!r} is neither a Milvus Lite file (a name ending in .db) nor "
                              "a Milvus server's URI (http://host:19530)")
@@ -85,12 +87,13 @@ def journal_header(uri: str, name: str, journal: str | Path | None) -> dict | No
     return BackfillJournal(path).header() if path.is_file() else None
 
 
-def open_locked(journal: BackfillJournal, uri: str, name: str, token: str, nprobe: int
-                ) -> MilvusParts:
-    """Take the journal's lock (one process at a time changes a live index), then connect."""
+def open_locked(journal: BackfillJournal, backend: Backend, uri: str, name: str, token: str,
+                nprobe: int) -> DurableStore:
+    """Take the journal's lock (one process at a time changes a live index), then connect
+    to the durable `backend`."""
     journal.lock()
     try:
-        return MilvusParts(uri, name, token, nprobe)
+        return backend.connect(uri, name, token, nprobe)
     except BaseException:
         journal.unlock()
         raise

@@ -2,10 +2,14 @@
 collections of a Milvus vector database (Milvus Lite in a local file, a Milvus server, or
 a cluster: the same `pymilvus` calls, chosen by the URI).
 
-Both backends answer the same four requests for a part ("old" or "new"): put vectors
-under ids, delete ids, search the k nearest (squared Euclidean distances, ids, padded
-with id -1 at distance inf) and count. `OnlineBackfillIndex` keeps the bookkeeping of
-which item is in which part and merges the two searches; the parts know nothing of it.
+Every backend answers the requests of `PartStore` for a part ("old" or "new"): put
+vectors under ids, delete ids, search the k nearest (squared Euclidean distances, ids,
+padded with id -1 at distance inf) and count. A backend whose data outlives the process
+(`DurableStore`: Milvus) also creates, opens and lists its parts, so that the journal and
+`OnlineBackfillIndex.reopen` can finish a batch a killed process left. `OnlineBackfillIndex`
+keeps the bookkeeping of which item is in which part and merges the two searches; the
+parts know nothing of it. Each backend is a registered `Backend` (`BACKENDS`); a new one is
+a class with these methods and one `register_backend(Backend(...))`.
 
 Explained in the book: book/serving.
 """
@@ -16,7 +20,9 @@ import logging
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -28,6 +34,34 @@ MILVUS_MAX_TOP_K = 16_384  # Milvus answers at most this many results per query
 MILVUS_DIMS = (2, 32_768)  # the widths of a FLOAT_VECTOR field that Milvus accepts
 MILVUS_REQUEST_ROWS = 5_000  # rows per insert or delete request (under gRPC's 64 MB)
 _LITE_USERS: Counter[str] = Counter()  # open MilvusParts per URI in this process
+
+
+class PartStore(Protocol):
+    """What the live index asks of the store of its two parts, "old" and "new".
+    `max_batch`: items moved per journaled step (None: any batch in one step);
+    `max_top_k`: the most results a search may ask for (None: no limit)."""
+
+    max_batch: int | None
+    max_top_k: int | None
+
+    def put(self, part: str, ids: np.ndarray, vectors: np.ndarray, replace: bool) -> None: ...
+    def delete(self, part: str, ids: np.ndarray) -> None: ...
+    def search(self, part: str, queries: np.ndarray, k: int
+               ) -> tuple[np.ndarray, np.ndarray]: ...
+    def count(self, part: str) -> int: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class DurableStore(PartStore, Protocol):
+    """A store whose parts outlive the process: what the journal's recovery needs."""
+
+    def exists(self) -> bool: ...
+    def drop(self) -> None: ...
+    def create(self, dims: dict[str, int], approximate: bool, nlist: int) -> None: ...
+    def open(self) -> dict[str, int]: ...  # the widths of an existing index's parts
+    def ids(self, part: str) -> np.ndarray: ...
+    def contains(self, part: str, ids: np.ndarray) -> np.ndarray: ...
 
 
 def _padded(distances: list, ids: list, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -223,3 +257,50 @@ class MilvusParts:
             # the last user stops Milvus Lite's server, which holds the file's lock
             from milvus_lite.server_manager import server_manager_instance
             server_manager_instance.release_server(self.uri)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A place for the two parts. In-process backends are made by `build(dims, approximate,
+    training, nlist, nprobe)`; durable ones by `connect(uri, name, token, nprobe)`, and are
+    journaled and reopenable. `dims`: the widths it stores (None: any). `local_files`: a
+    uri that is not a URL names a local file the backend creates (Milvus Lite)."""
+
+    name: str
+    build: Callable[..., PartStore] | None = None
+    connect: Callable[[str, str, str, int], DurableStore] | None = None
+    dims: tuple[int, int] | None = None
+    local_files: bool = False
+
+    @property
+    def durable(self) -> bool:
+        return self.connect is not None
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add `backend` to `BACKENDS` (a name is registered once; exactly one of build or
+    connect)."""
+    if backend.name in BACKENDS:
+        raise RmlibError(f"the serving backend {backend.name!r} is already registered")
+    if (backend.build is None) == (backend.connect is None):
+        raise RmlibError(f"backend {backend.name!r}: give build (in-process) or connect "
+                         "(durable), one of them")
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_spec(name: str, durable: bool = False) -> Backend:
+    """The registered backend `name` (a durable one where `durable`), or one line."""
+    spec = BACKENDS.get(name)
+    if spec is None or (durable and not spec.durable):
+        names = [n for n, b in BACKENDS.items() if b.durable or not durable]
+        kind = "durable backend" if durable else "backend"
+        raise RmlibError(f"unknown {kind} {name!r}: use {' or '.join(map(repr, names))}")
+    return spec
+
+
+register_backend(Backend("faiss", build=FaissParts))
+register_backend(Backend("milvus", connect=MilvusParts, dims=MILVUS_DIMS, local_files=True))

@@ -700,7 +700,7 @@ def test_milvus_refusals_in_python_leave_no_file(tmp_path):
         index.search(new_q, old_q, k=3)
     with pytest.raises(RmlibError, match="this index is closed"):
         index.backfill(np.arange(2), new_g[:2])
-    with pytest.raises(RmlibError, match="no Milvus Lite file at"):
+    with pytest.raises(RmlibError, match="no milvus database file at"):
         OnlineBackfillIndex.reopen(str(tmp_path / "other.db"), name="g" * 251, journal=journal)
     again = OnlineBackfillIndex.reopen(db, name="g" * 251, journal=journal)
     assert again.meta == {"from": "a test"}
