@@ -97,7 +97,7 @@ def _cmd_live(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from rmlib.methods.beyond import heterogeneous, order_policies
+    from rmlib.methods.studies import heterogeneous, order_policies
     from rmlib.report import table1_text
 
     if args.study == "orders":

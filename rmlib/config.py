@@ -7,8 +7,9 @@ a setting on its own, and nothing is read at import time.
 Environment variables (all optional): RMLIB_PROFILE (smoke | cpu | paper; default paper
 with a GPU, cpu otherwise), RMLIB_DATA (the data root), RMLIB_RUNS (the run cache),
 RMLIB_RESULTS (results with provenance), RMLIB_DOWNLOAD (0 forbids downloads),
-RMLIB_PRECISION (fp32 | bf16 forces the autocast mode), RMLIB_COMMIT (the commit of a
-tree copied without its .git).
+RMLIB_PRECISION (fp32 | bf16 forces the autocast mode), RMLIB_DEVICE (cpu | cuda | cuda:N:
+where the runner trains and evaluates; default a GPU when there is one), RMLIB_COMMIT (the
+commit of a tree copied without its .git).
 
 Explained in the book: book/intro.
 """
@@ -173,6 +174,13 @@ class Config:
     download: bool = True
     precision: str | None = None  # None: chosen per device (rmlib.engine.precision_mode)
     commit: str | None = None
+    device: str | None = None  # None: a GPU when there is one, else the CPU
+
+    @property
+    def torch_device(self) -> torch.device:
+        """Where the runner trains backbones and transforms and evaluates backfills: the
+        one choice of device (the library's functions default to the same rule)."""
+        return torch.device(self.device) if self.device else default_device()
 
     @property
     def name(self) -> str:
@@ -196,8 +204,11 @@ class Config:
         precision = env.get("RMLIB_PRECISION") or None
         if precision not in (None, "fp32", "bf16"):
             raise RmlibError(f"RMLIB_PRECISION={precision!r}; use fp32 or bf16, or unset it")
+        device = env.get("RMLIB_DEVICE") or None
+        if device is not None:
+            _check_device(device)
         return cls(profile(name), paths, env.get("RMLIB_DOWNLOAD", "1") not in
-                   ("0", "false", "no"), precision, env.get("RMLIB_COMMIT") or None)
+                   ("0", "false", "no"), precision, env.get("RMLIB_COMMIT") or None, device)
 
     def with_paths(self, **paths: Path) -> Config:
         """The same configuration with some paths replaced (data=, runs=, results=)."""
@@ -213,6 +224,20 @@ def default_profile_name() -> str:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_device(name: str) -> None:
+    """RMLIB_DEVICE names a device this machine has, or one line that says not."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RmlibError(f"RMLIB_DEVICE={name!r} is not a device; use cpu, cuda or cuda:N, "
+                         "or unset it") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RmlibError(f"RMLIB_DEVICE={name!r} but this machine has no GPU that torch can "
+                         "use; use cpu, or unset it")
+    if device.type not in ("cpu", "cuda"):
+        raise RmlibError(f"RMLIB_DEVICE={name!r}: rmlib runs on cpu or cuda")
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -131,7 +131,7 @@ class Chapter:
     def study(self, name: str) -> dict:
         """A study beyond the paper ("orders" or "heterogeneous") of this chapter's profile:
         read from its results file, made on the spot for a cheap profile, else NeedsRun."""
-        from rmlib.methods.beyond import heterogeneous, order_policies, study_path
+        from rmlib.methods.studies import heterogeneous, order_policies, study_path
 
         make = {"orders": order_policies, "heterogeneous": heterogeneous}[name]
         path = study_path(self.dataset, self.config, name)

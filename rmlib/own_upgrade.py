@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from rmlib import RmlibError
-from rmlib.config import PROFILES, TransformRecipe
+from rmlib.config import TransformRecipe, profile
 from rmlib.data import train_val_split
 from rmlib.engine.transforms import (
     TransformConfig,
@@ -110,28 +110,24 @@ def holdout(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
                            seed=seed)
 
 
-def cifar_recipe() -> TransformRecipe:
-    """The transform settings of the CIFAR-100 recipe (cpu profile): `fit`'s defaults."""
-    return PROFILES["cpu"].transforms
-
-
 def fit_compat(old: np.ndarray, new: np.ndarray, labels: np.ndarray, rho: bool = True,
                tau: float | None = None, epochs: int | None = None, hidden: int | None = None,
-               search_size: bool = False, progress: bool = True) -> tuple[Transforms, dict]:
+               search_size: bool = False, progress: bool = True,
+               recipe: TransformRecipe | None = None) -> tuple[Transforms, dict]:
     """psi (and rho) on all items; tau (unless given) and, with `search_size`, the width and
     epochs too, chosen on a 10% hold-out by the CIFAR-100 recipe's grids."""
     old, new = unit_rows("old", old), unit_rows("new", new)  # the transforms' sphere
-    recipe = cifar_recipe()
+    recipe = recipe or profile("cpu").transforms  # default: the CIFAR-100 recipe's settings
     base = TransformConfig(objective="mcl", rho=rho, epochs=epochs or recipe.epochs,
                            hidden=hidden or recipe.hidden, sources=("user",))
     selection = None
     if tau is None or search_size:
         fit, val = holdout(labels)
         selection = select_settings(
-            base, old, new, labels, fit, val, recipe.tau_grid if tau is None else (tau,),
-            recipe.tau_epochs if tau is None else None,
-            recipe.hidden_grid if search_size else (),
-            recipe.epochs_grid if search_size else (), progress=progress)
+            base, old, new, labels, fit, val, taus=recipe.tau_grid if tau is None else (tau,),
+            tau_epochs=recipe.tau_epochs if tau is None else None,
+            widths=recipe.hidden_grid if search_size else (),
+            epochs=recipe.epochs_grid if search_size else (), progress=progress)
         base = replace(base, hidden=selection["hidden"], epochs=selection["epochs"])
         tau = selection["tau"]
     t = fit_transforms(replace(base, tau=tau), old, new, labels, progress)

@@ -49,3 +49,22 @@ def test_every_module_names_the_chapter_that_explains_it():
         assert "Explained in the book:" in doc and named, path.relative_to(ROOT)
         for chapter in named:
             assert f"book/{chapter}" in toc, f"{path.relative_to(ROOT)} names book/{chapter}"
+
+
+def test_the_device_is_chosen_once_by_the_configuration():
+    from rmlib import RmlibError
+    from rmlib.config import Config
+
+    assert Config.from_env("smoke", environ={"RMLIB_DEVICE": "cpu"}).torch_device.type == "cpu"
+    assert Config.from_env("smoke", environ={}).device is None  # a GPU when there is one
+    for bad, message in (("tpu", "not a device"), ("cuda:0", "no GPU")):
+        try:
+            import torch
+
+            if bad.startswith("cuda") and torch.cuda.is_available():
+                continue
+            Config.from_env("smoke", environ={"RMLIB_DEVICE": bad})
+        except RmlibError as exc:
+            assert message in str(exc)
+        else:
+            raise AssertionError(f"RMLIB_DEVICE={bad} was accepted")

@@ -275,10 +275,12 @@ def transform_path(config: TransformConfig, folder: Path) -> Path:
 
 
 def cached_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
-                      labels: np.ndarray, folder: Path, progress: bool = True) -> Transforms:
-    """fit_transforms, cached at `transform_path(config, folder)`."""
+                      labels: np.ndarray, folder: Path, progress: bool = True,
+                      device: torch.device | None = None) -> Transforms:
+    """fit_transforms (on `device`), cached at `transform_path(config, folder)`."""
     return cached(transform_path(config, folder),
-                  lambda: fit_transforms(config, old, new, labels, progress), save_transforms,
+                  lambda: fit_transforms(config, old, new, labels, progress, device),
+                  save_transforms,
                   lambda p: Transforms.from_state(torch.load(p, weights_only=True)))
 
 

@@ -343,10 +343,12 @@ def row_conditions(row: Mapping) -> dict:
 def backfill_arrays(arrays: BackfillArrays, seed: int = 0, new_baseline: dict | None = None,
                     old_baseline: dict | None = None,
                     calibration: tuple[Callable, Callable] | None = None,
-                    order: np.ndarray | None = None) -> tuple[BackfillCurve, dict]:
+                    order: np.ndarray | None = None,
+                    device: torch.device | str | None = None) -> tuple[BackfillCurve, dict]:
     """Simulate the backfill of an evaluation file and check conditions (6)-(8).
 
-    `order`: which items are re-embedded first (default: the random order of `seed`).
+    `order`: which items are re-embedded first (default: the random order of `seed`);
+    `device`: where the distances are computed (default: a GPU when there is one).
 
     The old baseline defaults to the deployed old system (reference_query, else old_query,
     on the old gallery); the new baseline to the file's own new system (M_1 itself). Pass
@@ -356,7 +358,7 @@ def backfill_arrays(arrays: BackfillArrays, seed: int = 0, new_baseline: dict | 
     curve = simulate_backfill(
         arrays.old_query, arrays.old_gallery, arrays.new_query, arrays.new_gallery, protocol,
         order=order, seed=seed, reference_query=arrays.reference_query,
-        reference_gallery=arrays.reference_gallery, calibration=calibration)
+        reference_gallery=arrays.reference_gallery, calibration=calibration, device=device)
     if old_baseline is not None:
         old = old_baseline
     elif arrays.reference_query is None:

@@ -75,6 +75,7 @@ class Experiment:
 
     def _fit(self, config, images, objective: Objective) -> TrainedModel:
         return train_backbone(config, images, objective, runs=self.config.paths.runs,
+                              device=self.config.torch_device,
                               precision=self.config.precision, progress=self.progress)
 
     def embeddings(self, role: str, split: str) -> np.ndarray:
@@ -135,14 +136,16 @@ class Experiment:
             base = replace(base, sources=base.sources + ("validation-fit-split",))
             self.selection = select_settings(
                 base, self.embeddings("old", "train"), self.embeddings("new", "train"),
-                self.setup.train.labels, fit, val, recipe.tau_grid, recipe.tau_epochs,
-                recipe.hidden_grid, recipe.epochs_grid, self._fit_transform, self.progress)
+                self.setup.train.labels, fit, val, taus=recipe.tau_grid,
+                tau_epochs=recipe.tau_epochs, widths=recipe.hidden_grid,
+                epochs=recipe.epochs_grid, fit_fn=self._fit_transform, progress=self.progress)
             self.timings["hyperparameter_selection"] = time.time() - t0
         return self.selection
 
     def _fit_transform(self, cfg: TransformConfig, old, new, labels, progress) -> Transforms:
         folder = self.config.paths.runs / self.dataset / self.profile
-        return cached_transforms(cfg, old, new, labels, folder, progress)
+        return cached_transforms(cfg, old, new, labels, folder, progress,
+                                 self.config.torch_device)
 
     def transform(self, name: str, seed: int = 0) -> Transforms:
         """A registered objective's transforms ('rqt', 'cl', 'mcl', 'fct', 'bict', ...), or

@@ -112,7 +112,7 @@ def evaluate_method(exp: Experiment, name: str, old: dict | None = None,
         runs.append(backfill_arrays(
             arrays, seed=seed, new_baseline=new, old_baseline=old,
             calibration=method.calibration(exp, seed) if method.calibration else None,
-            order=order(arrays, seed) if order else None))
+            order=order(arrays, seed) if order else None, device=exp.config.torch_device))
     curve, spread = average_curves([c for c, _ in runs])
     first = runs[0][1]
     conditions = check_conditions(curve, old or {m: first[m]["old"] for m in first},

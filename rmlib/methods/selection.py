@@ -46,7 +46,7 @@ def validation_auc(config: TransformConfig, old: np.ndarray, new: np.ndarray,
 
 
 def select_settings(base: TransformConfig, old: np.ndarray, new: np.ndarray,
-                    labels: np.ndarray, fit: np.ndarray, val: np.ndarray,
+                    labels: np.ndarray, fit: np.ndarray, val: np.ndarray, *,
                     taus: Sequence[float], tau_epochs: int | None = None,
                     widths: Sequence[int] = (), epochs: Sequence[int] = (),
                     fit_fn: Callable[..., Transforms] = fit_transforms, progress: bool = True

@@ -64,7 +64,7 @@ class Setup:
     query_cams: np.ndarray | None = None
     gallery_cams: np.ndarray | None = None
     details: dict | None = None  # what the provenance records of this data set
-    old_backbone: dict | None = None  # old-model config fields replaced (rmlib.methods.beyond)
+    old_backbone: dict | None = None  # old-model config fields replaced (rmlib.methods.studies)
 
     @property
     def profile(self) -> str:

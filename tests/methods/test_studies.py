@@ -4,7 +4,7 @@ import json
 
 from rmlib.cli import main
 from rmlib.evaluation.orders import ORDER_POLICIES
-from rmlib.methods.beyond import HETEROGENEOUS_OLD, heterogeneous, order_policies
+from rmlib.methods.studies import HETEROGENEOUS_OLD, heterogeneous, order_policies
 
 
 def test_order_policies_write_every_policy_with_seeds_for_both_merges(smoke_config, capsys,
