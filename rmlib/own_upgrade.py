@@ -33,12 +33,8 @@ from rmlib.engine.transforms import (
     build_transforms,
     fit_transforms,
 )
-from rmlib.evaluation.emb_file import (
-    BackfillArrays,
-    embedding_array,
-    load_npz,
-    readable_file,
-)
+from rmlib.evaluation.emb_file import load_npz, readable_file
+from rmlib.evaluation.systems import SystemPair, embedding_array
 from rmlib.methods.selection import rm_systems, select_settings
 from rmlib.outputs import save_torch
 
@@ -251,7 +247,7 @@ def _mean_cosine(a: np.ndarray, mean: torch.Tensor) -> float:
     return float(m @ mean.numpy() / (np.linalg.norm(m) * float(mean.norm()) + 1e-12))
 
 
-def unit_systems(arrays: BackfillArrays) -> BackfillArrays:
+def unit_systems(arrays: SystemPair) -> SystemPair:
     """`arrays` with the four embeddings L2-normalised, as the transforms expect. Negative
     flips stay counted against what the deployed old system served: the raw old query and
     gallery become the reference when they were not unit length."""
@@ -266,8 +262,8 @@ def unit_systems(arrays: BackfillArrays) -> BackfillArrays:
                    reference_query=ref_query, reference_gallery=ref_gallery)
 
 
-def apply_compat(path: Path | str, arrays: BackfillArrays, force: bool = False
-                 ) -> BackfillArrays:
+def apply_compat(path: Path | str, arrays: SystemPair, force: bool = False
+                 ) -> SystemPair:
     """The RM systems of an evaluation file, after checking that it fits the transforms.
     Every embedding is L2-normalised first (`unit_systems`), as `fit` did."""
     t, state = load_compat(path)

@@ -16,7 +16,7 @@ from rmlib.engine.transforms import (
     register_objective,
 )
 from rmlib.evaluation.backfill import backfill_arrays
-from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.evaluation.systems import SystemPair
 from rmlib.methods.selection import rm_systems
 
 
@@ -57,7 +57,7 @@ def test_a_new_objective_is_one_function_and_one_registry_entry(cosine):
         return float(np.mean(np.sum(tr.reverse(q_new) * q_old, axis=1)))
 
     assert alignment(t) > alignment(untrained) + 0.2  # what the new loss asks for
-    curve, conditions = backfill_arrays(rm_systems(t, BackfillArrays(q_old, q_old, q_new,
+    curve, conditions = backfill_arrays(rm_systems(t, SystemPair(q_old, q_old, q_new,
                                                                      q_new, q_labels)))
     assert len(curve.t) == 21 and np.isfinite(curve.auc("mAP")) and "cond6" in str(conditions)
     saved = transforms.Transforms.from_state(t.state())

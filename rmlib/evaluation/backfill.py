@@ -27,7 +27,6 @@ import torch
 from rmlib import RmlibError
 from rmlib.arguments import count, permutation
 from rmlib.config import default_device
-from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.evaluation.retrieval import (
     NO_RANK,
     EuclideanSystem,
@@ -41,6 +40,7 @@ from rmlib.evaluation.retrieval import (
     scores_from_ranks,
     top1_correct,
 )
+from rmlib.evaluation.systems import SystemPair
 
 T_GRID = np.round(np.linspace(0.0, 1.0, 21), 10)
 
@@ -340,7 +340,7 @@ def row_conditions(row: Mapping) -> dict:
                             {m: stored[m]["new"] for m in stored}, tuple(stored), std)
 
 
-def backfill_arrays(arrays: BackfillArrays, seed: int = 0, new_baseline: dict | None = None,
+def backfill_arrays(arrays: SystemPair, seed: int = 0, new_baseline: dict | None = None,
                     old_baseline: dict | None = None,
                     calibration: tuple[Callable, Callable] | None = None,
                     order: np.ndarray | None = None,
@@ -369,7 +369,7 @@ def backfill_arrays(arrays: BackfillArrays, seed: int = 0, new_baseline: dict | 
     return curve, check_conditions(curve, old, new)
 
 
-def merged_top_k(arrays: BackfillArrays, query: int, t: float, k: int = 8, seed: int = 0
+def merged_top_k(arrays: SystemPair, query: int, t: float, k: int = 8, seed: int = 0
                  ) -> list[tuple[int, float, str, bool]]:
     """One query's merged top-k at ratio t: (gallery index, distance, 'old'|'new', relevant)."""
     protocol = arrays.protocol()

@@ -36,8 +36,9 @@ from torch import nn
 from rmlib import RmlibError
 from rmlib.arguments import permutation
 from rmlib.evaluation.backfill import backfill_order
-from rmlib.evaluation.emb_file import BackfillArrays, readable_file
+from rmlib.evaluation.emb_file import readable_file
 from rmlib.evaluation.retrieval import EuclideanSystem, query_chunks
+from rmlib.evaluation.systems import SystemPair
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class OrderPolicy:
     the command line's help."""
 
     name: str
-    order: Callable[[BackfillArrays, int, BackfillArrays | None], np.ndarray]
+    order: Callable[[SystemPair, int, SystemPair | None], np.ndarray]
     seeded: bool = False
     needs_train: bool = False
     privileged: bool = False
@@ -76,7 +77,7 @@ def order_policy(name: str) -> OrderPolicy:
     return ORDER_POLICIES[name]
 
 
-def item_benefit(arrays: BackfillArrays, nearest_irrelevant: int = 10,
+def item_benefit(arrays: SystemPair, nearest_irrelevant: int = 10,
                  chunk: int = 1024) -> np.ndarray:
     """Per gallery item g, how much re-embedding it helps the merged ranking.
 
@@ -162,8 +163,8 @@ def predicted_benefit(head: BenefitHead, old_embeddings: np.ndarray) -> np.ndarr
     return head(torch.as_tensor(np.asarray(old_embeddings, dtype=np.float32))).numpy()
 
 
-def policy_order(policy: str, arrays: BackfillArrays, seed: int = 0,
-                 train: BackfillArrays | None = None) -> np.ndarray:
+def policy_order(policy: str, arrays: SystemPair, seed: int = 0,
+                 train: SystemPair | None = None) -> np.ndarray:
     """The backfill order of the registered `policy` for the gallery of `arrays`; a policy
     that learns (`needs_train`) reads `train`, the same two systems built on training
     items, with their labels."""
@@ -182,7 +183,7 @@ def policy_order(policy: str, arrays: BackfillArrays, seed: int = 0,
                        len(arrays.old_gallery))
 
 
-def _uncertainty_order(arrays: BackfillArrays, seed: int, train: BackfillArrays | None
+def _uncertainty_order(arrays: SystemPair, seed: int, train: SystemPair | None
                        ) -> np.ndarray:
     head = fit_benefit_head(train.old_gallery, item_benefit(train), seed)
     return order_by_priority(predicted_benefit(head, arrays.old_gallery))

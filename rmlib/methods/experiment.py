@@ -23,7 +23,7 @@ from rmlib.engine.transforms import (
     objective_of,
 )
 from rmlib.evaluation.calibration import DistanceCalibration
-from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.evaluation.systems import SystemPair
 from rmlib.methods.selection import select_settings
 from rmlib.methods.setups import ROLES, Setup, dataset_spec
 
@@ -96,18 +96,18 @@ class Experiment:
                 precision=self.config.precision)
         return self._emb[role, name]
 
-    def pair(self, role: str) -> tuple[np.ndarray, np.ndarray]:
+    def embedding_pair(self, role: str) -> tuple[np.ndarray, np.ndarray]:
         """(query, gallery) embeddings of a backbone."""
         return self.embeddings(role, "query"), self.embeddings(role, "gallery")
 
     def systems(self, old_q: np.ndarray, old_g: np.ndarray, new_q: np.ndarray,
-                new_g: np.ndarray) -> BackfillArrays:
+                new_g: np.ndarray) -> SystemPair:
         """Two systems over the gallery; negative flips against the old model's queries."""
-        return self.setup.arrays(old_q, old_g, new_q, new_g, reference=self.pair("old"))
+        return self.setup.arrays(old_q, old_g, new_q, new_g, reference=self.embedding_pair("old"))
 
-    def naive(self) -> BackfillArrays:
+    def naive(self) -> SystemPair:
         """RM_naive: the old system {phi_old(q), phi_old(g)}, the new {phi_new(q), phi_new(g)}."""
-        return self.systems(*self.pair("old"), *self.pair("new"))
+        return self.systems(*self.embedding_pair("old"), *self.embedding_pair("new"))
 
     # --- transforms, with their settings chosen on a validation split of the training set --
     def validation_split(self) -> tuple[np.ndarray, np.ndarray]:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.evaluation.systems import SystemPair
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.selection import rm_systems
 
-Systems = Callable[[Experiment, int], BackfillArrays]
+Systems = Callable[[Experiment, int], SystemPair]
 
 
 @dataclass(frozen=True)
@@ -54,27 +54,28 @@ def _reverse_transform(name: str) -> Systems:
 def _forward_gallery(backbone: str, transform: str, seeded: bool = True) -> Systems:
     """FCT / BiCT: the old gallery upgraded by h, searched by the new backbone's queries.
     BiCT's h' is the one its backbone was trained against (seed 0) whatever the seed."""
-    def systems(e: Experiment, seed: int) -> BackfillArrays:
-        (q, g), h = e.pair(backbone), e.transform(transform, seed if seeded else 0)
-        return e.systems(q, h.forward(e.pair("old")[1]), q, g)
+    def systems(e: Experiment, seed: int) -> SystemPair:
+        (q, g), h = e.embedding_pair(backbone), e.transform(transform, seed if seeded else 0)
+        return e.systems(q, h.forward(e.embedding_pair("old")[1]), q, g)
     return systems
 
 
-def _upgraded_model(e: Experiment, seed: int) -> BackfillArrays:
+def _upgraded_model(e: Experiment, seed: int) -> SystemPair:
     """rho(phi_new) alone for queries and gallery: the better model without any merge."""
     rho = e.transform("mcl-rho", seed)
-    q, g = (rho.new_side(x) for x in e.pair("new"))
+    q, g = (rho.new_side(x) for x in e.embedding_pair("new"))
     return e.systems(q, g, q, g)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("Old", lambda e, s: e.systems(*e.pair("old"), *e.pair("old")),
+    Method("Old", lambda e, s: e.systems(*e.embedding_pair("old"), *e.embedding_pair("old")),
            "phi_old / phi_old, no backfill", seeded=False),
-    Method("New", lambda e, s: e.systems(*e.pair("new"), *e.pair("new")),
+    Method("New", lambda e, s: e.systems(*e.embedding_pair("new"), *e.embedding_pair("new")),
            "phi_new / phi_new, fully backfilled", seeded=False),
     Method("RM_naive", lambda e, s: e.naive(),
            "rank merge of old/old and new/new"),
-    Method("BCT", lambda e, s: e.systems(e.pair("bct")[0], e.pair("old")[1], *e.pair("bct")),
+    Method("BCT", lambda e, s: e.systems(e.embedding_pair("bct")[0],
+                                         e.embedding_pair("old")[1], *e.embedding_pair("bct")),
            "phi_bct / phi_old, then phi_bct"),
     Method("FCT", _forward_gallery("new", "fct"),
            "phi_new / h(phi_old), no side-information"),

@@ -26,8 +26,8 @@ from rmlib.evaluation.backfill import (
     backfill_arrays,
     check_conditions,
 )
-from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.evaluation.retrieval import evaluate
+from rmlib.evaluation.systems import SystemPair
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.registry import ABLATION_ROWS, METHODS, TABLE1_ROWS, paper_table1
 from rmlib.methods.setups import ROLES, dataset_spec
@@ -38,7 +38,7 @@ from rmlib.provenance import provenance
 def backbone_entry(exp: Experiment, role: str) -> dict:
     """One model's results: metrics on the evaluation sets, training curve, config, time."""
     trained = exp.model(role)
-    metrics = evaluate(*exp.pair(role), exp.setup.protocol).summary()
+    metrics = evaluate(*exp.embedding_pair(role), exp.setup.protocol).summary()
     entry = {**metrics, "history": trained.history, "config": asdict(trained.config),
              "parameters": count_parameters(trained.model), "run": trained.run_dir.name,
              "train_wall_time_s": trained.wall_time_s,
@@ -97,7 +97,7 @@ def final_metrics(row: dict) -> dict:
 
 def evaluate_method(exp: Experiment, name: str, old: dict | None = None,
                     new: dict | None = None,
-                    order: Callable[[BackfillArrays, int], np.ndarray] | None = None) -> dict:
+                    order: Callable[[SystemPair, int], np.ndarray] | None = None) -> dict:
     """A method's backfill curves (the mean over the profile's seeds, if the method depends
     on them), AUCs with their spread, and conditions (6)-(8) of the mean curve, judged
     against the deployed old system's metrics `old` and the upgraded model's `new`

@@ -16,17 +16,17 @@ import numpy as np
 
 from rmlib.engine.transforms import TransformConfig, Transforms, fit_transforms
 from rmlib.evaluation.backfill import backfill_arrays
-from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.evaluation.systems import SystemPair
 
 
-def rm_systems(t: Transforms, arrays: BackfillArrays) -> BackfillArrays:
+def rm_systems(t: Transforms, arrays: SystemPair) -> SystemPair:
     """The RM systems from the naive ones: {psi(rho(new_q)), old_g} and {rho(new_q), rho(new_g)}.
 
     Negative flips stay defined against the deployed old system (reference_query, else the
     naive file's old_query, on its reference_gallery, else its old_gallery, which RM keeps).
     """
     reference = arrays.reference_side()[0]
-    return BackfillArrays(
+    return SystemPair(
         old_query=t.reverse(arrays.new_query), old_gallery=arrays.old_gallery,
         new_query=t.new_side(arrays.new_query), new_gallery=t.new_side(arrays.new_gallery),
         query_labels=arrays.query_labels, gallery_labels=arrays.gallery_labels,
@@ -41,7 +41,7 @@ def validation_auc(config: TransformConfig, old: np.ndarray, new: np.ndarray,
     """AUC_mAP of the simulated backfill of the RM systems on held-out items `val`, with
     transforms of `config` trained on `fit`: the one score every choice here maximises."""
     t = fit_fn(config, old[fit], new[fit], labels[fit], progress=progress)
-    naive = BackfillArrays(old[val], old[val], new[val], new[val], labels[val])
+    naive = SystemPair(old[val], old[val], new[val], new[val], labels[val])
     return backfill_arrays(rm_systems(t, naive))[0].auc("mAP")
 
 

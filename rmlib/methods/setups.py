@@ -31,8 +31,8 @@ from rmlib.data.cifar import NUM_CLASSES, OLD_CLASSES
 from rmlib.data.market import IMAGENET_MEAN, IMAGENET_STD, read_images
 from rmlib.engine.backbones import BackboneConfig
 from rmlib.engine.objectives import Objective, TripletObjective
-from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.evaluation.retrieval import Protocol
+from rmlib.evaluation.systems import SystemPair
 
 ROLES = ("old", "new")
 
@@ -89,14 +89,14 @@ class Setup:
 
     def arrays(self, old_q: np.ndarray, old_g: np.ndarray, new_q: np.ndarray,
                new_g: np.ndarray, reference: tuple[np.ndarray, np.ndarray] | None = None
-               ) -> BackfillArrays:
+               ) -> SystemPair:
         """Two retrieval systems over this setup's gallery, as the evaluator reads them;
         `reference`: the deployed old system (queries, gallery) for negative flips."""
         ref_q, ref_g = reference if reference is not None else (None, None)
         if self.gallery is None:
-            return BackfillArrays(old_q, old_g, new_q, new_g, self.query.labels,
+            return SystemPair(old_q, old_g, new_q, new_g, self.query.labels,
                                   reference_query=ref_q, reference_gallery=ref_g)
-        return BackfillArrays(old_q, old_g, new_q, new_g, self.query.labels,
+        return SystemPair(old_q, old_g, new_q, new_g, self.query.labels,
                               self.gallery.labels, self.query_cams, self.gallery_cams,
                               ref_q, ref_g)
 

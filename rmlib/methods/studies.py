@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from rmlib.config import Config
-from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.evaluation.orders import ORDER_POLICIES, order_policy, policy_order
+from rmlib.evaluation.systems import SystemPair
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.reproduce import evaluate_method, evaluate_rows, final_metrics, gain
 from rmlib.methods.selection import rm_systems
@@ -38,12 +38,12 @@ def study_path(dataset: str, config: Config, study: str) -> Path:
     return config.paths.results / dataset / config.name / f"{STUDY_FILES[study]}.json"
 
 
-def training_systems(exp: Experiment, method: str, seed: int) -> BackfillArrays:
+def training_systems(exp: Experiment, method: str, seed: int) -> SystemPair:
     """`method`'s two systems on the training sample of seed 0 (`Experiment.training_sample`,
     embedded with the test images' views, so the head sees embeddings like the ones it will
     rank); the transforms are those of `seed`."""
     (old, labels), (new, _) = exp.training_sample("old"), exp.training_sample("new")
-    naive = BackfillArrays(old, old, new, new, labels)
+    naive = SystemPair(old, old, new, new, labels)
     if method == "RM_naive":
         return naive
     if method == "RM":
@@ -54,7 +54,7 @@ def training_systems(exp: Experiment, method: str, seed: int) -> BackfillArrays:
 def evaluate_order(exp: Experiment, method: str, policy: str, old: dict, new: dict) -> dict:
     """One method under one order policy: `evaluate_method` with, for each seed, that
     seed's transforms and its random order or head."""
-    def order(arrays: BackfillArrays, seed: int) -> np.ndarray:
+    def order(arrays: SystemPair, seed: int) -> np.ndarray:
         train = training_systems(exp, method, seed) if order_policy(policy).needs_train \
             else None
         return policy_order(policy, arrays, seed, train)

@@ -17,7 +17,7 @@ import numpy as np
 
 from rmlib import RmlibError
 from rmlib.evaluation.backfill import backfill_order, backfilled_count
-from rmlib.evaluation.emb_file import BackfillArrays
+from rmlib.evaluation.systems import SystemPair
 from rmlib.serving.checks import check_dims
 from rmlib.serving.index import OnlineBackfillIndex, live_scores
 from rmlib.serving.location import check_location, journal_header
@@ -35,7 +35,7 @@ def fingerprint(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def source_record(arrays: BackfillArrays, order: np.ndarray, source: str | Path,
+def source_record(arrays: SystemPair, order: np.ndarray, source: str | Path,
                   order_name: str, seed: int, batch: int) -> dict:
     """What the journal keeps of a live index's source (its `meta`)."""
     return {"source": str(source), "gallery": fingerprint(arrays.old_gallery, arrays.new_gallery),
@@ -61,14 +61,14 @@ def check_resume(meta: dict, asked: dict, uri: str, name: str) -> None:
                          f"those, or {fix}")
 
 
-def check_widths(arrays: BackfillArrays, backend: str = "milvus") -> None:
+def check_widths(arrays: SystemPair, backend: str = "milvus") -> None:
     """Refuse widths the durable `backend` cannot store before an order policy trains on
     the arrays."""
     check_dims({"old": arrays.old_gallery.shape[1], "new": arrays.new_gallery.shape[1]},
                backend_spec(backend, durable=True))
 
 
-def run_live(arrays: BackfillArrays, order: np.ndarray | None, *, source: str | Path,
+def run_live(arrays: SystemPair, order: np.ndarray | None, *, source: str | Path,
              uri: str, name: str, journal: str | Path | None, batch: int, until: float,
              seed: int, order_name: str, overwrite: bool, quiet: bool,
              backend: str = "milvus") -> int:

@@ -176,22 +176,22 @@ def test_negative_flips_count_against_the_deployed_old_system_whatever_the_old_p
     negative flips are still counted against phi_old(q) on phi_old(g). At t = 1 it is the
     same system as the naive merge's, so it flips the same queries."""
     from rmlib.evaluation.backfill import backfill_arrays
-    from rmlib.evaluation.emb_file import BackfillArrays
+    from rmlib.evaluation.systems import SystemPair
 
     labels, old = clustered(120, 8, 6, 1.0, seed=1)
     _, new = clustered(120, 12, 6, 0.6, seed=2)
     upgraded = np.tanh(old @ np.random.default_rng(3).normal(size=(8, 12))).astype("f4")
-    naive = BackfillArrays(old, old, new, new, labels)
-    fct = BackfillArrays(new, upgraded, new, new, labels, reference_query=old,
+    naive = SystemPair(old, old, new, new, labels)
+    fct = SystemPair(new, upgraded, new, new, labels, reference_query=old,
                          reference_gallery=old)
     curve_naive, cond_naive = backfill_arrays(naive)
     curve_fct, cond_fct = backfill_arrays(fct)
     assert curve_fct.nfr[-1] == curve_naive.nfr[-1] > 0
     assert cond_fct["mAP"]["old"] == cond_naive["mAP"]["old"]  # the deployed old system's mAP
     with pytest.raises(RmlibError, match="reference_gallery is given without reference_query"):
-        BackfillArrays(new, upgraded, new, new, labels, reference_gallery=old)
+        SystemPair(new, upgraded, new, new, labels, reference_gallery=old)
     with pytest.raises(RmlibError, match="reference_gallery has 119 rows"):
-        BackfillArrays(new, upgraded, new, new, labels, reference_query=old,
+        SystemPair(new, upgraded, new, new, labels, reference_query=old,
                        reference_gallery=old[:-1])
 
 
@@ -223,10 +223,10 @@ def test_condition_8_judges_every_fall_against_its_own_noise():
 ])
 def test_bad_arguments_of_the_evaluator_are_one_line(kwargs, message):
     from rmlib.evaluation.backfill import backfill_arrays
-    from rmlib.evaluation.emb_file import BackfillArrays
+    from rmlib.evaluation.systems import SystemPair
 
     labels, x = clustered(60, 6, 5, 1.0, seed=0)
-    arrays = BackfillArrays(x, x, x * 2, x * 2, labels)
+    arrays = SystemPair(x, x, x * 2, x * 2, labels)
     with pytest.raises(RmlibError, match=message):
         backfill_arrays(arrays, **kwargs)
     numpy_seed = backfill_arrays(arrays, seed=np.int64(4))[0]  # numpy integers are integers

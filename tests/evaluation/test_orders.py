@@ -5,7 +5,6 @@ import pytest
 
 from rmlib import RmlibError
 from rmlib.evaluation.backfill import simulate_backfill
-from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.evaluation.orders import (
     fit_benefit_head,
     item_benefit,
@@ -13,6 +12,7 @@ from rmlib.evaluation.orders import (
     policy_order,
     predicted_benefit,
 )
+from rmlib.evaluation.systems import SystemPair
 
 
 def two_systems(n=60, dim=6, classes=6, seed=0, noisy_share=0.5):
@@ -25,12 +25,12 @@ def two_systems(n=60, dim=6, classes=6, seed=0, noisy_share=0.5):
     old = centres[labels] + 0.3 * rng.normal(size=(n, dim))
     noisy = rng.random(n) < noisy_share
     old[noisy] += 3 * rng.normal(size=(noisy.sum(), dim))
-    arrays = BackfillArrays(old.astype(np.float32), old.astype(np.float32),
+    arrays = SystemPair(old.astype(np.float32), old.astype(np.float32),
                             new.astype(np.float32), new.astype(np.float32), labels)
     return arrays, noisy
 
 
-def direct_benefit(a: BackfillArrays, k: int) -> np.ndarray:
+def direct_benefit(a: SystemPair, k: int) -> np.ndarray:
     """item_benefit by loops over numpy float64 distances (leave-one-out)."""
     def dist(q, g):
         return np.linalg.norm(q[:, None, :].astype(np.float64) - g[None].astype(np.float64),

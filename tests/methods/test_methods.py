@@ -7,8 +7,8 @@ import torch
 from rmlib import RmlibError
 from rmlib.data.sampling import pk_batches
 from rmlib.engine.transforms import TransformConfig, Transforms, fit_transforms
-from rmlib.evaluation.emb_file import BackfillArrays
 from rmlib.evaluation.retrieval import Protocol, evaluate
+from rmlib.evaluation.systems import SystemPair
 from rmlib.methods.registry import ABLATION_ROWS, METHODS, TABLE1_ROWS
 from rmlib.methods.reproduce import gain
 from rmlib.own_upgrade import rm_systems
@@ -61,7 +61,7 @@ def test_rqt_brings_reverse_queries_into_the_old_space():
     # (the new model is the better one), and far above chance (1/12)
     rev = evaluate(t.reverse(new), old, protocol).summary()["mAP"]
     assert rev > evaluate(old, old, protocol).summary()["mAP"] > 0.3
-    arrays = rm_systems(t, BackfillArrays(old, old, new, new, labels))
+    arrays = rm_systems(t, SystemPair(old, old, new, new, labels))
     assert arrays.old_query.shape == old.shape and arrays.new_query.shape == new.shape
     np.testing.assert_array_equal(arrays.reference_query, old)
 

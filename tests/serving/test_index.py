@@ -131,8 +131,8 @@ def test_a_policy_order_drives_the_live_backfill_and_matches_the_offline_curve()
     """The live index re-embeds the items an order policy puts first (next_batch), and
     what it serves is the evaluator's curve under that same order."""
     from rmlib.evaluation.backfill import simulate_backfill
-    from rmlib.evaluation.emb_file import BackfillArrays
     from rmlib.evaluation.orders import policy_order
+    from rmlib.evaluation.systems import SystemPair
     from rmlib.serving.index import live_scores
 
     rng = np.random.default_rng(5)
@@ -140,7 +140,7 @@ def test_a_policy_order_drives_the_live_backfill_and_matches_the_offline_curve()
     labels = rng.integers(0, classes, n)
     old = (rng.normal(size=(classes, 8))[labels] + rng.normal(size=(n, 8))).astype("f4")
     new = (rng.normal(size=(classes, 12))[labels] + 0.5 * rng.normal(size=(n, 12))).astype("f4")
-    arrays = BackfillArrays(old, old, new, new, labels)
+    arrays = SystemPair(old, old, new, new, labels)
     order = policy_order("oracle", arrays)
     ts = np.array([0.0, 0.3, 0.6, 1.0])
     curve = simulate_backfill(old, old, new, new, arrays.protocol(), order=order, ts=ts)
