@@ -53,7 +53,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         out["provenance"] = provenance(
             config={"input": str(args.emb), "seed": args.seed, "protocol": protocol,
                     "order": str(args.order), "order_train": str(args.order_train or "")},
-            wall_time_s=time.time() - start)
+            wall_time_s=time.time() - start, commit=args.config.commit)
         write_json(args.json, out)
         print(f"wrote {args.json}")
     if args.plot:
@@ -359,10 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         from rmlib.config import Config
-        from rmlib.provenance import commit_at_start
+        from rmlib.provenance import pin_commit
 
-        args.config = Config.from_env(getattr(args, "profile", None))  # the one read of it
-        commit_at_start(args.config.commit)  # results record the code this started with
+        # the one read of the environment; results record the code this started with
+        args.config = pin_commit(Config.from_env(getattr(args, "profile", None)))
         return args.func(args)
     except RmlibError as exc:
         print(f"rmlib: error: {exc}", file=sys.stderr)

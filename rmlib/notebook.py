@@ -16,7 +16,7 @@ from rmlib.engine.transforms import TransformConfig, transform_path
 from rmlib.evaluation.backfill import BackfillCurve
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.reproduce import curve_of, read_results, reproduce, train_backbones
-from rmlib.provenance import commit_at_start
+from rmlib.provenance import pin_commit
 from rmlib.report import provenance_line
 from rmlib.tables import (
     departures_frame,
@@ -234,8 +234,7 @@ def open_chapter(dataset: str = "cifar100", profile: str | None = None) -> Chapt
     results of its profile. A cheap profile's missing results are made on the spot; a
     costly one's are replaced by the committed cpu profile's, saying so and how to make
     them; with neither, NeedsRun says what to run."""
-    config = Config.from_env(profile)
-    commit_at_start(config.commit)  # results record the code the chapter started with
+    config = pin_commit(Config.from_env(profile))  # results record the code it started with
     found = saved_results(dataset, config)
     note = ""
     if found is not None and config.name in CHEAP_PROFILES and not _complete(found):

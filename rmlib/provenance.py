@@ -8,13 +8,14 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rmlib import __version__
-from rmlib.config import REPO_ROOT
+from rmlib.config import REPO_ROOT, Config
 
 # What makes a result: the package, the scripts that run it, and the pinned environment.
 # The book's chapters and the results themselves are outputs and do not count.
@@ -53,18 +54,13 @@ def git_commit() -> str:
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
-_COMMIT_AT_START: str | None = None
-
-
-def commit_at_start(given: str | None = None) -> str:
-    """The commit of the code this process runs: read once, at the first call, so that a
-    long run records the code it started with even if the repository moves on. A copy of
-    the tree without its .git (e.g. on a borrowed GPU machine) is `given` its commit by
-    whoever copied it (Config.commit, from RMLIB_COMMIT)."""
-    global _COMMIT_AT_START
-    if _COMMIT_AT_START is None:
-        _COMMIT_AT_START = given or git_commit()
-    return _COMMIT_AT_START
+def pin_commit(config: Config) -> Config:
+    """`config` with the commit of the code it runs, read now: a run calls this once, at
+    its start, so that its results record the code it started with even if the
+    repository moves on during an hour of training. A copy of the tree without its .git
+    (e.g. on a borrowed GPU machine) is given its commit by whoever copied it
+    (RMLIB_COMMIT, already in `config.commit`)."""
+    return config if config.commit else replace(config, commit=git_commit())
 
 
 def machine() -> dict[str, Any]:
@@ -83,7 +79,10 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def provenance(config: dict, wall_time_s: float, profile: str | None = None) -> dict:
-    return {"git_commit": commit_at_start(), "rmlib": __version__, "profile": profile,
+def provenance(config: dict, wall_time_s: float, profile: str | None = None,
+               commit: str | None = None) -> dict:
+    """What a results file records of how it was made. `commit`: the run's pinned commit
+    (`pin_commit`); None reads it now."""
+    return {"git_commit": commit or git_commit(), "rmlib": __version__, "profile": profile,
             "config": config, "machine": machine(), "wall_time_s": round(wall_time_s, 2),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

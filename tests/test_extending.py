@@ -38,7 +38,7 @@ def cosine_objective(t, o, n, y):
 
 @pytest.fixture
 def cosine(monkeypatch):
-    monkeypatch.setattr(transforms, "OBJECTIVES", dict(OBJECTIVES))  # undone after the test
+    monkeypatch.setattr(transforms, "OBJECTIVES", OBJECTIVES.copy())  # undone after the test
     return register_objective(TransformObjective("cosine", cosine_objective))
 
 
@@ -82,7 +82,7 @@ def test_a_new_order_policy_is_one_function_and_one_registry_entry(tmp_path, mon
     from rmlib.cli import main
     from rmlib.evaluation import orders
 
-    monkeypatch.setattr(orders, "ORDER_POLICIES", dict(orders.ORDER_POLICIES))
+    monkeypatch.setattr(orders, "ORDER_POLICIES", orders.ORDER_POLICIES.copy())
     orders.register_order_policy(orders.OrderPolicy(
         "last_first", lambda arrays, seed, train: np.arange(len(arrays.old_gallery))[::-1],
         summary="the gallery from its end"))
@@ -157,7 +157,7 @@ def test_a_new_dataset_is_one_loader_and_one_registry_entry(config_of, monkeypat
     def toy_backbone(setup, role):
         return replace(setups._cifar_backbone(setup, role), dataset="toy")
 
-    monkeypatch.setattr(setups, "DATASETS", dict(setups.DATASETS))
+    monkeypatch.setattr(setups, "DATASETS", setups.DATASETS.copy())
     setups.register_dataset(setups.Dataset(
         "toy", _toy_setup, lambda p: p.cifar, toy_backbone, lambda c: Objective(),
         test_protocol="toy test, leave-one-out",

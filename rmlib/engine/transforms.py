@@ -32,6 +32,7 @@ from rmlib.engine.runs import config_key
 from rmlib.losses import cl_loss, mcl_loss, mean_distance_loss
 from rmlib.models import CosineClassifier, EmbeddingTransform
 from rmlib.outputs import cached, save_torch
+from rmlib.specs import Registry
 
 
 @dataclass(frozen=True)
@@ -51,26 +52,20 @@ class TransformObjective:
     rho: bool = False
 
 
-OBJECTIVES: dict[str, TransformObjective] = {}
+OBJECTIVES = Registry("objective", " (or register_objective a new one)")
 
 
 def register_objective(objective: TransformObjective) -> TransformObjective:
     """Add `objective` to `OBJECTIVES` (a name is registered once)."""
-    if objective.name in OBJECTIVES:
-        raise RmlibError(f"the transform objective {objective.name!r} is already registered")
     if objective.output not in ("old", "new"):
         raise RmlibError(f"objective {objective.name!r}: output is 'old' or 'new', not "
                          f"{objective.output!r}")
-    OBJECTIVES[objective.name] = objective
-    return objective
+    return OBJECTIVES.register(objective)
 
 
 def objective_of(name: str) -> TransformObjective:
     """The registered objective `name`; an unknown one is an error, never a fallback."""
-    if name not in OBJECTIVES:
-        raise RmlibError(f"unknown objective {name!r}; use one of {', '.join(OBJECTIVES)} "
-                         "(or register_objective a new one)")
-    return OBJECTIVES[name]
+    return OBJECTIVES.spec(name)
 
 
 @dataclass(frozen=True)

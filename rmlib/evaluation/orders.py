@@ -39,6 +39,7 @@ from rmlib.evaluation.backfill import backfill_order
 from rmlib.evaluation.emb_file import readable_file
 from rmlib.evaluation.retrieval import EuclideanSystem, query_chunks
 from rmlib.evaluation.systems import SystemPair
+from rmlib.specs import Registry
 
 
 @dataclass(frozen=True)
@@ -58,23 +59,17 @@ class OrderPolicy:
     summary: str = ""
 
 
-ORDER_POLICIES: dict[str, OrderPolicy] = {}
+ORDER_POLICIES = Registry("backfill order", ", or a file of gallery indices")
 
 
 def register_order_policy(policy: OrderPolicy) -> OrderPolicy:
     """Add `policy` to `ORDER_POLICIES` (a name is registered once)."""
-    if policy.name in ORDER_POLICIES:
-        raise RmlibError(f"the order policy {policy.name!r} is already registered")
-    ORDER_POLICIES[policy.name] = policy
-    return policy
+    return ORDER_POLICIES.register(policy)
 
 
 def order_policy(name: str) -> OrderPolicy:
     """The registered policy `name`; an unknown one is an error."""
-    if name not in ORDER_POLICIES:
-        raise RmlibError(f"unknown backfill order {name!r}; use one of "
-                         f"{', '.join(ORDER_POLICIES)}, or a file of gallery indices")
-    return ORDER_POLICIES[name]
+    return ORDER_POLICIES.spec(name)
 
 
 def item_benefit(arrays: SystemPair, nearest_irrelevant: int = 10,

@@ -65,7 +65,7 @@ def train_backbones(dataset: str, config: Config, roles: tuple[str, ...] = ROLES
                 "old_classes": exp.setup.num_old_classes,
                 "test_time_views": exp.setup.test_time_views,
                 **(exp.setup.details or {})},
-        wall_time_s=time.time() - start, profile=config.name)
+        wall_time_s=time.time() - start, profile=config.name, commit=config.commit)
     result["provenance"]["train_wall_time_s"] = {
         r: result[r]["train_wall_time_s"] for r in ROLES if r in result}
     write_json(out, result)
@@ -158,7 +158,7 @@ def reproduce(dataset: str, config: Config, progress: bool = True) -> dict:
         "test_time_views": exp.setup.test_time_views,
         **(exp.setup.details or {}),
     }
-    prov = provenance(run_config, time.time() - start, config.name)
+    prov = provenance(run_config, time.time() - start, config.name, config.commit)
     prov["step_seconds"] = exp.timings
     prov["backbone_train_seconds"] = {r: m.wall_time_s for r, m in exp.models.items()}
     prov["transform_fit_seconds"] = {n: sum(h["seconds"] for h in t.history)

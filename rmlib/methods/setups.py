@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from rmlib import RmlibError
 from rmlib.config import Config, Profile
 from rmlib.data import ImageSet, load_cifar100, load_market1501, market_old_ids, old_class_mask
 from rmlib.data.cifar import NUM_CLASSES, OLD_CLASSES
@@ -33,6 +32,7 @@ from rmlib.engine.backbones import BackboneConfig
 from rmlib.engine.objectives import Objective, TripletObjective
 from rmlib.evaluation.retrieval import Protocol
 from rmlib.evaluation.systems import SystemPair
+from rmlib.specs import Registry
 
 ROLES = ("old", "new")
 
@@ -194,22 +194,17 @@ class Dataset:
     backfill_protocol: str
 
 
-DATASETS: dict[str, Dataset] = {}
+DATASETS = Registry("data set")
 
 
 def register_dataset(dataset: Dataset) -> Dataset:
     """Add `dataset` to `DATASETS` (a name is registered once)."""
-    if dataset.name in DATASETS:
-        raise RmlibError(f"the data set {dataset.name!r} is already registered")
-    DATASETS[dataset.name] = dataset
-    return dataset
+    return DATASETS.register(dataset)
 
 
 def dataset_spec(name: str) -> Dataset:
     """The registered data set `name`; an unknown one is an error, never a default."""
-    if name not in DATASETS:
-        raise RmlibError(f"unknown data set {name!r}; use one of {', '.join(DATASETS)}")
-    return DATASETS[name]
+    return DATASETS.spec(name)
 
 
 register_dataset(Dataset(

@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 
 from rmlib import RmlibError
+from rmlib.specs import Registry
 
 PARTS = ("old", "new")
 MILVUS_MAX_TOP_K = 16_384  # Milvus answers at most this many results per query
@@ -277,19 +278,16 @@ class Backend:
         return self.connect is not None
 
 
-BACKENDS: dict[str, Backend] = {}
+BACKENDS = Registry("serving backend")
 
 
 def register_backend(backend: Backend) -> Backend:
     """Add `backend` to `BACKENDS` (a name is registered once; exactly one of build or
     connect)."""
-    if backend.name in BACKENDS:
-        raise RmlibError(f"the serving backend {backend.name!r} is already registered")
     if (backend.build is None) == (backend.connect is None):
         raise RmlibError(f"backend {backend.name!r}: give build (in-process) or connect "
                          "(durable), one of them")
-    BACKENDS[backend.name] = backend
-    return backend
+    return BACKENDS.register(backend)
 
 
 def backend_spec(name: str, durable: bool = False) -> Backend:

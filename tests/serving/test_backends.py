@@ -75,7 +75,7 @@ class MemoryStore:
 
 @pytest.fixture
 def memory_backend(monkeypatch):
-    monkeypatch.setattr(parts, "BACKENDS", dict(parts.BACKENDS))  # undone after the test
+    monkeypatch.setattr(parts, "BACKENDS", parts.BACKENDS.copy())  # undone after the test
     _DATABASES.clear()
     return parts.register_backend(parts.Backend("memory", connect=MemoryStore))
 
