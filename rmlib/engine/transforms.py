@@ -193,7 +193,8 @@ def fct_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tens
 
 def bict_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor
                    ) -> torch.Tensor:
-    """BiCT's forward upgrade h': old -> a space a cosine classifier of all classes reads."""
+    """BiCT's forward upgrade h': old -> a space that a cosine classifier of all
+    classes reads."""
     return F.cross_entropy(t.classifier(t.psi(o)), y, label_smoothing=0.1)
 
 
