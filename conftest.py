@@ -34,9 +34,16 @@ def _provide_cifar100(config: pytest.Config) -> None:
     from rmlib.config import Config
     from rmlib.data import cifar100_dir, fetch_cifar100
 
-    settings = Config.from_env("smoke")
+    try:
+        settings = Config.from_env("smoke")
+    except RmlibError as exc:  # a bad RMLIB_* variable: one line, not an INTERNALERROR
+        pytest.exit(f"rmlib: error: {exc}", returncode=2)
     root = settings.paths.data.resolve()
-    if not cifar100_dir(root).is_dir():
+    folder = cifar100_dir(root)
+    if folder.is_dir() and not (folder / "test").is_file():  # a broken copy: never fetched over
+        _MISSING["cifar100"] = (f"{folder} is incomplete (no test file); remove it to download "
+                                "it again, or set RMLIB_DATA to a complete copy")
+    elif not folder.is_dir():
         if settings.download:
             capture = config.pluginmanager.getplugin("capturemanager")
             with capture.global_and_fixture_disabled():  # the progress bar is seen

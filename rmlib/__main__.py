@@ -45,11 +45,23 @@ class _ClosedPipeSafe:
 
 
 
+def _exit_interrupted(signum, frame) -> None:
+    """Ctrl-C while the command's modules load: nothing to clean up yet, so leave at once
+    (a KeyboardInterrupt raised inside a library's import may come out as another error)."""
+    os.write(2, b"rmlib: interrupted\n")
+    os._exit(130)
+
+
 def run() -> int:
     sys.stdout = _ClosedPipeSafe(sys.stdout)
+    sys.stderr = _ClosedPipeSafe(sys.stderr)  # `... 2>&1 | head` closes both
+    signal.signal(signal.SIGINT, _exit_interrupted)
     try:
         from rmlib.cli import main
 
+        # from here an interrupt is a KeyboardInterrupt, so that work in progress cleans up
+        # (a half-written output is removed) before the status is 130
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         status = main()
     except KeyboardInterrupt:
         print("rmlib: interrupted", file=sys.stderr)
@@ -58,6 +70,7 @@ def run() -> int:
     # shutdown (torch's exit handlers) must not turn it into a death by signal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.stdout.flush()
+    sys.stderr.flush()
     return status
 
 

@@ -68,6 +68,8 @@ def _order(args: argparse.Namespace, arrays):
     from rmlib.evaluation.orders import ORDER_POLICIES, load_order, policy_order
 
     if args.order not in ORDER_POLICIES:
+        if not Path(args.order).exists() and not Path(args.order).suffix:
+            ORDER_POLICIES.spec(args.order)  # a misspelt policy, not a file: say which exist
         return load_order(args.order, len(arrays.old_gallery))
     spec = ORDER_POLICIES[args.order]
     if spec.needs_train and args.order_train is None:

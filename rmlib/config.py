@@ -236,6 +236,10 @@ def _check_device(name: str) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RmlibError(f"RMLIB_DEVICE={name!r} but this machine has no GPU that torch can "
                          "use; use cpu, or unset it")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RmlibError(f"RMLIB_DEVICE={name!r} but this machine has "
+                         f"{torch.cuda.device_count()} GPU(s), cuda:0 to cuda:"
+                         f"{torch.cuda.device_count() - 1}")
     if device.type not in ("cpu", "cuda"):
         raise RmlibError(f"RMLIB_DEVICE={name!r}: rmlib runs on cpu or cuda")
 

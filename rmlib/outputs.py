@@ -53,22 +53,25 @@ def atomic_write(path: Path | str, write: Callable[[Path], Any]) -> Path:
     if problem:
         raise RmlibError(f"will not write {path}: it is {problem}; give the path of a regular "
                          "file or a new one")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         write(tmp)
         with open(tmp, "rb+") as f:  # on disk before the rename makes it the real file
             os.fsync(f.fileno())
         os.chmod(tmp, _default_mode(path))
         os.replace(tmp, path)
     except OSError as exc:  # a full disk, a lost mount: one line, and nothing lost
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         kept = "its previous content is unchanged" if path.exists() else "nothing was written"
         raise RmlibError(f"could not write {path} ({exc.strerror or exc}); {kept}") from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -138,6 +141,10 @@ _KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")
           (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
 
 
+_NAME_MAX = 255  # bytes in one file name, on the file systems rmlib meets
+_TEMPORARY_EXTRA = len(".") + len(".12345678") + len(".tmp")  # atomic_write's mkstemp name
+
+
 def _not_a_file(path: Path) -> str | None:
     """What `path` is, if it exists and is not a regular file (None: a file or a new path)."""
     try:
@@ -171,6 +178,10 @@ def check_output(path: Path | str, option: str, inputs: Iterable[Path | str] = (
     if problem:
         raise RmlibError(f"{option} {path} is {problem}; give the path of a regular file or "
                          "a new one")
+    if len(path.name.encode()) + _TEMPORARY_EXTRA > _NAME_MAX:
+        raise RmlibError(f"{option}: the file name is {len(path.name.encode())} bytes; give one "
+                         f"of at most {_NAME_MAX - _TEMPORARY_EXTRA} (it is first written "
+                         "under a longer temporary name)")
     if figure:
         fmt = path.suffix.lstrip(".").lower()
         known = sorted(_figure_formats())

@@ -160,6 +160,9 @@ def _check_compat_state(state: dict) -> str | None:
             return f"it lacks the field {key!r}"
         if not isinstance(state[key], kind):
             return f"its field {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}"
+    if state.get("unit_inputs") is not True:  # apply normalises; so must the fit have
+        return ("it was fitted by an older rmlib, which did not L2-normalise the embeddings "
+                "it fitted on, while apply now does")
     dims = state["psi_dims"]
     if len(dims) != 3 or not all(isinstance(d, int) and d > 0 for d in dims):
         return f"its psi_dims {dims} are not three positive integers"
@@ -197,6 +200,10 @@ def _check_compat_modules(state: dict) -> str | None:
         return f"its config does not parse ({type(exc).__name__})"
     if config.objective != "mcl":
         return f"its objective is {config.objective!r}; `fit` writes 'mcl' transforms"
+    if type(config.seed) is not int or not 0 <= config.seed < 2 ** 63:
+        return f"its config has seed {config.seed!r}, not a non-negative integer"
+    if type(config.rho) is not bool:
+        return f"its config has rho {config.rho!r}, not true or false"
     if not isinstance(config.layers, int) or config.layers < 1:
         return f"its config has layers {config.layers!r}, not a positive integer"
     if config.hidden != state["psi_dims"][2]:

@@ -295,6 +295,7 @@ def test_backfill_order_policies_and_a_users_own_order(loo_file, tmp_path, capsy
     (["--order", "{tmp}/short.txt"], "short.txt must be a permutation of the 150 gallery items"),
     (["--order", "{tmp}/empty.txt"], "empty.txt is empty; a backfill order lists"),
     (["--order", "{tmp}"], "is a folder"),
+    (["--order", "randm"], "unknown backfill order 'randm'; use one of random, uncertainty"),
     (["--order", "{tmp}/junk.npy"], "is not a backfill order"),
     (["--order", "uncertainty", "--order-train", "{tmp}/wide.npz"],
      "old_gallery has width 12 but the evaluation file's has 8"),
@@ -360,3 +361,9 @@ def test_a_closed_pipe_is_a_quiet_exit_that_still_writes_the_results(slow_file, 
     err = job.stderr.read().decode()
     assert job.wait(timeout=300) == 0, err
     assert err == "" and json.loads(out.read_text())["auc_mAP"] > 0
+    out.unlink()  # `... 2>&1 | head`: the error stream goes into the same closed pipe
+    job = subprocess.Popen([sys.executable, "-m", "rmlib", "backfill", str(slow_file),
+                            "--json", str(out)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    job.stdout.close()
+    assert job.wait(timeout=300) == 0 and json.loads(out.read_text())["auc_mAP"] > 0

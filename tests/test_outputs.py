@@ -57,7 +57,7 @@ def test_written_files_keep_the_usual_permissions(tmp_path):
 @pytest.mark.parametrize("case", ["folder", "parent is a file", "figure extension",
                                   "no extension", "same as input", "unwritable",
                                   "character device", "fifo", "symlink", "symlink loop",
-                                  "under a dangling link"])
+                                  "under a dangling link", "name too long"])
 def test_bad_output_paths_are_refused(case, tmp_path):
     source = tmp_path / "in.npz"
     source.write_bytes(b"x")
@@ -74,6 +74,8 @@ def test_bad_output_paths_are_refused(case, tmp_path):
         "symlink": (tmp_path / "link.json", {}, "is a symbolic link"),
         "symlink loop": (tmp_path / "loop", {}, "is a symbolic link"),
         "under a dangling link": (tmp_path / "dangling" / "out.json", {}, "link to nowhere"),
+        # its temporary name (14 bytes longer) would not fit in the folder, after the work
+        "name too long": (tmp_path / ("n" * 245 + ".json"), {}, "the file name is 250 bytes"),
     }[case]
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "link.json").symlink_to(tmp_path / "afile")

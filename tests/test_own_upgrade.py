@@ -146,6 +146,11 @@ BAD_COMPAT = {
     "rho missing": (lambda s: s.update(rho={}), "with rho, which is"),
     "tensor shape": (lambda s: s["psi"].update({"net.0.weight": torch.zeros(3, 3)}),
                      "psi tensor 'net.0.weight' has shape (3, 3)"),
+    # fitted before fit normalised its inputs: apply (which normalises) would not match it
+    "before unit inputs": (lambda s: s.pop("unit_inputs"), "fitted by an older rmlib"),
+    "string seed": (lambda s: _config(s, seed="x"), "seed 'x', not a non-negative integer"),
+    "huge seed": (lambda s: _config(s, seed=2 ** 70), "not a non-negative integer"),
+    "string rho": (lambda s: _config(s, rho="yes"), "rho 'yes', not true or false"),
 }
 
 

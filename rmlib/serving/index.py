@@ -271,8 +271,10 @@ class OnlineBackfillIndex:
         pos = self._positions(ids)
         if len(np.unique(ids)) != len(ids):
             raise RmlibError("the backfill batch repeats an id; nothing was changed")
-        step = self._parts.max_batch or len(ids)
-        with self._batch_lock:
+        with self._batch_lock:  # another thread's batch may have failed, or closed it
+            step = self._open_parts().max_batch or len(ids)
+            if self._broken:
+                raise RmlibError(self._broken)
             for start in range(0, len(ids), step):
                 part = slice(start, start + step)
                 self._move(ids[part], emb[part], pos[part])

@@ -39,8 +39,8 @@ def source_record(arrays: SystemPair, order: np.ndarray, source: str | Path,
                   order_name: str, seed: int, batch: int) -> dict:
     """What the journal keeps of a live index's source (its `meta`)."""
     return {"source": str(source), "gallery": fingerprint(arrays.old_gallery, arrays.new_gallery),
-            "order": str(order_name), "seed": seed, "order_hash": fingerprint(order),
-            "batch": batch}
+            "order": str(order_name), "seed": int(seed), "order_hash": fingerprint(order),
+            "batch": int(batch)}
 
 
 def check_resume(meta: dict, asked: dict, uri: str, name: str) -> None:
@@ -82,7 +82,8 @@ def run_live(arrays: SystemPair, order: np.ndarray | None, *, source: str | Path
     n = len(arrays.old_gallery)
     order = backfill_order(n, seed) if order is None else np.asarray(order, dtype=np.int64)
     asked = source_record(arrays, order, source, order_name, seed, batch)
-    header = journal_header(uri, name, journal)
+    # --overwrite starts again whatever the journal holds, even a damaged one
+    header = None if overwrite else journal_header(uri, name, journal)
     if header is not None and header["complete"] and not overwrite:
         check_resume(header.get("meta", {}), asked, uri, name)
         index = OnlineBackfillIndex.reopen(uri, name, journal, backend=backend)

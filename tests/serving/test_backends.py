@@ -154,3 +154,18 @@ def test_live_runs_on_a_registered_durable_backend(memory_backend, tmp_path, cap
     assert "t = 1.000" in out and "served now: mAP" in out
     with pytest.raises(SystemExit):
         main([*argv[:2], "--backend", "faiss"])  # not durable: not a choice of live
+
+
+def test_live_overwrite_starts_again_over_a_damaged_journal(memory_backend, tmp_path, capsys):
+    from rmlib.cli import main
+
+    old, new, _, _, _ = _gallery(seed=3)
+    np.savez(tmp_path / "emb.npz", old_query=old, old_gallery=old, new_query=new,
+             new_gallery=new, query_labels=np.arange(len(old)) % 6)
+    (tmp_path / "d.journal").write_text('{"begin": "abc"}\n')
+    argv = ["live", str(tmp_path / "emb.npz"), "--backend", "memory", "--uri", "memory://d",
+            "--journal", str(tmp_path / "d.journal"), "--quiet"]
+    assert main(argv) == 2  # a damaged journal is refused, in one line
+    assert "is not a backfill journal" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0  # and --overwrite is the way out
+    assert "t = 1.000" in capsys.readouterr().out
