@@ -10,9 +10,8 @@ as the offline evaluator ranks them.
 
 The parts live in faiss indexes in this process (`backend="faiss"`, the default), in
 two collections of a Milvus database (`backend="milvus"`), or in any registered backend
-(`rmlib.serving.parts.BACKENDS`). Exact
-(flat) search by default; `approximate=True` uses IVF indexes, whose recall against exact
-search the benchmark reports.
+(`rmlib.serving.parts.BACKENDS`). Exact (flat) search by default; `approximate=True` uses
+IVF indexes, whose recall against exact search the benchmark reports.
 
 A batch is two writes (insert into the new part, then delete from the old part), so a
 search that runs between them would find a moving item in both parts; the index serves
@@ -21,8 +20,7 @@ part after), and changes that rule only when no search is in flight. With Milvus
 batch is also written ahead in a journal (`rmlib.serving.journal`): a process killed in
 the middle of a batch is resumed by `OnlineBackfillIndex.reopen`, which finishes the
 move of every item that reached the new part and leaves the rest whole in the old part.
-Beside this module: its argument checks (`checks`), where an index lives (`location`) and
-the merged result and search gate (`merge`).
+Beside it: `checks` (its arguments), `location` (where it lives), `merge` (results, gate).
 
 Explained in the book: book/serving.
 """
