@@ -14,6 +14,7 @@ Explained in the book: book/market1501.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,68 @@ _PALETTE = np.array([[200, 40, 40], [40, 160, 60], [50, 70, 200], [220, 200, 60]
                      [230, 230, 230], [50, 50, 50], [150, 90, 40], [160, 60, 170]], float)
 
 
+def _identity_bands(rng: np.random.Generator, n_ids: int, n_train_ids: int, n_colours: int,
+                    shared_outfits: bool, split_outfits: bool) -> np.ndarray:
+    """Each identity's (head, torso, legs) palette indices; index 0 is drawn per image."""
+    combos = np.stack(np.meshgrid(*[np.arange(n_colours)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    bands = combos[rng.permutation(len(combos))[np.arange(n_ids) % len(combos)]]
+    if split_outfits:  # old ids: lower half of the palette only; the others: any with an upper
+        low = combos[(combos < n_colours // 2).all(1)]
+        high = combos[~(combos < n_colours // 2).all(1)]
+        n_old = n_train_ids // 2
+        bands[1:n_old + 1] = low[rng.permutation(len(low))[np.arange(n_old) % len(low)]]
+        rest = np.arange(n_old + 1, n_ids)
+        bands[rest] = high[rng.permutation(len(high))[np.arange(len(rest)) % len(high)]]
+    if shared_outfits:  # test person j wears the outfit of training person j (mod n_train_ids)
+        test = np.arange(n_train_ids + 1, n_ids)
+        bands[test] = bands[1 + (test - n_train_ids - 1) % n_train_ids]
+    return bands
+
+
+def _paint(rng: np.random.Generator, colours: np.ndarray, stripe: int, size: tuple[int, int],
+           cast: np.ndarray, shift: np.ndarray, noise: float) -> np.ndarray:
+    """One person image: three bands (a striped torso) on a random background, moved a
+    little, under the camera's colour cast, with noise."""
+    h, w = size
+    img = np.empty((h, w, 3), dtype=np.float64)
+    img[:] = rng.uniform(0, 255, size=3)  # background
+    top, side = rng.integers(0, h // 8 + 1), rng.integers(0, w // 8 + 1)
+    body = h - h // 8
+    for band, colour in enumerate(colours):  # head, torso, legs
+        rows = slice(top + band * body // 3, top + (band + 1) * body // 3)
+        img[rows, side : w - w // 8 + side - 1] = colour
+    if stripe:
+        rows = np.arange(top + body // 3, top + 2 * body // 3)
+        dark = rows[(rows // (2 * stripe)) % 2 == 0]
+        img[dark, side : w - w // 8 + side - 1] *= 0.6
+    img = img * cast + shift + rng.normal(0, noise, size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _market_shots(n_train_ids: int, n_test_ids: int, n_cams: int, per_cam: int,
+                  n_distractors: int, n_junk: int) -> Iterator[tuple[str, int, int, int]]:
+    """(split, person id, camera, frame) of every image, in the order they are made."""
+    frame = 0
+    for pid in range(1, n_train_ids + 1):
+        for cam in range(1, n_cams + 1):
+            for _ in range(per_cam):
+                frame += 1
+                yield "train", pid, cam, frame
+    for pid in range(n_train_ids + 1, n_train_ids + n_test_ids + 1):
+        for cam in range(1, n_cams + 1):
+            frame += 1
+            yield "query", pid, cam, frame
+            for _ in range(per_cam):
+                frame += 1
+                yield "gallery", pid, cam, frame
+    for i in range(n_distractors):
+        frame += 1
+        yield "gallery", DISTRACTOR_ID, 1 + i % n_cams, frame
+    for i in range(n_junk):
+        frame += 1
+        yield "gallery", JUNK_ID, 1 + i % n_cams, frame
+
+
 def make_synthetic_market(
     root: Path | str,
     n_train_ids: int = 16,
@@ -157,66 +220,21 @@ def make_synthetic_market(
     base = Path(root) / MARKET_DIRNAME
     for folder in SPLIT_FOLDERS.values():
         (base / folder).mkdir(parents=True, exist_ok=True)
-    h, w = size
     n_ids = n_train_ids + n_test_ids + 1  # index 0: distractors and junk (drawn per image)
     palette = _PALETTE[:n_colours]
-    combos = np.stack(np.meshgrid(*[np.arange(n_colours)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    bands = combos[rng.permutation(len(combos))[np.arange(n_ids) % len(combos)]]
-    if split_outfits:  # old ids: lower half of the palette only; the others: any with an upper
-        low = combos[(combos < n_colours // 2).all(1)]
-        high = combos[~(combos < n_colours // 2).all(1)]
-        n_old = n_train_ids // 2
-        bands[1:n_old + 1] = low[rng.permutation(len(low))[np.arange(n_old) % len(low)]]
-        rest = np.arange(n_old + 1, n_ids)
-        bands[rest] = high[rng.permutation(len(high))[np.arange(len(rest)) % len(high)]]
-    if shared_outfits:  # test person j wears the outfit of training person j (mod n_train_ids)
-        test = np.arange(n_train_ids + 1, n_ids)
-        bands[test] = bands[1 + (test - n_train_ids - 1) % n_train_ids]
+    bands = _identity_bands(rng, n_ids, n_train_ids, n_colours, shared_outfits, split_outfits)
     jitter = rng.normal(0, 12, size=(n_ids, 3, 3))
     stripes = rng.integers(0, 3, size=n_ids)  # torso stripe period: none, fine, coarse
     cast = 1 + rng.uniform(-camera_cast, camera_cast, size=(n_cams + 1, 3))
     shift = rng.uniform(-30, 30, size=(n_cams + 1, 3))
-
-    def person(pid: int) -> tuple[np.ndarray, int]:
+    for split, pid, cam, frame in _market_shots(n_train_ids, n_test_ids, n_cams, per_cam,
+                                                n_distractors, n_junk):
         if pid > 0:
-            return palette[bands[pid]] + jitter[pid], int(stripes[pid])
-        return palette[rng.integers(0, n_colours, 3)] + rng.normal(0, 12, (3, 3)), 0
-
-    def write(folder: str, pid: int, cam: int, frame: int) -> None:
-        colours, stripe = person(pid)
-        img = np.empty((h, w, 3), dtype=np.float64)
-        img[:] = rng.uniform(0, 255, size=3)  # background
-        top, side = rng.integers(0, h // 8 + 1), rng.integers(0, w // 8 + 1)
-        body = h - h // 8
-        for band, colour in enumerate(colours):  # head, torso, legs
-            rows = slice(top + band * body // 3, top + (band + 1) * body // 3)
-            img[rows, side : w - w // 8 + side - 1] = colour
-        if stripe:
-            rows = np.arange(top + body // 3, top + 2 * body // 3)
-            dark = rows[(rows // (2 * stripe)) % 2 == 0]
-            img[dark, side : w - w // 8 + side - 1] *= 0.6
-        img = img * cast[cam] + shift[cam] + rng.normal(0, noise, size=img.shape)
-        name = f"{pid:04d}" if pid >= 0 else "-1"
-        name += f"_c{cam}s1_{frame:06d}_00.jpg"
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(base / folder / name)
-
-    frame = 0
-    for pid in range(1, n_train_ids + 1):
-        for cam in range(1, n_cams + 1):
-            for _ in range(per_cam):
-                frame += 1
-                write(SPLIT_FOLDERS["train"], pid, cam, frame)
-    for pid in range(n_train_ids + 1, n_train_ids + n_test_ids + 1):
-        for cam in range(1, n_cams + 1):
-            frame += 1
-            write(SPLIT_FOLDERS["query"], pid, cam, frame)
-            for _ in range(per_cam):
-                frame += 1
-                write(SPLIT_FOLDERS["gallery"], pid, cam, frame)
-    for i in range(n_distractors):
-        frame += 1
-        write(SPLIT_FOLDERS["gallery"], DISTRACTOR_ID, 1 + i % n_cams, frame)
-    for i in range(n_junk):
-        frame += 1
-        write(SPLIT_FOLDERS["gallery"], JUNK_ID, 1 + i % n_cams, frame)
+            colours, stripe = palette[bands[pid]] + jitter[pid], int(stripes[pid])
+        else:  # a distractor or junk image: colours of its own
+            colours = palette[rng.integers(0, n_colours, 3)] + rng.normal(0, 12, (3, 3))
+            stripe = 0
+        name = (f"{pid:04d}" if pid >= 0 else "-1") + f"_c{cam}s1_{frame:06d}_00.jpg"
+        Image.fromarray(_paint(rng, colours, stripe, size, cast[cam], shift[cam], noise)).save(
+            base / SPLIT_FOLDERS[split] / name)
     return base.parent
