@@ -83,16 +83,9 @@ def _order(args: argparse.Namespace, arrays):
 
 
 def _cmd_live(args: argparse.Namespace) -> int:
-    from rmlib.evaluation.emb_file import load_backfill_arrays
-    from rmlib.serving.live import check_widths, run_live
-    from rmlib.serving.location import check_location
-    from rmlib.serving.parts import backend_spec
+    from rmlib.serving.live import run_live
 
-    backend = backend_spec(args.backend, durable=True)
-    check_location(str(args.uri), args.name, args.journal, backend.local_files)  # no work yet
-    arrays = load_backfill_arrays(args.emb)
-    check_widths(arrays, args.backend)  # before an order policy trains on them
-    return run_live(arrays, _order(args, arrays), source=args.emb, uri=str(args.uri),
+    return run_live(args.emb, lambda arrays: _order(args, arrays), uri=str(args.uri),
                     name=args.name, journal=args.journal, batch=args.batch, until=args.until,
                     seed=args.seed, order_name=args.order, overwrite=args.overwrite,
                     quiet=args.quiet, backend=args.backend)

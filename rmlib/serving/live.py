@@ -11,12 +11,14 @@ Explained in the book: book/serving.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from rmlib import RmlibError
 from rmlib.evaluation.backfill import backfill_order, backfilled_count
+from rmlib.evaluation.emb_file import load_backfill_arrays
 from rmlib.evaluation.systems import SystemPair
 from rmlib.serving.checks import check_dims
 from rmlib.serving.index import OnlineBackfillIndex, live_scores
@@ -68,18 +70,22 @@ def check_widths(arrays: SystemPair, backend: str = "milvus") -> None:
                backend_spec(backend, durable=True))
 
 
-def run_live(arrays: SystemPair, order: np.ndarray | None, *, source: str | Path,
+def run_live(source: str | Path, order_for: Callable[[SystemPair], np.ndarray | None], *,
              uri: str, name: str, journal: str | Path | None, batch: int, until: float,
              seed: int, order_name: str, overwrite: bool, quiet: bool,
              backend: str = "milvus") -> int:
-    """Create (or resume) the live index of `arrays`' gallery at `uri`, backfill it in
-    `order` (None: the seeded random order) until the fraction `until`, and print what it
-    then serves. Returns the exit status, 0."""
+    """Create (or resume) the live index of the gallery of the EMB file `source` at `uri`,
+    backfill it in `order_for(arrays)` (None: the seeded random order) until the fraction
+    `until`, and print what it then serves. Everything that is cheap to check (where the
+    index lives, the widths) is checked before the order is made (a learned one trains).
+    Returns the exit status, 0."""
     from tqdm.auto import tqdm
 
     check_location(uri, name, journal, backend_spec(backend, durable=True).local_files)
+    arrays = load_backfill_arrays(source)
     check_widths(arrays, backend)
     n = len(arrays.old_gallery)
+    order = order_for(arrays)
     order = backfill_order(n, seed) if order is None else np.asarray(order, dtype=np.int64)
     asked = source_record(arrays, order, source, order_name, seed, batch)
     # --overwrite starts again whatever the journal holds, even a damaged one
