@@ -141,8 +141,19 @@ _KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")
           (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
 
 
-_NAME_MAX = 255  # bytes in one file name, on the file systems rmlib meets
 _TEMPORARY_EXTRA = len(".") + len(".12345678") + len(".tmp")  # atomic_write's mkstemp name
+
+
+def name_max(folder: Path | str) -> int:
+    """The longest file name, in bytes, that `folder` (or, while it does not exist, its
+    nearest existing ancestor) takes."""
+    folder = Path(folder)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255  # what the common file systems take
 
 
 def _not_a_file(path: Path) -> str | None:
@@ -178,10 +189,11 @@ def check_output(path: Path | str, option: str, inputs: Iterable[Path | str] = (
     if problem:
         raise RmlibError(f"{option} {path} is {problem}; give the path of a regular file or "
                          "a new one")
-    if len(path.name.encode()) + _TEMPORARY_EXTRA > _NAME_MAX:
-        raise RmlibError(f"{option}: the file name is {len(path.name.encode())} bytes; give one "
-                         f"of at most {_NAME_MAX - _TEMPORARY_EXTRA} (it is first written "
-                         "under a longer temporary name)")
+    longest = name_max(path.parent) - _TEMPORARY_EXTRA
+    if len(os.fsencode(path.name)) > longest:
+        raise RmlibError(f"{option}: the file name is {len(os.fsencode(path.name))} bytes; give "
+                         f"one of at most {longest} (it is first written under a longer "
+                         "temporary name)")
     if figure:
         fmt = path.suffix.lstrip(".").lower()
         known = sorted(_figure_formats())

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from rmlib import RmlibError
+from rmlib.outputs import name_max
 from rmlib.serving.checks import check_name
 from rmlib.serving.journal import BackfillJournal
 from rmlib.serving.parts import Backend, DurableStore
@@ -32,7 +33,7 @@ def _check_folder(path: Path, what: str) -> None:
     if not folder.is_dir():
         raise RmlibError(f"the folder of {what} {path} does not exist or is not a folder; "
                          "create it, or choose another path")
-    longest = os.pathconf(folder, "PC_NAME_MAX")
+    longest = name_max(folder)
     if len(os.fsencode(path.name)) > longest:
         raise RmlibError(f"the file name of {what} {path} is longer than the {longest} bytes "
                          "its folder takes; choose a shorter name, or another path")
