@@ -14,6 +14,18 @@ def distance_row(q: np.ndarray, g: np.ndarray) -> np.ndarray:
     return np.sqrt(((g.astype(np.float64) - q.astype(np.float64)) ** 2).sum(1))
 
 
+def scored_items(i: int, qlab, glab, self_excluded: bool = False, qcam=None, gcam=None):
+    """Which gallery items query i is ranked against (not itself when it is in the
+    gallery, not its own identity seen by its own camera), and which of those are
+    relevant to it."""
+    keep = np.ones(len(glab), bool)
+    if self_excluded:
+        keep[i] = False
+    if qcam is not None:
+        keep &= ~((glab == qlab[i]) & (gcam == qcam[i]))
+    return keep, (glab == qlab[i])[keep]
+
+
 def reference_curve(oq, og, nq, ng, qlab, glab=None, qcam=None, gcam=None, ref_q=None,
                     order=None, ts=None, seed=0, self_excluded=False):
     """Returns dict of lists: mAP, top1, top5, nfr at each t (fractions).
@@ -37,12 +49,7 @@ def reference_curve(oq, og, nq, ng, qlab, glab=None, qcam=None, gcam=None, ref_q
             d_old = distance_row(oq[i], og)
             d_new = distance_row(nq[i], ng)
             d = np.where(newmask, d_new, d_old)
-            keep = np.ones(n, bool)
-            if loo:
-                keep[i] = False
-            if qcam is not None:
-                keep &= ~((glab == qlab[i]) & (gcam == qcam[i]))
-            rel = (glab == qlab[i])[keep]
+            keep, rel = scored_items(i, qlab, glab, loo, qcam, gcam)
             if not rel.any():
                 continue
             dk = d[keep]

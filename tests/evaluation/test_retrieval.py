@@ -13,18 +13,14 @@ from rmlib.evaluation.retrieval import (
     top1_correct,
 )
 from tests.conftest import clustered
+from tests.reference import distance_row, scored_items
 
 
 def brute_force(q, g, qlab, glab, self_excluded=False, qcam=None, gcam=None):
     aps, top1, top5 = [], [], []
     for i in range(len(q)):
-        d = np.sqrt(((g.astype(np.float64) - q[i]) ** 2).sum(1))
-        keep = np.ones(len(g), bool)
-        if self_excluded:
-            keep[i] = False
-        if qcam is not None:
-            keep &= ~((glab == qlab[i]) & (gcam == qcam[i]))
-        rel = (glab == qlab[i])[keep]
+        d = distance_row(q[i], g)
+        keep, rel = scored_items(i, qlab, glab, self_excluded, qcam, gcam)
         if not rel.any():
             continue
         aps.append(average_precision_score(rel, -d[keep]))
