@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rmlib.config import Config
 from rmlib.outputs import check_output, write_json
-from rmlib.provenance import pin_commit, provenance
+from rmlib.provenance import provenance
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ class Benchmark:
     where its result goes."""
 
     def __init__(self, name: str, out: Path | None = None, profile: str | None = None):
-        self.config = pin_commit(Config.from_env(profile))  # the code it started with
+        self.config = Config.from_env(profile)  # with the commit of the code it started with
         self.path = out or self.config.paths.results / "benchmarks" / f"{name}.json"
         check_output(self.path, "--out")  # before the measurement, not after it
         self.profile = profile
@@ -33,8 +33,8 @@ class Benchmark:
 
     def write(self, result: dict, config: dict) -> Path:
         """`result` with its provenance (`config`: what was measured, and how)."""
-        result["provenance"] = provenance(config, time.time() - self.start, self.profile,
-                                          self.config.commit)
+        result["provenance"] = provenance(config, time.time() - self.start,
+                                          commit=self.config.commit, profile=self.profile)
         write_json(self.path, result)
         print(f"wrote {self.path}")
         return self.path

@@ -354,10 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         from rmlib.config import Config
-        from rmlib.provenance import pin_commit
 
         # the one read of the environment; results record the code this started with
-        args.config = pin_commit(Config.from_env(getattr(args, "profile", None)))
+        args.config = Config.from_env(getattr(args, "profile", None))
         return args.func(args)
     except RmlibError as exc:
         print(f"rmlib: error: {exc}", file=sys.stderr)

@@ -9,7 +9,8 @@ with a GPU, cpu otherwise), RMLIB_DATA (the data root), RMLIB_RUNS (the run cach
 RMLIB_RESULTS (results with provenance), RMLIB_DOWNLOAD (0 forbids downloads),
 RMLIB_PRECISION (fp32 | bf16 forces the autocast mode), RMLIB_DEVICE (cpu | cuda | cuda:N:
 where the runner trains and evaluates; default a GPU when there is one), RMLIB_COMMIT (the
-commit of a tree copied without its .git).
+commit of a tree copied without its .git; otherwise the checkout's commit is read when
+the configuration is built, and results record it).
 
 Explained in the book: book/intro.
 """
@@ -17,13 +18,14 @@ Explained in the book: book/intro.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from rmlib import RmlibError
+from rmlib import RmlibError, __version__
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
@@ -164,6 +166,43 @@ class Paths:
         return cls(home, home / "runs", home / "results")
 
 
+# What makes a result: the package, the scripts that run it, and the pinned environment.
+# The book's chapters and the results themselves are outputs and do not count.
+CODE_PATHS = ("rmlib", "scripts", "benchmarks", "pyproject.toml", "requirements.txt")
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=10)
+
+
+def _is_rmlib_checkout() -> bool:
+    """Whether REPO_ROOT is the top of a git work tree that tracks rmlib's own source.
+
+    rmlib installed as a package (site-packages) may sit inside some other repository,
+    whose HEAD says nothing about rmlib's code.
+    """
+    top = _git("rev-parse", "--show-toplevel")
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != Path(REPO_ROOT).resolve():
+        return False
+    return _git("ls-files", "--error-unmatch", "rmlib/__init__.py").returncode == 0
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit, with '+dirty' when code (`CODE_PATHS`) has
+    uncommitted changes; outside a checkout of rmlib, the installed version."""
+    installed = f"none: installed rmlib {__version__}, not a git checkout"
+    try:
+        if not _is_rmlib_checkout():
+            return installed
+        head = _git("rev-parse", "HEAD").stdout.strip()
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--",
+                     *CODE_PATHS).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a run needs to know that is not an argument: the profile, the paths,
@@ -207,8 +246,16 @@ class Config:
         device = env.get("RMLIB_DEVICE") or None
         if device is not None:
             _check_device(device)
+        # the commit is read once, here, so that a run's results record the code it started
+        # with even if the repository moves on during an hour of training; a tree copied
+        # without its .git (a borrowed GPU machine) is told it by RMLIB_COMMIT
+        commit = env.get("RMLIB_COMMIT") or git_commit()
         return cls(profile(name), paths, env.get("RMLIB_DOWNLOAD", "1") not in
-                   ("0", "false", "no"), precision, env.get("RMLIB_COMMIT") or None, device)
+                   ("0", "false", "no"), precision, commit, device)
+
+    def results_folder(self, dataset: str) -> Path:
+        """Where this profile's results files of `dataset` live (table1.json, ...)."""
+        return self.paths.results / dataset / self.name
 
     def with_paths(self, **paths: Path) -> Config:
         """The same configuration with some paths replaced (data=, runs=, results=)."""

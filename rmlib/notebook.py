@@ -15,8 +15,7 @@ from rmlib.config import Config
 from rmlib.engine.transforms import TransformConfig, transform_path
 from rmlib.evaluation.backfill import BackfillCurve
 from rmlib.methods.experiment import Experiment
-from rmlib.methods.reproduce import curve_of, read_results, reproduce, train_backbones
-from rmlib.provenance import pin_commit
+from rmlib.methods.reproduce import curve_of, read_results, reproduce
 from rmlib.report import provenance_line
 from rmlib.tables import (
     departures_frame,
@@ -39,7 +38,7 @@ class NeedsRun(RmlibError):
 def saved_results(dataset: str, config: Config) -> dict | None:
     """{"table1": ..., "ablation": ..., "backbones": ...} of a profile, or None if a
     Table 1 / ablation file is missing (backbones.json is optional)."""
-    folder = config.paths.results / dataset / config.name
+    folder = config.results_folder(dataset)
     found = {name: read_results(folder / f"{name}.json") for name in (*RESULT_FILES, "backbones")}
     return found if all(found[n] is not None for n in RESULT_FILES) else None
 
@@ -154,7 +153,7 @@ class Chapter:
                                     "recorded training, fitting and evaluation); the "
                                     "chapter reads them in seconds." if cpu else
                                     "not yet run."))
-        paper = read_results(Config.from_env("paper").paths.results / self.dataset / "paper"
+        paper = read_results(Config.from_env("paper").results_folder(self.dataset)
                              / "backbones.json")
         if paper and paper.get("provenance", {}).get("wall_time_s"):
             prov = paper["provenance"]
@@ -234,25 +233,27 @@ def open_chapter(dataset: str = "cifar100", profile: str | None = None) -> Chapt
     results of its profile. A cheap profile's missing results are made on the spot; a
     costly one's are replaced by the committed cpu profile's, saying so and how to make
     them; with neither, NeedsRun says what to run."""
-    config = pin_commit(Config.from_env(profile))  # results record the code it started with
-    found = saved_results(dataset, config)
-    note = ""
-    if found is not None and config.name in CHEAP_PROFILES and not _complete(found):
-        found = None  # written by an older rmlib, without rows the registry has now
-    if found is None and config.name in CHEAP_PROFILES:
-        found = {**reproduce(dataset, config, progress=False),
-                 "backbones": train_backbones(dataset, config, progress=False)}
-    elif found is None:
-        command = f"`!python -m rmlib reproduce {dataset} --profile {config.name}`"
-        fallback = Config.from_env(FALLBACK_PROFILE) if config.name != FALLBACK_PROFILE else None
-        found = saved_results(dataset, fallback) if fallback else None
-        if found is None:
-            raise NeedsRun(f"no {config.name}-profile results in {config.paths.results}, and "
-                           f"no run of it was measured here; run {command}")
-        note = (f"No `{config.name}` results yet: this page shows the committed "
-                f"`{FALLBACK_PROFILE}` profile's. {command} makes them (not measured here; "
-                f"the `{FALLBACK_PROFILE}` run took {run_cost(found)}).\n")
-        config = fallback
-    chapter = Chapter(dataset, config, found, note + provenance_line(found["table1"]["provenance"]))
+    chapter = Chapter(dataset, *_shown_results(dataset, Config.from_env(profile)))
     print(chapter.note)
     return chapter
+
+
+def _shown_results(dataset: str, config: Config) -> tuple[Config, dict, str]:
+    """The profile whose results a chapter shows, those results, and a note of where they
+    come from."""
+    found = saved_results(dataset, config)
+    if config.name in CHEAP_PROFILES and (found is None or not _complete(found)):
+        # missing, or written by an older rmlib without rows the registry has now
+        found = reproduce(dataset, config, progress=False, backbones=True)
+    if found is not None:
+        return config, found, provenance_line(found["table1"]["provenance"])
+    command = f"`!python -m rmlib reproduce {dataset} --profile {config.name}`"
+    fallback = Config.from_env(FALLBACK_PROFILE) if config.name != FALLBACK_PROFILE else None
+    found = saved_results(dataset, fallback) if fallback else None
+    if found is None:
+        raise NeedsRun(f"no {config.name}-profile results in {config.paths.results}, and "
+                       f"no run of it was measured here; run {command}")
+    note = (f"No `{config.name}` results yet: this page shows the committed "
+            f"`{FALLBACK_PROFILE}` profile's. {command} makes them (not measured here; "
+            f"the `{FALLBACK_PROFILE}` run took {run_cost(found)}).\n")
+    return fallback, found, note + provenance_line(found["table1"]["provenance"])

@@ -224,7 +224,7 @@ def test_provenance_names_no_commit_of_an_unrelated_repository(tmp_path, monkeyp
     HEAD is not rmlib's commit."""
     import subprocess
 
-    from rmlib import __version__, provenance
+    from rmlib import __version__, config
 
     site = tmp_path / "venv" / "lib" / "site-packages"
     (site / "rmlib").mkdir(parents=True)
@@ -233,17 +233,17 @@ def test_provenance_names_no_commit_of_an_unrelated_repository(tmp_path, monkeyp
     for args in (["init", "-q"], ["add", "app.py"], ["commit", "-qm", "app"]):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
                        cwd=tmp_path, check=True, capture_output=True)
-    monkeypatch.setattr(provenance, "REPO_ROOT", site)
-    assert provenance.git_commit() == f"none: installed rmlib {__version__}, not a git checkout"
-    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)  # the top, but rmlib not tracked
-    assert provenance.git_commit().startswith("none: installed rmlib")
+    monkeypatch.setattr(config, "REPO_ROOT", site)
+    assert config.git_commit() == f"none: installed rmlib {__version__}, not a git checkout"
+    monkeypatch.setattr(config, "REPO_ROOT", tmp_path)  # the top, but rmlib not tracked
+    assert config.git_commit().startswith("none: installed rmlib")
 
 
 def test_provenance_is_dirty_only_when_code_changed(tmp_path, monkeypatch):
     """Edited chapters or results do not make a result's commit '+dirty'; edited code does."""
     import subprocess
 
-    from rmlib import provenance
+    from rmlib import config
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
@@ -255,12 +255,12 @@ def test_provenance_is_dirty_only_when_code_changed(tmp_path, monkeypatch):
     git("init", "-q")
     git("add", ".")
     git("commit", "-qm", "first")
-    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(config, "REPO_ROOT", tmp_path)
     for name in ("book/a.ipynb", "data/results/r.json"):
         (tmp_path / name).write_text("1")
-    assert not provenance.git_commit().endswith("+dirty")
+    assert not config.git_commit().endswith("+dirty")
     (tmp_path / "rmlib/a.py").write_text("1")
-    assert provenance.git_commit().endswith("+dirty")
+    assert config.git_commit().endswith("+dirty")
 
 
 def test_backfill_order_policies_and_a_users_own_order(loo_file, tmp_path, capsys):

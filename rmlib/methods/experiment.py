@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from functools import cached_property
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class Experiment:
     def __init__(self, dataset: str, config: Config, progress: bool = True,
                  setup: Setup | None = None):
         self.dataset, self.config, self.progress = dataset, config, progress
-        self.setup = setup or dataset_spec(dataset).setup(config)
+        self._given_setup = setup
         self.profile = config.name
         self.models: dict[str, TrainedModel] = {}
         self.transforms: dict[str, Transforms] = {}
@@ -45,6 +46,12 @@ class Experiment:
         self.selection: dict | None = None
         self._emb: dict[tuple[str, str], np.ndarray] = {}
         self._calibrations: dict[int, tuple[DistanceCalibration, DistanceCalibration]] = {}
+
+    @cached_property
+    def setup(self) -> Setup:
+        """The data set's splits and recipes, read at first use: making an Experiment
+        reads nothing, so a run can check where it will write before any work."""
+        return self._given_setup or dataset_spec(self.dataset).setup(self.config)
 
     # --- backbones and their embeddings --------------------------------------------------
     def model(self, role: str) -> TrainedModel:

@@ -49,23 +49,35 @@ def backbone_entry(exp: Experiment, role: str) -> dict:
     return entry
 
 
+def _checked_experiment(dataset: str, config: Config, results: tuple[str, ...],
+                        progress: bool) -> Experiment:
+    """The experiment that will write `results` (file stems), once its results files and
+    run cache are known to be writable: before any training, not after it."""
+    exp = Experiment(dataset, config, progress)
+    for name in results:
+        check_output(config.results_folder(dataset) / f"{name}.json", "the results file")
+    check_folder(config.paths.runs / dataset, "the run cache")
+    return exp
+
+
 def train_backbones(dataset: str, config: Config, roles: tuple[str, ...] = ROLES,
                     progress: bool = True) -> dict:
     """Train (or reuse) the requested backbones; add them to backbones.json."""
     start = time.time()
-    out = config.paths.results / dataset / config.name / "backbones.json"
-    check_output(out, "the results file")  # before any training, not after it
-    check_folder(config.paths.runs / dataset, "the run cache")
+    return _backbones(_checked_experiment(dataset, config, ("backbones",), progress), roles,
+                      start)
+
+
+def _backbones(exp: Experiment, roles: tuple[str, ...], start: float) -> dict:
+    out = exp.config.results_folder(exp.dataset) / "backbones.json"
     result = read_results(out) or {}
-    exp = Experiment(dataset, config, progress)
     for role in roles:
         result[role] = backbone_entry(exp, role)
     result["provenance"] = provenance(
-        config={"roles": list(roles), "protocol": dataset_spec(dataset).test_protocol,
-                "old_classes": exp.setup.num_old_classes,
-                "test_time_views": exp.setup.test_time_views,
-                **(exp.setup.details or {})},
-        wall_time_s=time.time() - start, profile=config.name, commit=config.commit)
+        {"roles": list(roles), "protocol": dataset_spec(exp.dataset).test_protocol,
+         "old_classes": exp.setup.num_old_classes,
+         "test_time_views": exp.setup.test_time_views, **(exp.setup.details or {})},
+        time.time() - start, commit=exp.config.commit, profile=exp.profile)
     result["provenance"]["train_wall_time_s"] = {
         r: result[r]["train_wall_time_s"] for r in ROLES if r in result}
     write_json(out, result)
@@ -140,35 +152,41 @@ def evaluate_rows(exp: Experiment, names: tuple[str, ...]) -> dict[str, dict]:
     return rows
 
 
-def reproduce(dataset: str, config: Config, progress: bool = True) -> dict:
-    """Train/evaluate whatever is missing; write table1.json and ablation.json."""
+def reproduce(dataset: str, config: Config, progress: bool = True,
+              backbones: bool = False) -> dict:
+    """Train/evaluate whatever is missing; write table1.json and ablation.json, and with
+    `backbones` first backbones.json too (as `train both` would: one experiment, one
+    load of the data, for a chapter that makes a cheap profile on the spot)."""
     start = time.time()
-    folder = config.paths.results / dataset / config.name
-    for name in ("table1", "ablation"):  # before any training, not after it
-        check_output(folder / f"{name}.json", "the results file")
-    check_folder(config.paths.runs / dataset, "the run cache")
-    exp = Experiment(dataset, config, progress)
+    exp = _checked_experiment(dataset, config, ("table1", "ablation")
+                              + (("backbones",) if backbones else ()), progress)
+    made = {"backbones": _backbones(exp, ROLES, start)} if backbones else {}
+    return {**_tables(exp, time.time() if backbones else start), **made}
+
+
+def _tables(exp: Experiment, start: float) -> dict:
     rows = evaluate_rows(exp, TABLE1_ROWS + ABLATION_ROWS)
     run_config = {
         "backbones": {r: asdict(m.config) for r, m in exp.models.items()},
         "transforms": {n: asdict(t.config) for n, t in exp.transforms.items()},
         "hyperparameter_selection": exp.selection,
-        "protocol": dataset_spec(dataset).backfill_protocol,
+        "protocol": dataset_spec(exp.dataset).backfill_protocol,
         "fct": "without side-information",
         "test_time_views": exp.setup.test_time_views,
         **(exp.setup.details or {}),
     }
-    prov = provenance(run_config, time.time() - start, config.name, config.commit)
+    prov = provenance(run_config, time.time() - start, commit=exp.config.commit,
+                      profile=exp.profile)
     prov["step_seconds"] = exp.timings
     prov["backbone_train_seconds"] = {r: m.wall_time_s for r, m in exp.models.items()}
     prov["transform_fit_seconds"] = {n: sum(h["seconds"] for h in t.history)
                                      for n, t in exp.transforms.items()}
     tables = {"table1": {"rows": {n: rows[n] for n in TABLE1_ROWS},
-                         "paper": paper_table1().get(dataset, {})},
+                         "paper": paper_table1().get(exp.dataset, {})},
               "ablation": {"rows": {n: rows[n] for n in ABLATION_ROWS}}}
     for name, body in tables.items():
         body["provenance"] = prov
-        write_json(folder / f"{name}.json", body)
+        write_json(exp.config.results_folder(exp.dataset) / f"{name}.json", body)
     return tables
 
 

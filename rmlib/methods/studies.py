@@ -35,7 +35,7 @@ HETEROGENEOUS_ROWS = ("RM_naive", "RM", "New+rho")
 
 def study_path(dataset: str, config: Config, study: str) -> Path:
     """Where a study's results file lives: beside Table 1's."""
-    return config.paths.results / dataset / config.name / f"{STUDY_FILES[study]}.json"
+    return config.results_folder(dataset) / f"{STUDY_FILES[study]}.json"
 
 
 def training_systems(exp: Experiment, method: str, seed: int) -> SystemPair:
@@ -89,7 +89,7 @@ def order_policies(dataset: str, config: Config, policies: tuple[str, ...] | Non
                              "privileged greedy order, a reference for what an order can "
                              "buy, not a policy a deployment can run (and not a bound)",
                    "transforms": {n: asdict(t.config) for n, t in exp.transforms.items()}},
-                  time.time() - start, config.name, config.commit)}
+                  time.time() - start, commit=config.commit, profile=config.name)}
     write_json(out, result)
     return result
 
@@ -110,7 +110,7 @@ def heterogeneous(dataset: str, config: Config, progress: bool = False) -> dict:
                           for k, v in HETEROGENEOUS_OLD.items()},
          "hyperparameter_selection": exp.selection,
          "transforms": {n: asdict(t.config) for n, t in exp.transforms.items()}},
-        time.time() - start, config.name, config.commit)
+        time.time() - start, commit=config.commit, profile=config.name)
     prov["step_seconds"] = exp.timings
     prov["backbone_train_seconds"] = {r: m.wall_time_s for r, m in exp.models.items()}
     result = {"rows": rows, "provenance": prov}
