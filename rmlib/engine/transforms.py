@@ -38,8 +38,9 @@ from rmlib.specs import Registry
 @dataclass(frozen=True)
 class TransformObjective:
     """One way to train the transforms: its loss of a batch (t, old, new, labels) and what
-    it builds. `forward`: psi maps old embeddings (FCT's and BiCT's h), else new ones back
-    to the old space; `output`: the space psi maps into; `takes_tau`: the loss reads the
+    it builds. `forward`: it learns a forward map h of old embeddings (FCT's and BiCT's),
+    else the reverse query transform psi of new ones; `output`: the space the map maps
+    into; `takes_tau`: the loss reads the
     temperature (chosen on validation); `classifier`: a cosine classifier of all classes is
     trained with it; `rho`: it may train the new embedding rho jointly."""
 
@@ -102,13 +103,27 @@ class TransformConfig:
 
 @dataclass
 class Transforms:
-    """psi (new -> old; for "fct"/"bict": old -> new), optional rho, optional classifier."""
+    """The learned map, in the notation of the paper it comes from: psi (new -> old, the
+    reverse query transform) or, for a forward objective ("fct", "bict"), h (old -> new
+    or upgraded); with the optional rho and classifier."""
 
     config: TransformConfig
-    psi: EmbeddingTransform
+    psi: EmbeddingTransform | None = None
+    h: EmbeddingTransform | None = None
     rho: EmbeddingTransform | None = None
     classifier: CosineClassifier | None = None
     history: list = field(default_factory=list)
+
+    def _learned(self, name: str) -> EmbeddingTransform:
+        module = getattr(self, name)
+        if module is None:
+            raise RmlibError(f"{self.config.objective!r} transforms learn {self._map_name}, "
+                             f"not {name}: use {'forward' if name == 'psi' else 'reverse'}()")
+        return module
+
+    @property
+    def _map_name(self) -> str:
+        return "h" if objective_of(self.config.objective).forward else "psi"
 
     @torch.no_grad()
     def _apply(self, module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
@@ -122,24 +137,28 @@ class Transforms:
 
     def reverse(self, new: np.ndarray) -> np.ndarray:
         """The backward-compatible query: psi(rho(phi_new)) (or psi(phi_new) without rho)."""
-        return self._apply(self.psi, self.new_side(new))
+        return self._apply(self._learned("psi"), self.new_side(new))
 
     def forward(self, old: np.ndarray) -> np.ndarray:
         """FCT / BiCT: upgrade old gallery embeddings, h(phi_old)."""
-        return self._apply(self.psi, old)
+        return self._apply(self._learned("h"), old)
 
     def loss(self, old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch, by the registered objective of the config."""
         return objective_of(self.config.objective).loss(self, old, new, labels)
 
     def modules(self) -> list[torch.nn.Module]:
-        """psi, and rho and the classifier where there are."""
-        return [m for m in (self.psi, self.rho, self.classifier) if m is not None]
+        """psi or h, and rho and the classifier where there are."""
+        return [m for m in (self.psi, self.h, self.rho, self.classifier) if m is not None]
 
     def state(self) -> dict:
+        """What a cache file holds: the map under its own name ("psi" or "h", with
+        "<name>_dims"), rho, the classifier, the config and the training history."""
+        name = self._map_name
+        learned = getattr(self, name)
         return {"config": json.dumps(asdict(self.config), default=list),
-                "psi": self.psi.state_dict(),
-                "psi_dims": [self.psi.d_in, self.psi.d_out, self.psi.hidden],
+                name: learned.state_dict(),
+                f"{name}_dims": [learned.d_in, learned.d_out, learned.hidden],
                 "rho": self.rho.state_dict() if self.rho is not None else {},
                 "classifier": self.classifier.state_dict() if self.classifier is not None else {},
                 "history": self.history}
@@ -148,18 +167,21 @@ class Transforms:
     def from_state(cls, state: dict) -> Transforms:
         raw = json.loads(state["config"])
         config = TransformConfig(**{**raw, "sources": tuple(raw["sources"])})
-        d_in, d_out, hidden = state["psi_dims"]
         spec = objective_of(config.objective)
-        if spec.forward:  # psi: old -> old or new
+        # h of files written before it had its own name was saved as "psi"
+        name = "h" if spec.forward and "h" in state else "psi"
+        d_in, d_out, hidden = state[f"{name}_dims"]
+        if spec.forward:  # h: old -> old or new
             d_old, d_new = d_in, (d_out if spec.output == "new" else d_in)
         else:  # psi: new -> old
             d_old, d_new = d_out, d_in
         with torch.random.fork_rng():  # loading leaves the global random state alone
             t = build_transforms(replace(config, hidden=hidden), d_old, d_new)
         t.config, t.history = config, state["history"]
-        for module, name in ((t.psi, "psi"), (t.rho, "rho"), (t.classifier, "classifier")):
+        for module, key in ((getattr(t, t._map_name), name), (t.rho, "rho"),
+                            (t.classifier, "classifier")):
             if module is not None:
-                module.load_state_dict(state[name])
+                module.load_state_dict(state[key])
                 module.eval()
         return t
 
@@ -188,14 +210,14 @@ def mcl_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tens
 def fct_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor
                   ) -> torch.Tensor:
     """FCT's h: old -> new by l2 regression (eq-fct in the baselines chapter)."""
-    return mean_distance_loss(t.psi(o), n)
+    return mean_distance_loss(t.h(o), n)
 
 
 def bict_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor
                    ) -> torch.Tensor:
     """BiCT's forward upgrade h': old -> a space that a cosine classifier of all
     classes reads."""
-    return F.cross_entropy(t.classifier(t.psi(o)), y, label_smoothing=0.1)
+    return F.cross_entropy(t.classifier(t.h(o)), y, label_smoothing=0.1)
 
 
 register_objective(TransformObjective("rqt", rqt_objective))
@@ -215,11 +237,12 @@ def build_transforms(config: TransformConfig, d_old: int, d_new: int) -> Transfo
     spec = objective_of(config.objective)
     torch.manual_seed(config.seed)
     d_in, d_out = d_old if spec.forward else d_new, d_new if spec.output == "new" else d_old
-    psi = EmbeddingTransform(d_in, d_out, config.hidden, layers=config.layers)
+    learned = EmbeddingTransform(d_in, d_out, config.hidden, layers=config.layers)
     rho = (EmbeddingTransform(d_new, d_new, config.hidden, residual=True, layers=config.layers)
            if config.rho else None)
     classifier = CosineClassifier(d_out, config.num_classes) if spec.classifier else None
-    return Transforms(config, psi, rho, classifier)
+    return Transforms(config, **{"h" if spec.forward else "psi": learned}, rho=rho,
+                      classifier=classifier)
 
 
 def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,

@@ -87,11 +87,29 @@ def test_fct_and_bict_training_losses_are_eq_fct_and_eq_bict_upgrade():
     old, new, y = torch.randn(6, 3), torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
     fct = build_transforms(TransformConfig(objective="fct"), 3, 4)
     assert fct.loss(old, new, y).item() == pytest.approx(
-        (fct.psi(old) - new).norm(dim=1).mean().item(), abs=1e-5)
+        (fct.h(old) - new).norm(dim=1).mean().item(), abs=1e-5)
     bict = build_transforms(TransformConfig(objective="bict", num_classes=3), 3, 4)
-    expected = torch.nn.functional.cross_entropy(bict.classifier(bict.psi(old)), y,
+    expected = torch.nn.functional.cross_entropy(bict.classifier(bict.h(old)), y,
                                                  label_smoothing=0.1)
     assert bict.loss(old, new, y).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+
+def test_a_forward_map_is_h_and_loads_from_files_that_called_it_psi():
+    """FCT's map is h, saved as "h"; cache files written when it was saved as "psi" still
+    load; asking a forward map for the reverse query is one clear error."""
+    from rmlib import RmlibError
+    from rmlib.engine.transforms import Transforms
+
+    fct = build_transforms(TransformConfig(objective="fct"), 3, 4)
+    assert fct.psi is None and set(fct.state()) >= {"h", "h_dims"}
+    legacy = fct.state()
+    legacy["psi"], legacy["psi_dims"] = legacy.pop("h"), legacy.pop("h_dims")
+    old = torch.randn(5, 3).numpy()
+    for state in (fct.state(), legacy):
+        torch.testing.assert_close(Transforms.from_state(state).forward(old), fct.forward(old))
+    with pytest.raises(RmlibError, match="learn h, not psi: use forward"):
+        fct.reverse(torch.randn(5, 4).numpy())
 
 
 @pytest.mark.parametrize("train", [False, True])

@@ -42,7 +42,8 @@ def test_transforms_learn_and_round_trip(objective, rho, layers, tmp_path):
     path = tmp_path / "t.pt"
     torch.save(t.state(), path)
     back = Transforms.from_state(torch.load(path, weights_only=True))
-    linears = [m for m in back.psi.net if isinstance(m, torch.nn.Linear)]
+    learned = back.h if objective == "fct" else back.psi
+    linears = [m for m in learned.net if isinstance(m, torch.nn.Linear)]
     assert len(linears) == layers + 1 and back.config.layers == layers
     if objective == "fct":
         np.testing.assert_allclose(back.forward(old), t.forward(old), atol=1e-6)
