@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import Benchmark, parser
-from rmlib.config import PROFILES, cpu_has_fast_bf16, default_device
+from rmlib.config import cpu_has_fast_bf16, default_device
 from rmlib.engine.backbones import precision_mode
+from rmlib.methods.recipes import MARKET_RECIPES
 from rmlib.models import RetrievalModel, build_backbone
 
 MARKET_TRAIN_IMAGES, MARKET_OLD_IMAGES = 12_936, 6_468  # approximately half the images
@@ -67,7 +68,7 @@ def main() -> None:
         print(key, entry, flush=True)
     estimates = {}
     for profile in ("cpu", "paper"):
-        m = PROFILES[profile].market
+        m = MARKET_RECIPES[profile]
         key = f"{m.arch}@{m.image_size[0]}x{m.image_size[1]}"
         if key not in out["images_per_s"]:
             continue

@@ -17,6 +17,7 @@ from rmlib.engine.transforms import (
 )
 from rmlib.evaluation.backfill import backfill_arrays
 from rmlib.evaluation.systems import SystemPair
+from rmlib.methods.recipes import CifarRecipe
 from rmlib.methods.selection import rm_systems
 
 
@@ -127,6 +128,10 @@ def test_a_new_objective_gives_a_table_row_through_the_runner(cosine, smoke_conf
     assert fitted.config.objective == "cosine" and fitted.config.tau == TransformConfig().tau
 
 
+# the toy data set's own backbone recipe, for the one profile it runs in
+TOY_RECIPE = CifarRecipe("fast", (16, 32, 64), 1, 1, batch_size=64, lr=0.1)
+
+
 def _toy_setup(config):
     """A data set of 10 colour classes (32 x 32): old on classes 0-4, leave-one-out test."""
     from rmlib.data import ImageSet
@@ -159,7 +164,7 @@ def test_a_new_dataset_is_one_loader_and_one_registry_entry(config_of, monkeypat
 
     monkeypatch.setattr(setups, "DATASETS", setups.DATASETS.copy())
     setups.register_dataset(setups.Dataset(
-        "toy", _toy_setup, lambda p: p.cifar, toy_backbone, lambda c: Objective(),
+        "toy", _toy_setup, {"smoke": TOY_RECIPE}, toy_backbone, lambda c: Objective(),
         test_protocol="toy test, leave-one-out",
         backfill_protocol="toy test, leave-one-out; backfill order default_rng(0)"))
     config = config_of("smoke")
@@ -172,3 +177,7 @@ def test_a_new_dataset_is_one_loader_and_one_registry_entry(config_of, monkeypat
     config_record = table["provenance"]["config"]
     assert config_record["protocol"].startswith("toy test") and config_record["classes"] == 10
     assert all(0 <= r["auc_mAP"] <= 1 for r in table["rows"].values())
+    assert config_record["backbones"]["old"]["batch_size"] == 64  # the toy's own recipe
+    assert main(["reproduce", "toy", "--profile", "cpu", "--quiet"]) == 2
+    assert "'toy' has no recipe for the 'cpu' profile; it runs in smoke" in \
+        capsys.readouterr().err

@@ -19,12 +19,13 @@ Explained in the book: book/data_protocol, book/market1501.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from rmlib.config import Config, Profile
+from rmlib import RmlibError
+from rmlib.config import Config
 from rmlib.data import ImageSet, load_cifar100, load_market1501, market_old_ids, old_class_mask
 from rmlib.data.cifar import NUM_CLASSES, OLD_CLASSES
 from rmlib.data.market import IMAGENET_MEAN, IMAGENET_STD, read_images
@@ -32,6 +33,7 @@ from rmlib.engine.backbones import BackboneConfig
 from rmlib.engine.objectives import Objective, TripletObjective
 from rmlib.evaluation.retrieval import Protocol
 from rmlib.evaluation.systems import SystemPair
+from rmlib.methods.recipes import CIFAR_RECIPES, MARKET_RECIPES
 from rmlib.specs import Registry
 
 ROLES = ("old", "new")
@@ -71,9 +73,14 @@ class Setup:
         return self.config.name
 
     @property
+    def recipe(self):
+        """How this profile trains the data set's backbones (`Dataset.recipes`)."""
+        return dataset_spec(self.dataset).recipe(self.profile)
+
+    @property
     def test_time_views(self) -> str:
         """How query and gallery images are embedded (rmlib.engine.embed.VIEWS)."""
-        return dataset_spec(self.dataset).recipe(self.config.profile).tta
+        return self.recipe.tta
 
     @property
     def test(self) -> ImageSet:
@@ -125,7 +132,7 @@ class Setup:
 
 
 def _cifar_backbone(setup: Setup, role: str) -> BackboneConfig:
-    r, old = setup.config.profile.cifar, role == "old"
+    r, old = setup.recipe, role == "old"
     return BackboneConfig(
         dataset="cifar100", arch=r.arch, widths=tuple(r.widths),
         epochs=r.epochs_old if old else r.epochs_new, batch_size=r.batch_size, lr=r.lr,
@@ -134,7 +141,7 @@ def _cifar_backbone(setup: Setup, role: str) -> BackboneConfig:
 
 
 def _market_backbone(setup: Setup, role: str) -> BackboneConfig:
-    m, old = setup.config.profile.market, role == "old"
+    m, old = setup.recipe, role == "old"
     return BackboneConfig(
         dataset="market1501", arch=m.arch, widths=(),
         epochs=m.epochs_old if old else m.epochs_new, batch_size=m.sampler[0] * m.sampler[1],
@@ -144,7 +151,7 @@ def _market_backbone(setup: Setup, role: str) -> BackboneConfig:
 
 
 def cifar_setup(config: Config) -> Setup:
-    recipe = config.profile.cifar
+    recipe = dataset_spec("cifar100").recipe(config.name)
     root, download = config.paths.data, config.download
     train = per_class_subset(load_cifar100("train", root, download), recipe.train_per_class)
     test = per_class_subset(load_cifar100("test", root, download), recipe.test_per_class)
@@ -155,7 +162,7 @@ def cifar_setup(config: Config) -> Setup:
 def market_setup(config: Config) -> Setup:
     """Market-1501 at the profile's resolution; person ids become classes 0..C-1 in sorted
     order, so that the old identities (the first half) are classes 0..C_old-1."""
-    size = tuple(config.profile.market.image_size)
+    size = tuple(dataset_spec("market1501").recipe(config.name).image_size)
     splits = load_market1501(config.paths.data)
     cache = config.paths.runs / "market1501" / "images"
 
@@ -179,7 +186,8 @@ def market_setup(config: Config) -> Setup:
 @dataclass(frozen=True)
 class Dataset:
     """A data set as rmlib runs it: `setup(config)` loads it under the old/new protocol;
-    `recipe(profile)` is the profile's recipe for it (its `tta`: the test-time views);
+    `recipes` its backbones' recipe for each profile it runs in (its `tta`: the test-time
+    views; `recipe(profile)` picks one);
     `backbone(setup, role)` the old or new backbone's config; `objective(config)` the
     backbones' base objective; `test_protocol` and `backfill_protocol` say in words what
     the backbones and the backfill are evaluated on (results files record them). The
@@ -187,11 +195,18 @@ class Dataset:
 
     name: str
     setup: Callable[[Config], Setup]
-    recipe: Callable[[Profile], object]
+    recipes: Mapping[str, object]
     backbone: Callable[[Setup, str], BackboneConfig]
     objective: Callable[[Config], Objective]
     test_protocol: str
     backfill_protocol: str
+
+    def recipe(self, profile: str) -> object:
+        """The recipe of profile `profile`; a profile without one is one clear error."""
+        if profile not in self.recipes:
+            raise RmlibError(f"data set {self.name!r} has no recipe for the {profile!r} "
+                             f"profile; it runs in {', '.join(self.recipes)}")
+        return self.recipes[profile]
 
 
 DATASETS = Registry("data set")
@@ -208,12 +223,12 @@ def dataset_spec(name: str) -> Dataset:
 
 
 register_dataset(Dataset(
-    "cifar100", cifar_setup, lambda p: p.cifar, _cifar_backbone, lambda c: Objective(),
+    "cifar100", cifar_setup, CIFAR_RECIPES, _cifar_backbone, lambda c: Objective(),
     test_protocol="CIFAR-100 test, leave-one-out",
     backfill_protocol="CIFAR-100 test, leave-one-out; backfill order default_rng(0)"))
 register_dataset(Dataset(
-    "market1501", market_setup, lambda p: p.market, _market_backbone,
-    lambda c: TripletObjective(c.profile.market.triplet_margin),
+    "market1501", market_setup, MARKET_RECIPES, _market_backbone,
+    lambda c: TripletObjective(MARKET_RECIPES[c.name].triplet_margin),
     test_protocol="Market-1501 query/gallery, same-id same-camera removed",
     backfill_protocol="Market-1501 query/gallery, same-id same-camera removed, distractors "
                       "kept; backfill order default_rng(0)"))

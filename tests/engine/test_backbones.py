@@ -249,7 +249,7 @@ def test_test_time_views_and_multi_crop_extraction(tmp_path):
 
 def test_recipe_options_are_checked_when_made(tmp_path):
     from rmlib import RmlibError
-    from rmlib.config import CifarRecipe
+    from rmlib.methods.recipes import CifarRecipe
 
     with pytest.raises(RmlibError, match="flip='mirror'"):
         tiny_config(flip="mirror")
