@@ -257,7 +257,8 @@ def _add_live(sub) -> None:
         "default), then move items to the new part in batches, in the backfill order, with "
         "their new embeddings, until the backfilled fraction reaches --until. Killed at any "
         "moment, the same command resumes, finishing the interrupted batch (from the same "
-        "EMB.npz and order only: the journal records both). Ends with what "
+        "EMB.npz and order only: the journal records both, and keeps the order beside "
+        "it, so a learned order is not trained again). Ends with what "
         "the index serves: mAP and top-k over each query's whole merged ranking.")
     p.add_argument("emb", type=Path, metavar="EMB.npz", help="as for `backfill`")
     from rmlib.serving.parts import BACKENDS

@@ -3,7 +3,10 @@
 The journal's header records what the index was built from: a hash of the old and new
 galleries and one of the backfill order, with the file, order, seed and batch named. A
 run that would resume it from another file, or in another order, is refused: it would
-serve a mix of two galleries, or move items that no order puts next.
+serve a mix of two galleries, or move items that no order puts next. The order itself is
+kept beside the journal (`<journal>.order.npy`): a resume with the same --order and
+--seed continues in it as it was made, without training a learned policy again (whose
+result may differ in the last bits on another CPU's BLAS).
 
 Explained in the book: book/serving.
 """
@@ -20,6 +23,7 @@ from rmlib import RmlibError
 from rmlib.evaluation.backfill import backfill_order, backfilled_count
 from rmlib.evaluation.emb_file import load_backfill_arrays
 from rmlib.evaluation.systems import SystemPair
+from rmlib.outputs import save_npy
 from rmlib.serving.checks import check_dims
 from rmlib.serving.index import OnlineBackfillIndex, live_scores
 from rmlib.serving.location import check_location, journal_header
@@ -63,6 +67,26 @@ def check_resume(meta: dict, asked: dict, uri: str, name: str) -> None:
                          f"those, or {fix}")
 
 
+def order_path(journal: Path) -> Path:
+    """Where the backfill order of the index whose journal is `journal` is kept."""
+    return journal.with_name(journal.name + ".order.npy")
+
+
+def stored_order(journal: Path, meta: dict, order_name: str, seed: int) -> np.ndarray | None:
+    """The order the index was created with, when this run asks for the same policy and
+    seed and the file beside the journal still holds it (same hash); else None (compute
+    it, and let `check_resume` compare)."""
+    path = order_path(journal)
+    if (meta.get("order"), meta.get("seed")) != (str(order_name), int(seed)) or \
+            not path.is_file():
+        return None
+    try:
+        order = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None  # damaged: computed again and checked against the recorded hash
+    return order if fingerprint(order) == meta.get("order_hash") else None
+
+
 def check_widths(arrays: SystemPair, backend: str = "milvus") -> None:
     """Refuse widths the durable `backend` cannot store before an order policy trains on
     the arrays."""
@@ -81,17 +105,22 @@ def run_live(source: str | Path, order_for: Callable[[SystemPair], np.ndarray | 
     Returns the exit status, 0."""
     from tqdm.auto import tqdm
 
-    check_location(uri, name, journal, backend_spec(backend, durable=True).local_files)
+    journal_file = check_location(uri, name, journal,
+                                  backend_spec(backend, durable=True).local_files)
     arrays = load_backfill_arrays(source)
     check_widths(arrays, backend)
     n = len(arrays.old_gallery)
-    order = order_for(arrays)
-    order = backfill_order(n, seed) if order is None else np.asarray(order, dtype=np.int64)
-    asked = source_record(arrays, order, source, order_name, seed, batch)
     # --overwrite starts again whatever the journal holds, even a damaged one
     header = None if overwrite else journal_header(uri, name, journal)
-    if header is not None and header["complete"] and not overwrite:
-        check_resume(header.get("meta", {}), asked, uri, name)
+    resuming = header is not None and header["complete"]
+    meta = header.get("meta", {}) if resuming else {}
+    order = stored_order(journal_file, meta, order_name, seed) if resuming else None
+    if order is None:
+        order = order_for(arrays)
+        order = backfill_order(n, seed) if order is None else np.asarray(order, dtype=np.int64)
+    asked = source_record(arrays, order, source, order_name, seed, batch)
+    if resuming:
+        check_resume(meta, asked, uri, name)
         index = OnlineBackfillIndex.reopen(uri, name, journal, backend=backend)
         print(f"resumed the live index {name!r} at {uri}: t = {index.ratio:.3f}")
     else:
@@ -102,6 +131,8 @@ def run_live(source: str | Path, order_for: Callable[[SystemPair], np.ndarray | 
                                     overwrite=overwrite or header is not None, meta=asked)
         print(f"created the live index {name!r} at {uri}: {n:,} items in the old part")
     try:
+        if not resuming:
+            save_npy(order_path(journal_file), order)  # a resume continues in it
         target = backfilled_count(until, n)
         with tqdm(total=max(target - index.num_new, 0), unit="item", disable=quiet,
                   desc="backfill") as bar:

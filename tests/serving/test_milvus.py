@@ -671,6 +671,38 @@ def test_the_live_command_resumes_only_from_its_own_file_and_order(tmp_path, cap
     assert "created the live index" in capsys.readouterr().out
 
 
+
+def test_a_resume_continues_in_the_stored_order_without_making_it_again(tmp_path):
+    """A learned order is made once, kept beside the journal, and read back on resume (a
+    second training might differ in the last bits on another BLAS); a damaged copy is made
+    again and checked against the journal's hash."""
+    from rmlib.serving.live import order_path, run_live
+
+    emb, db = save_emb(tmp_path / "a.npz"), tmp_path / "g.db"
+    made = []
+
+    def learned(arrays):
+        made.append(len(arrays.old_gallery))
+        return np.random.default_rng(5).permutation(len(arrays.old_gallery))
+
+    def live(order_for, until):
+        return run_live(emb, order_for, uri=str(db), name="gallery", journal=None, batch=10,
+                        until=until, seed=0, order_name="learned", overwrite=False, quiet=True)
+
+    assert live(learned, 0.5) == 0 and made == [40]
+    stored = order_path(Path(f"{db}.gallery.journal"))
+    np.testing.assert_array_equal(np.load(stored), np.random.default_rng(5).permutation(40))
+    assert live(lambda arrays: pytest.fail("the order was made again"), 0.75) == 0
+    index = OnlineBackfillIndex.reopen(str(db))
+    first = np.load(stored)[:30]  # 0.75 of 40 items, in the stored order
+    assert index.num_new == 30 and index.part_of(first).all()
+    index.close()
+    stored.write_bytes(b"not an array")
+    assert live(learned, 1.0) == 0 and made == [40, 40]  # made again, the same: accepted
+    stored.write_bytes(b"not an array")
+    with pytest.raises(RmlibError, match="is backfilled in another order"):
+        live(lambda arrays: np.arange(40), 1.0)
+
 def test_milvus_refusals_in_python_leave_no_file(tmp_path):
     old_g, new_g, old_q, new_q = data(n=20)
     db = str(tmp_path / "g.db")
