@@ -50,7 +50,8 @@ def fetch_cifar100(root: Path | str, url: str | None = None, md5: str | None = N
     The archive is checked against its published md5 (torchvision's download, with a
     progress bar) and unpacked in a temporary folder beside the destination, which is
     renamed into place only when complete: an interrupted or failed fetch leaves nothing
-    that looks like the data. `url`/`md5` default to the official archive's.
+    that looks like the data, nor the folders it made for it. `url`/`md5` default to the
+    official archive's.
     """
     import shutil
     import socket
@@ -63,6 +64,7 @@ def fetch_cifar100(root: Path | str, url: str | None = None, md5: str | None = N
     folder = cifar100_dir(root)
     if folder.is_dir():
         return folder
+    made = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     try:
         root.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=".cifar-100-fetch.", dir=root))
@@ -90,7 +92,18 @@ def fetch_cifar100(root: Path | str, url: str | None = None, md5: str | None = N
     finally:
         socket.setdefaulttimeout(previous_timeout)
         shutil.rmtree(scratch, ignore_errors=True)
+        if not folder.is_dir():
+            _remove_empty(made)
     return folder
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty: what a failed fetch made."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 class _ForbiddenObject(pickle.UnpicklingError):

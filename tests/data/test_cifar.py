@@ -160,8 +160,12 @@ def test_fetch_cifar100_checks_the_md5_and_unpacks_atomically(tmp_path, served):
     url = f"{served}/{archive.name}"
     root = tmp_path / "data"
     with pytest.raises(RmlibError, match="could not be downloaded.*set RMLIB_DATA"):
+        fetch_cifar100(root / "deep" / "er", url=url, md5="0" * 32)
+    assert not root.exists()  # a failed fetch leaves nothing behind, not even its folders
+    root.mkdir()
+    with pytest.raises(RmlibError, match="could not be downloaded.*set RMLIB_DATA"):
         fetch_cifar100(root, url=url, md5="0" * 32)
-    assert list(root.iterdir()) == []  # a failed fetch leaves nothing behind
+    assert list(root.iterdir()) == []  # a folder that was there stays
     folder = fetch_cifar100(root, url=url, md5=md5)
     assert folder == root / "cifar-100-python"
     assert sorted(p.name for p in root.iterdir()) == ["cifar-100-python"]
