@@ -209,3 +209,27 @@ class EmbeddingTransform(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.net(x)
         return F.normalize(x + y if self.residual else y, dim=1)
+
+
+class MlFctTransform(nn.Module):
+    """FCT's transformation as apple/ml-fct builds it for CIFAR-100 without
+    side-information (where the side input is the old embedding itself): two projections of
+    the old embedding (d -> 2d -> 2 d_out each), a mixer (4 d_out -> hidden -> hidden ->
+    d_out, `hidden` 2048 there), BatchNorm and ReLU between layers, and an output that is
+    not normalised. A 1x1 convolution on a 1x1 map is a linear layer, as here."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int = 2048):
+        super().__init__()
+        self.d_in, self.d_out, self.hidden = d_in, d_out, hidden
+
+        def block(a: int, b: int) -> list[nn.Module]:
+            return [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU()]
+
+        self.p1 = nn.Sequential(*block(d_in, 2 * d_in), *block(2 * d_in, 2 * d_out))
+        self.p2 = nn.Sequential(*block(d_in, 2 * d_in), *block(2 * d_in, 2 * d_out))
+        self.mixer = nn.Sequential(*block(4 * d_out, hidden), *block(hidden, hidden),
+                                   nn.Linear(hidden, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixer(torch.cat([self.p1(x), self.p2(x)], dim=1))
+

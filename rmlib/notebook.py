@@ -28,7 +28,7 @@ from rmlib.tables import (
 
 CHEAP_PROFILES = ("smoke",)  # made on the spot when missing: a minute or two on a CPU
 FALLBACK_PROFILE = "cpu"  # committed with the repository; shown when another is missing
-RESULT_FILES = ("table1", "ablation")
+RESULT_FILES = ("table1", "ablation")  # needed; baselines.json and backbones.json optional
 
 
 class NeedsRun(RmlibError):
@@ -36,19 +36,20 @@ class NeedsRun(RmlibError):
 
 
 def saved_results(dataset: str, config: Config) -> dict | None:
-    """{"table1": ..., "ablation": ..., "backbones": ...} of a profile, or None if a
-    Table 1 / ablation file is missing (backbones.json is optional)."""
+    """{"table1": ..., "ablation": ..., "baselines": ..., "backbones": ...} of a profile,
+    or None if a Table 1 / ablation file is missing (the others are optional)."""
     folder = config.results_folder(dataset)
-    found = {name: read_results(folder / f"{name}.json") for name in (*RESULT_FILES, "backbones")}
+    found = {name: read_results(folder / f"{name}.json")
+             for name in (*RESULT_FILES, "baselines", "backbones")}
     return found if all(found[n] is not None for n in RESULT_FILES) else None
 
 
 def _complete(found: dict) -> bool:
     """Whether results hold every row the registry defines now."""
-    from rmlib.methods.registry import ABLATION_ROWS, TABLE1_ROWS
+    from rmlib.methods.reproduce import RESULT_TABLES
 
-    return (set(TABLE1_ROWS) <= set(found["table1"]["rows"])
-            and set(ABLATION_ROWS) <= set(found["ablation"]["rows"]))
+    return all(set(rows) <= set((found.get(name) or {}).get("rows", {}))
+               for name, rows in RESULT_TABLES.items())
 
 
 def _minutes(seconds: float) -> str:
@@ -99,12 +100,17 @@ class Chapter:
         return self.results["ablation"]["rows"]
 
     @property
+    def baselines(self) -> dict:
+        """The baselines as published beside their variants ({} in results made before)."""
+        return (self.results.get("baselines") or {}).get("rows", {})
+
+    @property
     def provenance(self) -> dict:
         return self.results["table1"]["provenance"]
 
     def rows(self, *names: str) -> dict[str, dict]:
         """Results rows by name, from Table 1 or the ablation (all of Table 1 if none)."""
-        both = {**self.ablation, **self.table}
+        both = {**self.baselines, **self.ablation, **self.table}
         missing = [n for n in names if n not in both]
         if missing:
             raise RmlibError(f"no results row {missing} in this profile's results; the rows "

@@ -6,8 +6,13 @@ same training images, (phi_old(x), phi_new(x), y). Each objective is one registe
   - "rqt" (eq. 9), "cl" (eq. 10), "mcl" (eq. 11): psi: new -> old;
   - "mcl" with rho=True (eq. 12-13): psi and rho: new -> new, jointly;
   - "fct": FCT's h: old -> new by l2 regression (no side-information);
-  - "bict": BiCT's forward upgrade h': old -> a space classified by a cosine classifier of
-    all classes (the classifier is kept: BiCT's new backbone trains against it).
+  - "bict-forward" (BiCT's second step): h: old -> the backward-compatible new model's
+    space, by regression onto its embeddings and its frozen classifier's cross-entropy;
+    "bict-forward-cls": the classifier term alone ("fct" towards that model: regression);
+  - "fct-mlfct": FCT's h as apple/ml-fct trains it (its MLP, MSE, its hyper-parameters);
+  - "bict": the upgrade-first variant's h': old -> a space classified by a cosine
+    classifier of all classes (the classifier is kept: that variant's new backbone trains
+    against it).
 A new objective is one loss function and one `register_objective(TransformObjective(...))`.
 
 Explained in the book: book/rqt, book/mcl, book/rho, book/baselines.
@@ -16,7 +21,7 @@ Explained in the book: book/rqt, book/mcl, book/rho, book/baselines.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -30,7 +35,7 @@ from rmlib.data.sampling import pk_batch_count, pk_batches, pk_batches_vectorise
 from rmlib.engine.loop import Optimisation, train_epochs
 from rmlib.engine.runs import config_key
 from rmlib.losses import cl_loss, mcl_loss, mean_distance_loss
-from rmlib.models import CosineClassifier, EmbeddingTransform
+from rmlib.models import CosineClassifier, EmbeddingTransform, MlFctTransform
 from rmlib.outputs import cached, save_torch
 from rmlib.specs import Registry
 
@@ -42,7 +47,11 @@ class TransformObjective:
     else the reverse query transform psi of new ones; `output`: the space the map maps
     into; `takes_tau`: the loss reads the
     temperature (chosen on validation); `classifier`: a cosine classifier of all classes is
-    trained with it; `rho`: it may train the new embedding rho jointly."""
+    trained with it; `target_classifier`: the loss reads the target model's classifier,
+    frozen (given to `fit_transforms`); `rho`: it may train the new embedding rho jointly;
+    `build(d_in, d_out, config)`: the map's module (default `EmbeddingTransform`);
+    `fixed`: the TransformConfig fields it sets itself (its own recipe), over the settings
+    chosen for RM."""
 
     name: str
     loss: Callable[[Transforms, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,7 +59,10 @@ class TransformObjective:
     output: str = "old"
     takes_tau: bool = False
     classifier: bool = False
+    target_classifier: bool = False
     rho: bool = False
+    build: Callable[[int, int, TransformConfig], torch.nn.Module] | None = None
+    fixed: Mapping[str, object] = field(default_factory=dict)
 
 
 OBJECTIVES = Registry("objective", " (or register_objective a new one)")
@@ -83,7 +95,7 @@ class TransformConfig:
     weight_decay: float = 1e-4
     mine: bool = True
     seed: int = 0
-    num_classes: int = 0  # for "bict"
+    num_classes: int = 0  # for a classifier (its own, or the target model's)
     sources: tuple[str, ...] = field(default=())  # what it trains on (part of the cache key)
 
     def __post_init__(self) -> None:
@@ -109,7 +121,7 @@ class Transforms:
 
     config: TransformConfig
     psi: EmbeddingTransform | None = None
-    h: EmbeddingTransform | None = None
+    h: torch.nn.Module | None = None
     rho: EmbeddingTransform | None = None
     classifier: CosineClassifier | None = None
     history: list = field(default_factory=list)
@@ -220,11 +232,44 @@ def bict_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Ten
     return F.cross_entropy(t.classifier(t.h(o)), y, label_smoothing=0.1)
 
 
+def bict_forward_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor
+                           ) -> torch.Tensor:
+    """BiCT's forward-compatible step: h(phi_old) regressed onto the backward-compatible
+    new model's embedding of the same image, and classified by that model's (frozen)
+    classifier (eq-bict-forward in the baselines chapter)."""
+    up = t.h(o)
+    return mean_distance_loss(up, n) + F.cross_entropy(t.classifier(up), y)
+
+
+def bict_forward_cls_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor,
+                               y: torch.Tensor) -> torch.Tensor:
+    """BiCT's forward step with the classifier term alone: h(phi_old) need only fall in
+    the right class region of the new model's space, not where that model puts the image."""
+    return F.cross_entropy(t.classifier(t.h(o)), y)
+
+
+def ml_fct_objective(t: Transforms, o: torch.Tensor, n: torch.Tensor, y: torch.Tensor
+                     ) -> torch.Tensor:
+    """apple/ml-fct's criterion: nn.MSELoss between h(phi_old) and phi_new."""
+    return F.mse_loss(t.h(o), n)
+
+
 register_objective(TransformObjective("rqt", rqt_objective))
 register_objective(TransformObjective("cl", cl_objective, takes_tau=True))
 register_objective(TransformObjective("mcl", mcl_objective, takes_tau=True, rho=True))
 register_objective(TransformObjective("fct", fct_objective, forward=True, output="new"))
 register_objective(TransformObjective("bict", bict_objective, forward=True, classifier=True))
+register_objective(TransformObjective("bict-forward", bict_forward_objective, forward=True,
+                                      output="new", target_classifier=True))
+register_objective(TransformObjective("bict-forward-cls", bict_forward_cls_objective,
+                                      forward=True, output="new", target_classifier=True))
+# ml-fct's cifar100_transformation.yaml: Adam lr 5e-4, weight decay 2^-15, 80 epochs,
+# batches of 1024 (here 128 classes x 8 items), inner width 2048
+register_objective(TransformObjective(
+    "fct-mlfct", ml_fct_objective, forward=True, output="new",
+    build=lambda d_in, d_out, config: MlFctTransform(d_in, d_out, config.hidden),
+    fixed={"hidden": 2048, "epochs": 80, "lr": 5e-4, "weight_decay": 2 ** -15,
+           "classes_per_batch": 128, "per_class": 8}))
 
 
 def steps_per_epoch(config: TransformConfig, labels: np.ndarray) -> int:
@@ -237,27 +282,38 @@ def build_transforms(config: TransformConfig, d_old: int, d_new: int) -> Transfo
     spec = objective_of(config.objective)
     torch.manual_seed(config.seed)
     d_in, d_out = d_old if spec.forward else d_new, d_new if spec.output == "new" else d_old
-    learned = EmbeddingTransform(d_in, d_out, config.hidden, layers=config.layers)
+    learned = spec.build(d_in, d_out, config) if spec.build else \
+        EmbeddingTransform(d_in, d_out, config.hidden, layers=config.layers)
     rho = (EmbeddingTransform(d_new, d_new, config.hidden, residual=True, layers=config.layers)
            if config.rho else None)
-    classifier = CosineClassifier(d_out, config.num_classes) if spec.classifier else None
+    classifier = (CosineClassifier(d_out, config.num_classes)
+                  if spec.classifier or spec.target_classifier else None)
     return Transforms(config, **{"h" if spec.forward else "psi": learned}, rho=rho,
                       classifier=classifier)
 
 
 def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
                    labels: np.ndarray, progress: bool = True,
-                   device: torch.device | None = None) -> Transforms:
+                   device: torch.device | None = None,
+                   target_classifier: torch.nn.Module | None = None) -> Transforms:
     """Train the transforms of `config` on paired embeddings of the same labelled items
-    (on the GPU when there is one); the returned modules live on the CPU."""
+    (on the GPU when there is one); the returned modules live on the CPU.
+    `target_classifier`: the target model's classifier, for an objective that reads it
+    (kept frozen, and saved with the transforms)."""
     device = device or default_device()
     t = build_transforms(config, np.shape(old)[1], np.shape(new)[1])
+    if objective_of(config.objective).target_classifier:
+        if target_classifier is None:
+            raise RmlibError(f"objective {config.objective!r} reads the target model's "
+                             "classifier: pass target_classifier=")
+        t.classifier.load_state_dict(target_classifier.state_dict())
+        t.classifier.requires_grad_(False)
     o_all = torch.as_tensor(np.asarray(old, np.float32)).to(device)
     n_all = torch.as_tensor(np.asarray(new, np.float32)).to(device)
     y_all = torch.as_tensor(np.asarray(labels, np.int64))
     y_dev = y_all.to(device)
     modules = [m.to(device).train() for m in t.modules()]
-    params = [p for m in modules for p in m.parameters()]
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
     # fused: one kernel for all parameters instead of a dozen per tensor (15% of a step here)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=True)
@@ -295,10 +351,12 @@ def transform_path(config: TransformConfig, folder: Path) -> Path:
 
 def cached_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
                       labels: np.ndarray, folder: Path, progress: bool = True,
-                      device: torch.device | None = None) -> Transforms:
+                      device: torch.device | None = None,
+                      target_classifier: torch.nn.Module | None = None) -> Transforms:
     """fit_transforms (on `device`), cached at `transform_path(config, folder)`."""
     return cached(transform_path(config, folder),
-                  lambda: fit_transforms(config, old, new, labels, progress, device),
+                  lambda: fit_transforms(config, old, new, labels, progress, device,
+                                         target_classifier),
                   save_transforms,
                   lambda p: Transforms.from_state(torch.load(p, weights_only=True)))
 

@@ -16,7 +16,7 @@ from rmlib.config import Config
 from rmlib.data import train_val_split
 from rmlib.engine.backbones import TrainedModel, train_backbone
 from rmlib.engine.embed import cached_embeddings
-from rmlib.engine.objectives import InfluenceObjective, Objective
+from rmlib.engine.objectives import InfluenceObjective, Objective, synthesised_classifier
 from rmlib.engine.transforms import (
     TransformConfig,
     Transforms,
@@ -30,9 +30,10 @@ from rmlib.methods.setups import ROLES, Setup, dataset_spec
 
 
 class Experiment:
-    """The backbones ("old", "new", "bct", "bict"), embeddings ("train" in one view,
-    "query"/"gallery" in the profile's test-time views) and transforms ("rqt", "cl",
-    "mcl", "mcl-rho", "fct", "bict") of one data set and profile, made on demand and
+    """The backbones ("old", "new", "bct", "bct-old-classes", "bict-upgrade-first"),
+    embeddings ("train" in one view, "query"/"gallery" in the profile's test-time views)
+    and transforms ("rqt", "cl", "mcl", "mcl-rho", "fct", "bict-forward", ...) of one data
+    set and profile, made on demand and
     remembered, and the distance calibrations of the two systems."""
 
     def __init__(self, dataset: str, config: Config, progress: bool = True,
@@ -62,23 +63,35 @@ class Experiment:
         return self.models[role]
 
     def _train(self, role: str) -> TrainedModel:
-        """old/new: the base objective; bct: through the old classifier (old classes);
-        bict: through the upgraded old space's classifier (all classes)."""
-        base, config = self.setup.objective(), self.setup.backbone_config(role)
+        """old/new: the base objective. bct: BCT as published, through the old classifier
+        extended to every class by synthesised weights, plain cross-entropy; bct-old-classes:
+        through the old classifier on the old classes only, smoothed as the backbone is;
+        bict-upgrade-first: through the upgraded old space's classifier (all classes)."""
+        base = self.setup.objective()
         if role in ROLES:
-            return self._fit(config, self.setup.training_set(role), base)
+            return self._fit(self.setup.backbone_config(role), self.setup.training_set(role),
+                             base)
+        setup, old = self.setup, self.model("old")
         if role == "bct":
-            old = self.model("old")
-            objective = InfluenceObjective("bct", old.model.classifier, self.setup.num_old_classes,
+            classifier = synthesised_classifier(old.model.classifier,
+                                                self.embeddings("old", "train"),
+                                                setup.train.labels, setup.num_classes)
+            objective = InfluenceObjective("bct", classifier, setup.num_classes,
+                                           source=old.run_dir.name, base=base, smoothing=0.0,
+                                           variant={"new_classes": "synthesised"})
+        elif role == "bct-old-classes":
+            objective = InfluenceObjective("bct", old.model.classifier, setup.num_old_classes,
                                            source=old.run_dir.name, base=base)
-        elif role == "bict":
+        elif role == "bict-upgrade-first":
             up = self.transform("bict")
-            objective = InfluenceObjective("bict", up.classifier, self.setup.num_classes,
+            objective = InfluenceObjective("bict", up.classifier, setup.num_classes,
                                            source=up.config.key(), base=base)
         else:
             raise ValueError(f"unknown backbone role {role!r}")
-        return self._fit(replace(self.setup.backbone_config("new"), role=role),
-                         self.setup.train, objective)
+        # the config's role names the kind of backbone; the objective's spec, the variant
+        kind = role.split("-")[0]
+        return self._fit(replace(setup.backbone_config("new"), role=kind), setup.train,
+                         objective)
 
     def _fit(self, config, images, objective: Objective) -> TrainedModel:
         return train_backbone(config, images, objective, runs=self.config.paths.runs,
@@ -122,13 +135,16 @@ class Experiment:
                         max(2, int(np.bincount(self.setup.train.labels).min()) // 5))
         return train_val_split(self.setup.train.labels, per_class, seed=0)
 
-    def transform_config(self, objective: str, rho: bool = False, **kw) -> TransformConfig:
-        recipe = self.config.profile.transforms
-        sources = tuple(self.model(r).run_dir.name for r in ROLES)
+    def transform_config(self, objective: str, rho: bool = False, towards: str = "new",
+                         **kw) -> TransformConfig:
+        """The config of `objective`'s transforms between the old model and the `towards`
+        model (whose runs are its sources, and so part of its cache key)."""
+        recipe, spec = self.config.profile.transforms, objective_of(objective)
+        sources = tuple(self.model(r).run_dir.name for r in ("old", towards))
         base = {"objective": objective, "rho": rho, "epochs": recipe.epochs,
                 "hidden": recipe.hidden, "sources": sources,
-                "num_classes": self.setup.num_classes if objective_of(objective).classifier
-                else 0}
+                "num_classes": self.setup.num_classes
+                if spec.classifier or spec.target_classifier else 0}
         return TransformConfig(**{**base, **kw})
 
     def settings(self) -> dict:
@@ -149,27 +165,32 @@ class Experiment:
             self.timings["hyperparameter_selection"] = time.time() - t0
         return self.selection
 
-    def _fit_transform(self, cfg: TransformConfig, old, new, labels, progress) -> Transforms:
+    def _fit_transform(self, cfg: TransformConfig, old, new, labels, progress,
+                       target_classifier=None) -> Transforms:
         folder = self.config.paths.runs / self.dataset / self.profile
         return cached_transforms(cfg, old, new, labels, folder, progress,
-                                 self.config.torch_device)
+                                 self.config.torch_device, target_classifier)
 
-    def transform(self, name: str, seed: int = 0) -> Transforms:
+    def transform(self, name: str, seed: int = 0, towards: str = "new") -> Transforms:
         """A registered objective's transforms ('rqt', 'cl', 'mcl', 'fct', 'bict', ...), or
-        with '-rho' also rho ('mcl-rho'), trained on all training items; `seed` sets their
-        initialisation and batches (the settings are chosen once)."""
-        key = name if seed == 0 else f"{name}@seed{seed}"
+        with '-rho' also rho ('mcl-rho'), trained on all training items between the old
+        model and the `towards` model; `seed` sets their initialisation and batches (the
+        settings are chosen once, for RM; an objective's `fixed` fields override them)."""
+        key = (name if towards == "new" else f"{name}>{towards}") + \
+            ("" if seed == 0 else f"@seed{seed}")
         if key not in self.transforms:
             chosen = self.settings()  # timed on its own, not inside the first transform
             t0 = time.time()
             rho = name.endswith("-rho")
-            objective = name.removesuffix("-rho")
+            spec = objective_of(name.removesuffix("-rho"))
             kw = {"hidden": chosen["hidden"], "epochs": chosen["epochs"], "seed": seed}
-            if objective_of(objective).takes_tau:
+            if spec.takes_tau:
                 kw["tau"] = chosen["tau"]
+            target = self.model(towards).model.classifier if spec.target_classifier else None
             self.transforms[key] = self._fit_transform(
-                self.transform_config(objective, rho, **kw), self.embeddings("old", "train"),
-                self.embeddings("new", "train"), self.setup.train.labels, self.progress)
+                self.transform_config(spec.name, rho, towards, **{**kw, **spec.fixed}),
+                self.embeddings("old", "train"), self.embeddings(towards, "train"),
+                self.setup.train.labels, self.progress, target)
             self.timings[f"transform_{key}"] = time.time() - t0
         return self.transforms[key]
 

@@ -26,10 +26,17 @@ from rmlib.evaluation.backfill import (
     backfill_arrays,
     check_conditions,
 )
+from rmlib.evaluation.geometry import part_distances
 from rmlib.evaluation.retrieval import evaluate
 from rmlib.evaluation.systems import SystemPair
 from rmlib.methods.experiment import Experiment
-from rmlib.methods.registry import ABLATION_ROWS, METHODS, TABLE1_ROWS, paper_table1
+from rmlib.methods.registry import (
+    ABLATION_ROWS,
+    BASELINE_ROWS,
+    METHODS,
+    TABLE1_ROWS,
+    paper_table1,
+)
 from rmlib.methods.setups import ROLES, dataset_spec
 from rmlib.outputs import check_folder, check_output, write_json
 from rmlib.provenance import provenance
@@ -118,9 +125,11 @@ def evaluate_method(exp: Experiment, name: str, old: dict | None = None,
     t0 = time.time()
     method = METHODS[name]
     seeds = exp.config.profile.transforms.seeds if method.seeded else (0,)
-    runs = []
+    runs, first_arrays = [], None
     for seed in seeds:
         arrays = method.systems(exp, seed)
+        if first_arrays is None:
+            first_arrays = arrays
         runs.append(backfill_arrays(
             arrays, seed=seed, new_baseline=new, old_baseline=old,
             calibration=method.calibration(exp, seed) if method.calibration else None,
@@ -131,7 +140,8 @@ def evaluate_method(exp: Experiment, name: str, old: dict | None = None,
                                   new or final_metrics(curve.to_dict()),
                                   std={m: spread[f"{m}_std"] for m in ("mAP", "top1")})
     return {**curve.to_dict(), "seeds": list(seeds), **spread, "conditions": conditions,
-            "systems": method.note, "eval_seconds": time.time() - t0}
+            "systems": method.note, "part_distances": part_distances(first_arrays),
+            "eval_seconds": time.time() - t0}
 
 
 def evaluate_rows(exp: Experiment, names: tuple[str, ...]) -> dict[str, dict]:
@@ -152,20 +162,25 @@ def evaluate_rows(exp: Experiment, names: tuple[str, ...]) -> dict[str, dict]:
     return rows
 
 
+# The results files `reproduce` writes, and their rows.
+RESULT_TABLES = {"table1": TABLE1_ROWS, "ablation": ABLATION_ROWS, "baselines": BASELINE_ROWS}
+
+
 def reproduce(dataset: str, config: Config, progress: bool = True,
               backbones: bool = False) -> dict:
-    """Train/evaluate whatever is missing; write table1.json and ablation.json, and with
+    """Train/evaluate whatever is missing; write table1.json, ablation.json and
+    baselines.json (`RESULT_TABLES`), and with
     `backbones` first backbones.json too (as `train both` would: one experiment, one
     load of the data, for a chapter that makes a cheap profile on the spot)."""
     start = time.time()
-    exp = _checked_experiment(dataset, config, ("table1", "ablation")
+    exp = _checked_experiment(dataset, config, tuple(RESULT_TABLES)
                               + (("backbones",) if backbones else ()), progress)
     made = {"backbones": _backbones(exp, ROLES, start)} if backbones else {}
     return {**_tables(exp, time.time() if backbones else start), **made}
 
 
 def _tables(exp: Experiment, start: float) -> dict:
-    rows = evaluate_rows(exp, TABLE1_ROWS + ABLATION_ROWS)
+    rows = evaluate_rows(exp, tuple(n for names in RESULT_TABLES.values() for n in names))
     run_config = {
         "backbones": {r: asdict(m.config) for r, m in exp.models.items()},
         "transforms": {n: asdict(t.config) for n, t in exp.transforms.items()},
@@ -181,9 +196,9 @@ def _tables(exp: Experiment, start: float) -> dict:
     prov["backbone_train_seconds"] = {r: m.wall_time_s for r, m in exp.models.items()}
     prov["transform_fit_seconds"] = {n: sum(h["seconds"] for h in t.history)
                                      for n, t in exp.transforms.items()}
-    tables = {"table1": {"rows": {n: rows[n] for n in TABLE1_ROWS},
-                         "paper": paper_table1().get(exp.dataset, {})},
-              "ablation": {"rows": {n: rows[n] for n in ABLATION_ROWS}}}
+    tables = {name: {"rows": {n: rows[n] for n in names}}
+              for name, names in RESULT_TABLES.items()}
+    tables["table1"]["paper"] = paper_table1().get(exp.dataset, {})
     for name, body in tables.items():
         body["provenance"] = prov
         write_json(exp.config.results_folder(exp.dataset) / f"{name}.json", body)

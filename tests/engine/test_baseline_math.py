@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from rmlib.engine.objectives import InfluenceObjective, Objective
+from rmlib import RmlibError
+from rmlib.engine.objectives import InfluenceObjective, Objective, synthesised_classifier
 from rmlib.engine.transforms import TransformConfig, build_transforms
 from rmlib.losses import bct_influence_loss, mcl_loss, mean_distance_loss, pairwise_distances
 from rmlib.models import CosineClassifier, EmbeddingTransform
@@ -67,6 +68,79 @@ def test_influence_objective_is_base_plus_weighted_influence_through_a_frozen_cl
     assert embedding.grad.abs().sum() > 0  # the new embedding learns from the influence term
     assert all(not p.requires_grad for p in old.parameters())  # W_old stays as it was
 
+
+
+def test_bct_synthesises_the_new_classes_weights_from_old_model_class_means():
+    """Shen et al. 2020, sec. 3.3: the old classes keep the old classifier's weights; a
+    class the old model never saw gets the normalised mean of its items' old embeddings."""
+    old = CosineClassifier(2, 2)
+    with torch.no_grad():
+        old.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
+    embeddings = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6], [0.6, 0.8]])
+    labels = torch.tensor([0, 2, 2, 3, 3])
+    synthesised = synthesised_classifier(old, embeddings, labels, num_classes=4)
+    expected = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 1.8], [1.4, 1.4]])
+    torch.testing.assert_close(synthesised.weight,
+                               torch.nn.functional.normalize(expected, dim=1))
+    assert synthesised.scale == old.scale and not synthesised.training
+    with pytest.raises(RmlibError, match=r"classes \[2\] have no training items"):
+        synthesised_classifier(old, embeddings[:1], labels[:1], num_classes=3)
+
+
+def test_published_bct_is_plain_cross_entropy_over_every_class_and_says_so_in_its_key():
+    old = CosineClassifier(2, 4)
+    objective = InfluenceObjective("bct", old, num_classes=4, source="run", smoothing=0.0,
+                                   variant={"new_classes": "synthesised"})
+    embedding, labels = torch.tensor(NEW), torch.tensor([0, 1, 2, 3])
+    logits = torch.randn(4, 4)
+    expected = Objective()(None, embedding, logits, labels, _Smoothing()) + \
+        torch.nn.functional.cross_entropy(old(embedding), labels)  # every class, unsmoothed
+    got = objective(None, embedding, logits, labels, _Smoothing())
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert objective.spec == {"name": "bct", "source": "run", "weight": 1.0,
+                              "new_classes": "synthesised", "smoothing": 0.0}
+    # the variant on the old classes keeps the spec (and cache key) runs were made with
+    assert InfluenceObjective("bct", old, 2, source="run").spec == {
+        "name": "bct", "source": "run", "weight": 1.0}
+
+
+def test_bict_forward_regresses_onto_the_target_and_reads_its_frozen_classifier():
+    from rmlib.engine.transforms import Transforms, fit_transforms
+
+    torch.manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(16)
+    target = CosineClassifier(6, 4)
+    new = torch.nn.functional.normalize(target.weight.detach()[labels]
+                                        + 0.3 * torch.randn(64, 6), dim=1)
+    old = torch.randn(64, 5)
+    config = TransformConfig(objective="bict-forward", num_classes=4, hidden=16, epochs=3,
+                             classes_per_batch=4, per_class=4)
+    t = fit_transforms(config, old.numpy(), new.numpy(), labels.numpy(), progress=False,
+                       target_classifier=target)
+    torch.testing.assert_close(t.classifier.weight, target.weight)  # frozen: as given
+    up = t.h(old)
+    expected = mean_distance_loss(up, new) + torch.nn.functional.cross_entropy(
+        target(up), labels)
+    assert t.loss(old, new, labels).item() == pytest.approx(expected.item(), abs=1e-5)
+    back = Transforms.from_state(t.state())
+    torch.testing.assert_close(back.classifier.weight, target.weight)
+    with pytest.raises(RmlibError, match="reads the target model's classifier"):
+        fit_transforms(config, old.numpy(), new.numpy(), labels.numpy(), progress=False)
+
+
+def test_the_ml_fct_recipe_is_its_mlp_its_mse_and_its_own_settings():
+    from rmlib.engine.transforms import objective_of
+    from rmlib.models import MlFctTransform
+
+    spec = objective_of("fct-mlfct")
+    assert spec.fixed["hidden"] == 2048 and spec.fixed["epochs"] == 80
+    t = build_transforms(TransformConfig(objective="fct-mlfct", hidden=32), 5, 7)
+    assert isinstance(t.h, MlFctTransform) and t.h.mixer[-1].out_features == 7
+    old, new = torch.randn(9, 5), torch.randn(9, 7)
+    assert t.loss(old, new, torch.zeros(9, dtype=torch.int64)).item() == pytest.approx(
+        ((t.h(old) - new) ** 2).mean().item(), rel=1e-5)
+    norms = t.h.eval()(old).norm(dim=1)
+    assert not torch.allclose(norms, torch.ones(9))  # its output is not normalised
 
 def turn(degrees: float) -> torch.Tensor:
     a = math.radians(degrees)

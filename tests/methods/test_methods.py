@@ -9,7 +9,7 @@ from rmlib.data.sampling import pk_batches
 from rmlib.engine.transforms import TransformConfig, Transforms, fit_transforms
 from rmlib.evaluation.retrieval import Protocol, evaluate
 from rmlib.evaluation.systems import SystemPair
-from rmlib.methods.registry import ABLATION_ROWS, METHODS, TABLE1_ROWS
+from rmlib.methods.registry import ABLATION_ROWS, BASELINE_ROWS, METHODS, TABLE1_ROWS
 from rmlib.methods.reproduce import gain
 from rmlib.own_upgrade import rm_systems
 from tests.conftest import clustered
@@ -144,6 +144,22 @@ def test_smoke_reproduce_writes_every_row(smoke_config, tmp_path):
                                                        chosen["epochs"])
     assert table["paper"]["RM"] == [41.4, 60.7, 78]
     assert tables["table1"]["rows"].keys() == rows.keys()
+    baselines = json.loads((folder / "baselines.json").read_text())
+    assert list(baselines["rows"]) == list(BASELINE_ROWS)
+    for name, row in baselines["rows"].items():
+        assert row["seeds"] == (seeds if METHODS[name].seeded else [0]), name
+        distances = row["part_distances"]
+        assert 0 <= distances["new irrelevant closer than old relevant"] <= 1
+        assert distances["old relevant"] > 0 and distances["new irrelevant"] > 0
+    backbones = baselines["provenance"]["config"]["backbones"]
+    published, variant = backbones["bct"]["objective"], backbones["bct-old-classes"]["objective"]
+    assert (published["new_classes"], published["smoothing"]) == ("synthesised", 0.0)
+    assert set(variant) == {"name", "source", "weight"}  # as every earlier run recorded it
+    assert backbones["bct"]["role"] == backbones["bct-old-classes"]["role"] == "bct"
+    transforms = baselines["provenance"]["config"]["transforms"]
+    old_run, target_run = transforms["bict-forward>bct"]["sources"]  # towards BCT's model
+    assert old_run.startswith("old-") and target_run.startswith("bct-")
+    assert (transforms["fct-mlfct"]["hidden"], transforms["fct-mlfct"]["epochs"]) == (2048, 80)
 
 
 def test_the_registry_covers_table1_and_the_ablation():

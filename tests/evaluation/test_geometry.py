@@ -1,0 +1,42 @@
+"""rmlib.evaluation.geometry: the distances a merged ranking compares, and the cone."""
+
+import numpy as np
+import pytest
+
+from rmlib.evaluation.geometry import part_distances, spread
+from rmlib.evaluation.systems import SystemPair
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype("f4")
+
+
+def test_a_packed_old_part_puts_its_irrelevant_items_before_the_new_parts_relevant_ones():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    centres = rng.normal(size=(4, 16))
+    new = _unit(centres[labels] + 0.3 * rng.normal(size=(200, 16)))  # spread out, by class
+    old = _unit(np.ones(16) + 0.05 * rng.normal(size=(200, 16)))  # one narrow cone
+    d = part_distances(SystemPair(old, old, new, new, labels), queries=100)
+    assert d["old irrelevant"] < 0.2 < d["new relevant"] < d["new irrelevant"]
+    assert d["old irrelevant closer than new relevant"] > 0.95
+    assert d["new irrelevant closer than old relevant"] < 0.05
+    same = part_distances(SystemPair(new, new, new, new, labels), queries=100)
+    assert same["new relevant"] == same["old relevant"]  # one system on both sides
+
+
+def test_the_query_itself_is_left_out_when_the_gallery_is_the_query_set():
+    x = _unit(np.eye(3)[[0, 0, 1]] + 0.01)
+    d = part_distances(SystemPair(x, x, x, x, np.array([0, 0, 1])), queries=3)
+    assert d["new relevant"] == pytest.approx(0.0, abs=1e-3)  # the twin, not itself
+    assert d["new irrelevant"] > 1
+
+
+def test_spread_of_a_cone_and_of_the_sphere():
+    rng = np.random.default_rng(1)
+    sphere = _unit(rng.normal(size=(3000, 32)))
+    cone = _unit(np.ones(32) + 0.1 * rng.normal(size=(3000, 32)))
+    wide, narrow = spread(sphere), spread(cone)
+    assert wide["mean_vector_length"] < 0.05 < 0.9 < narrow["mean_vector_length"]
+    assert wide["median_pair_distance"] == pytest.approx(np.sqrt(2), abs=0.02)
+    assert narrow["median_distance_to_neighbour_8"] < narrow["median_pair_distance"] < 0.3
