@@ -92,7 +92,7 @@ def _cmd_live(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from rmlib.methods.studies import heterogeneous, order_policies
+    from rmlib.methods.studies import backbone_seeds, heterogeneous, order_policies
     from rmlib.report import table1_text
 
     if args.study == "orders":
@@ -102,10 +102,17 @@ def _cmd_study(args: argparse.Namespace) -> int:
                 for policy, row in by_policy.items()}
         print(f"by backfill order, {args.config.name} profile:")
         print(table1_text(rows))
-    else:
+    elif args.study == "heterogeneous":
         result = heterogeneous(args.dataset, args.config, progress=not args.quiet)
         print(f"upgrade across architectures, {args.config.name} profile:")
         print(table1_text(result["rows"]))
+    else:
+        result = backbone_seeds(args.dataset, args.config, progress=not args.quiet)
+        print(f"over backbone seeds {result['rows']['Old']['backbone_seeds']}, "
+              f"{args.config.name} profile (AUC_mAP, mean and std over backbones):")
+        for name, row in result["rows"].items():
+            print(f"  {name:14s} {100 * row['auc_mAP']:6.2f} ± "
+                  f"{100 * row['auc_mAP_backbone_std']:.2f}")
     return 0
 
 
@@ -290,12 +297,14 @@ def _add_live(sub) -> None:
 def _add_study(sub) -> None:
     p = _command(
         sub, "study", _cmd_study, "run a study beyond the paper (backfill orders, an upgrade "
-        "across architectures)",
+        "across architectures, the spread over backbone seeds)",
         "orders: RM_naive and RM under the random, uncertainty and oracle backfill orders, "
         "with every seed, into <results>/<dataset>/<profile>/order_policies.json. "
         "heterogeneous: Old, New, RM_naive, RM and New+rho with a CIFAR ResNet-20 old model, "
-        "into heterogeneous.json.")
-    p.add_argument("study", choices=["orders", "heterogeneous"])
+        "into heterogeneous.json. backbone-seeds: Old, New, RM_naive, RM_naive+cal, RM and "
+        "New+rho with the old and new backbones trained again from two more seeds (all else "
+        "at seed 0), into backbone_seeds.json.")
+    p.add_argument("study", choices=["orders", "heterogeneous", "backbone-seeds"])
     p.add_argument("dataset", choices=["cifar100"])
     p.add_argument("--profile", choices=list(PROFILES),
                    help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")

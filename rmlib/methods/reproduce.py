@@ -116,15 +116,17 @@ def final_metrics(row: dict) -> dict:
 
 def evaluate_method(exp: Experiment, name: str, old: dict | None = None,
                     new: dict | None = None,
-                    order: Callable[[SystemPair, int], np.ndarray] | None = None) -> dict:
+                    order: Callable[[SystemPair, int], np.ndarray] | None = None,
+                    seeds: tuple[int, ...] | None = None) -> dict:
     """A method's backfill curves (the mean over the profile's seeds, if the method depends
     on them), AUCs with their spread, and conditions (6)-(8) of the mean curve, judged
     against the deployed old system's metrics `old` and the upgraded model's `new`
     (default: the method's own end points). `order(arrays, seed)`: the backfill order of
-    a seed (default: the random order of the seed)."""
+    a seed (default: the random order of the seed). `seeds`: those of a seeded method
+    (default: the profile's)."""
     t0 = time.time()
     method = METHODS[name]
-    seeds = exp.config.profile.transforms.seeds if method.seeded else (0,)
+    seeds = (seeds or exp.config.profile.transforms.seeds) if method.seeded else (0,)
     runs, first_arrays = [], None
     for seed in seeds:
         arrays = method.systems(exp, seed)
@@ -144,16 +146,18 @@ def evaluate_method(exp: Experiment, name: str, old: dict | None = None,
             "eval_seconds": time.time() - t0}
 
 
-def evaluate_rows(exp: Experiment, names: tuple[str, ...]) -> dict[str, dict]:
+def evaluate_rows(exp: Experiment, names: tuple[str, ...],
+                  seeds: tuple[int, ...] | None = None) -> dict[str, dict]:
     """Old and New first (they are the baselines of every other row), then `names`, each
     evaluated once (`same_as` rows share their twin's result), with the Gain and, when
-    New+rho is among them, the Gain over the upgraded model."""
+    New+rho is among them, the Gain over the upgraded model. `seeds`: as evaluate_method's."""
     rows = {"Old": evaluate_method(exp, "Old"), "New": evaluate_method(exp, "New")}
     old, new = final_metrics(rows["Old"]), final_metrics(rows["New"])
     for name in names:
         twin = METHODS[name].same_as
         if name not in rows:
-            rows[name] = rows[twin] if twin in rows else evaluate_method(exp, name, old, new)
+            rows[name] = rows[twin] if twin in rows else evaluate_method(exp, name, old, new,
+                                                                         seeds=seeds)
     auc_old = rows["Old"]["auc_mAP"]
     for row in rows.values():
         row["gain"] = gain(row["auc_mAP"], auc_old, rows["New"]["auc_mAP"])

@@ -67,6 +67,7 @@ class Setup:
     gallery_cams: np.ndarray | None = None
     details: dict | None = None  # what the provenance records of this data set
     old_backbone: dict | None = None  # old-model config fields replaced (rmlib.methods.studies)
+    backbone_seed: int = 0  # 0: Table 1's backbones; k: both trained again from seeds 2k, 2k+1
 
     @property
     def profile(self) -> str:
@@ -128,7 +129,7 @@ class Setup:
         old = role == "old"
         return {"profile": self.profile, "role": role,
                 "num_classes": self.num_old_classes if old else self.num_classes,
-                "seed": 0 if old else 1}
+                "seed": (0 if old else 1) + 2 * self.backbone_seed}
 
 
 def _cifar_backbone(setup: Setup, role: str) -> BackboneConfig:
