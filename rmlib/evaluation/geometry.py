@@ -4,7 +4,8 @@ space an embedding uses.
 Distance rank merge ranks the new part's items by their distance in the new system and the
 old part's by theirs in the old system, in one list. It ranks well only where a relevant
 item of either part is closer than an irrelevant item of the other: `part_distances`
-measures that on a sample of queries. `spread` measures the cone an embedding sits in (the
+measures that on a sample of queries, and `merged_top_k` what the merged lists hold at a
+few ratios. `spread` measures the cone an embedding sits in (the
 length of its mean vector, the typical distance between two items and to a near
 neighbour): a system whose items are packed close together wins every merge.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rmlib.evaluation.backfill import backfill_order, backfilled_count
 from rmlib.evaluation.systems import SystemPair
 from rmlib.losses import pairwise_distances
 
@@ -67,3 +69,35 @@ def spread(embeddings: np.ndarray, sample: int = 2000, k: int = 8, seed: int = 0
     return {"mean_vector_length": float(np.linalg.norm(np.asarray(x, np.float64).mean(0))),
             "median_pair_distance": float(np.median(d[off])),
             f"median_distance_to_neighbour_{k}": float(np.median(np.sort(d, axis=1)[:, k]))}
+
+
+def merged_top_k(pair: SystemPair, ts: tuple[float, ...] = (0.05, 0.25, 0.5), k: int = 10,
+                 queries: int = 1000, seed: int = 0) -> dict:
+    """What each query's merged top `k` holds at each backfill ratio t (random order of
+    `seed`, on a sample of `queries` queries): the share of its items that come from the
+    new part (against the new part's share t of the gallery), and the share of the new
+    part's and of the old part's items there that are relevant."""
+    rng = np.random.default_rng(seed)
+    q = np.sort(rng.choice(len(pair.query_labels), min(queries, len(pair.query_labels)),
+                           replace=False))
+    gallery_labels = pair.query_labels if pair.leave_one_out else pair.gallery_labels
+    relevant = pair.query_labels[q, None] == gallery_labels[None, :]
+    old_d = _distances(pair.old_query[q], pair.old_gallery)
+    new_d = _distances(pair.new_query[q], pair.new_gallery)
+    if pair.leave_one_out:  # a query does not retrieve itself
+        old_d[np.arange(len(q)), q] = new_d[np.arange(len(q)), q] = np.inf
+    order, n = backfill_order(len(gallery_labels), seed), len(gallery_labels)
+    out = {}
+    for t in ts:
+        in_new = np.zeros(n, dtype=bool)
+        in_new[order[:backfilled_count(t, n)]] = True
+        top = np.argsort(np.where(in_new, new_d, old_d), axis=1, kind="stable")[:, :k]
+        from_new, hit = in_new[top], np.take_along_axis(relevant, top, axis=1)
+        out[f"{t:g}"] = {
+            "from_new_part": float(from_new.mean()),
+            "new_items_relevant": float(hit[from_new].mean()) if from_new.any() else
+            float("nan"),
+            "old_items_relevant": float(hit[~from_new].mean()) if (~from_new).any() else
+            float("nan")}
+    return out
+

@@ -26,7 +26,7 @@ from rmlib.evaluation.backfill import (
     backfill_arrays,
     check_conditions,
 )
-from rmlib.evaluation.geometry import part_distances
+from rmlib.evaluation.geometry import merged_top_k, part_distances, spread
 from rmlib.evaluation.retrieval import evaluate
 from rmlib.evaluation.systems import SystemPair
 from rmlib.methods.experiment import Experiment
@@ -143,6 +143,7 @@ def evaluate_method(exp: Experiment, name: str, old: dict | None = None,
                                   std={m: spread[f"{m}_std"] for m in ("mAP", "top1")})
     return {**curve.to_dict(), "seeds": list(seeds), **spread, "conditions": conditions,
             "systems": method.note, "part_distances": part_distances(first_arrays),
+            "merged_top10": merged_top_k(first_arrays),
             "eval_seconds": time.time() - t0}
 
 
@@ -203,6 +204,9 @@ def _tables(exp: Experiment, start: float) -> dict:
     tables = {name: {"rows": {n: rows[n] for n in names}}
               for name, names in RESULT_TABLES.items()}
     tables["table1"]["paper"] = paper_table1().get(exp.dataset, {})
+    # how much of its space each model's gallery embedding uses (the cone, book/rank_merge)
+    tables["table1"]["spaces"] = {role: spread(exp.embeddings(role, "gallery"))
+                                  for role in ROLES}
     for name, body in tables.items():
         body["provenance"] = prov
         write_json(exp.config.results_folder(exp.dataset) / f"{name}.json", body)

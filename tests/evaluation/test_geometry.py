@@ -40,3 +40,18 @@ def test_spread_of_a_cone_and_of_the_sphere():
     assert wide["mean_vector_length"] < 0.05 < 0.9 < narrow["mean_vector_length"]
     assert wide["median_pair_distance"] == pytest.approx(np.sqrt(2), abs=0.02)
     assert narrow["median_distance_to_neighbour_8"] < narrow["median_pair_distance"] < 0.3
+
+
+def test_a_packed_old_part_fills_the_merged_lists_whatever_the_ratio():
+    from rmlib.evaluation.geometry import merged_top_k
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    new = _unit(rng.normal(size=(4, 16))[labels] + 0.3 * rng.normal(size=(200, 16)))
+    old = _unit(np.ones(16) + 0.05 * rng.normal(size=(200, 16)))
+    packed = merged_top_k(SystemPair(old, old, new, new, labels), ts=(0.25, 0.5), k=10,
+                          queries=50)
+    assert packed["0.25"]["from_new_part"] < 0.05 and packed["0.5"]["from_new_part"] < 0.05
+    fair = merged_top_k(SystemPair(new, new, new, new, labels), ts=(0.5,), k=10, queries=50)
+    assert 0.35 < fair["0.5"]["from_new_part"] < 0.65  # one system: each part its share
+    assert fair["0.5"]["new_items_relevant"] > 0.9 and fair["0.5"]["old_items_relevant"] > 0.9

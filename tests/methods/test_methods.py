@@ -144,6 +144,11 @@ def test_smoke_reproduce_writes_every_row(smoke_config, tmp_path):
                                                        chosen["epochs"])
     assert table["paper"]["RM"] == [41.4, 60.7, 78]
     assert tables["table1"]["rows"].keys() == rows.keys()
+    for role in ("old", "new"):
+        assert 0 < table["spaces"][role]["mean_vector_length"] < 1
+    merged = rows["RM_naive"]["merged_top10"]
+    assert set(merged) == {"0.05", "0.25", "0.5"}
+    assert all(0 <= m["from_new_part"] <= 1 for m in merged.values())
     baselines = json.loads((folder / "baselines.json").read_text())
     assert list(baselines["rows"]) == list(BASELINE_ROWS)
     for name, row in baselines["rows"].items():
