@@ -45,11 +45,12 @@ def saved_results(dataset: str, config: Config) -> dict | None:
 
 
 def _complete(found: dict) -> bool:
-    """Whether results hold every row the registry defines now."""
-    from rmlib.methods.reproduce import RESULT_TABLES
+    """Whether results hold every row the registry defines now, in today's format."""
+    from rmlib.methods.reproduce import RESULT_TABLES, RESULTS_FORMAT
 
-    return all(set(rows) <= set((found.get(name) or {}).get("rows", {}))
-               for name, rows in RESULT_TABLES.items())
+    return found["table1"].get("format") == RESULTS_FORMAT and all(
+        set(rows) <= set((found.get(name) or {}).get("rows", {}))
+        for name, rows in RESULT_TABLES.items())
 
 
 def _minutes(seconds: float) -> str:

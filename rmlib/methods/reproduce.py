@@ -169,6 +169,9 @@ def evaluate_rows(exp: Experiment, names: tuple[str, ...],
 
 # The results files `reproduce` writes, and their rows.
 RESULT_TABLES = {"table1": TABLE1_ROWS, "ablation": ABLATION_ROWS, "baselines": BASELINE_ROWS}
+# What they hold besides rows: 2 adds the baselines file, part distances, merged top 10s
+# and the models' spaces. A cheap profile's results of another format are made again.
+RESULTS_FORMAT = 2
 
 
 def reproduce(dataset: str, config: Config, progress: bool = True,
@@ -204,6 +207,7 @@ def _tables(exp: Experiment, start: float) -> dict:
     tables = {name: {"rows": {n: rows[n] for n in names}}
               for name, names in RESULT_TABLES.items()}
     tables["table1"]["paper"] = paper_table1().get(exp.dataset, {})
+    tables["table1"]["format"] = RESULTS_FORMAT
     # how much of its space each model's gallery embedding uses (the cone, book/rank_merge)
     tables["table1"]["spaces"] = {role: spread(exp.embeddings(role, "gallery"))
                                   for role in ROLES}
