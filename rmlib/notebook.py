@@ -122,9 +122,12 @@ class Chapter:
         """The rows' mean backfill curves, with their spread over seeds for the bands."""
         return {n: curve_of(r) for n, r in self.rows(*names).items()}
 
-    def results_table(self, *names: str, caption: str = ""):
-        """The rows as an HTML table: AUC mAP and top-1 (mean ± std), Gain, order."""
-        return styled_results(self.rows(*names), caption)
+    def results_table(self, *names: str, caption: str = "",
+                      backbones: dict | None = None):
+        """The rows as an HTML table: AUC mAP and top-1 (mean ± std), Gain, order; with
+        `backbones` (the backbone-seeds study's rows), also their spread over backbones,
+        and ties judged against the larger spread."""
+        return styled_results(self.rows(*names), caption, backbones)
 
     def conditions_table(self, *names: str, caption: str = ""):
         """The rows' conditions (6)-(8) on mAP and top-1, (8) as the largest fall."""

@@ -37,9 +37,28 @@ def _is_noise(mean: float, std: float) -> bool:
     return abs(mean) < NOISE_FACTOR * std
 
 
-def within_noise(a: Mapping, b: Mapping, metric: str = "mAP") -> bool:
-    """True when AUC(a) - AUC(b) is smaller than NOISE_FACTOR times its std over seeds."""
-    return _is_noise(*difference(a, b, metric))
+def backbone_difference(a: str, b: str, backbones: Mapping[str, Mapping],
+                        metric: str = "mAP") -> float | None:
+    """The std over backbone seeds of AUC(a) - AUC(b), paired by backbone seed, from the
+    backbone-seeds study's rows; for a row outside the study, the largest such std of any
+    two rows inside it (a conservative stand-in: no other backbones were trained for it);
+    None without a study."""
+    if not backbones:
+        return None
+    if a in backbones and b in backbones:
+        va, vb = (np.asarray(backbones[n][f"auc_{metric}_by_backbone_seed"]) for n in (a, b))
+        return float((va - vb).std(ddof=1)) if len(va) > 1 else 0.0
+    inside = [n for n in backbones]
+    return max((backbone_difference(x, y, backbones, metric) or 0.0)
+               for i, x in enumerate(inside) for y in inside[i + 1:])
+
+
+def within_noise(a: Mapping, b: Mapping, metric: str = "mAP",
+                 backbone_std: float | None = None) -> bool:
+    """True when AUC(a) - AUC(b) is smaller than NOISE_FACTOR times its std over seeds, or,
+    given the difference's std over backbone seeds, than NOISE_FACTOR times the larger."""
+    mean, std = difference(a, b, metric)
+    return _is_noise(mean, max(std, backbone_std or 0.0))
 
 
 def _mark(ok: bool) -> str:
@@ -77,13 +96,17 @@ def results_frame(rows: Mapping[str, Mapping], paper: Mapping | None = None) -> 
     return pd.DataFrame.from_records(records).set_index("row")
 
 
-def order_with_ties(rows: Mapping[str, Mapping], metric: str = "mAP") -> dict[str, str]:
+def order_with_ties(rows: Mapping[str, Mapping], metric: str = "mAP",
+                    backbones: Mapping[str, Mapping] | None = None) -> dict[str, str]:
     """Each row's place by AUC (1 = best); a row within noise of the row just above it
-    gets "≈" before its place: the order of the two is not established by this run."""
+    gets "≈" before its place: the order of the two is not established by this run. With
+    the backbone-seeds study's rows, noise is the larger of the two spreads."""
     ranked = sorted(rows, key=lambda n: -rows[n][f"auc_{metric}"])
     places = {}
     for i, name in enumerate(ranked):
-        tied = i > 0 and within_noise(rows[ranked[i - 1]], rows[name], metric)
+        tied = i > 0 and within_noise(
+            rows[ranked[i - 1]], rows[name], metric,
+            backbone_difference(ranked[i - 1], name, backbones or {}, metric))
         places[name] = ("≈" if tied else "") + str(i + 1)
     return places
 
@@ -109,11 +132,13 @@ def _styled(shown: pd.DataFrame, caption: str, bold=None):
     return styler.set_caption(caption) if caption else styler
 
 
-def styled_results(rows: Mapping[str, Mapping], caption: str = ""):
+def styled_results(rows: Mapping[str, Mapping], caption: str = "",
+                   backbones: Mapping[str, Mapping] | None = None):
     """The rows' AUC mAP and top-1 (mean ± std over seeds), Gain, and order by AUC mAP with
-    ties within noise marked "≈"; best AUC and Gain in bold. "Gain vs New+rho" appears only
-    beside the New+rho row it is measured against. Conditions: `styled_conditions`; the
-    paper's numbers: `styled_paper`."""
+    ties within noise marked "≈" (with `backbones`, the backbone-seeds study's rows: within
+    the larger of the two spreads, and the spread over backbones shown); best AUC and Gain
+    in bold. "Gain vs New+rho" appears only beside the New+rho row it is measured against.
+    Conditions: `styled_conditions`; the paper's numbers: `styled_paper`."""
     frame = results_frame(rows)
     shown = pd.DataFrame(index=frame.index)
     shown["AUC mAP"] = [auc_text(rows[n], "mAP", " ± ") for n in frame.index]
@@ -122,7 +147,11 @@ def styled_results(rows: Mapping[str, Mapping], caption: str = ""):
                         else [])
     for col in gains:
         shown[col] = frame[col].map(percent_text)
-    shown["order"] = pd.Series(order_with_ties(rows))
+    if backbones:
+        shown["mAP std, backbones"] = [
+            f"{100 * backbones[n]['auc_mAP_backbone_std']:.2f}" if n in backbones else "–"
+            for n in frame.index]
+    shown["order"] = pd.Series(order_with_ties(rows, backbones=backbones))
 
     def bold_best(column: pd.Series) -> list[str]:
         source = frame[column.name] if column.name in ("AUC mAP", "AUC top-1", *gains) else None

@@ -59,6 +59,21 @@ def test_order_marks_ties_within_noise():
     assert order_with_ties(rows) == {"C": "1", "B": "2", "A": "≈3", "Old": "4"}
 
 
+
+def test_a_difference_established_over_seeds_can_fall_within_the_backbones_spread():
+    from rmlib.tables import backbone_difference
+
+    rows = {"A": row([0.40, 0.41, 0.42]), "B": row([0.43, 0.44, 0.45]), "C": row([0.30])}
+    assert order_with_ties(rows) == {"B": "1", "A": "2", "C": "3"}  # 3 points, std 0
+    backbones = {"A": {"auc_mAP_by_backbone_seed": [0.41, 0.46, 0.39]},
+                 "B": {"auc_mAP_by_backbone_seed": [0.44, 0.43, 0.45]}}
+    std = backbone_difference("B", "A", backbones)
+    assert std == pytest.approx(float(__import__("numpy").std([0.03, -0.03, 0.06], ddof=1)))
+    assert order_with_ties(rows, backbones=backbones) == {"B": "1", "A": "≈2", "C": "3"}
+    # C was not retrained: the largest backbone spread measured stands in for it
+    assert backbone_difference("A", "C", backbones) == pytest.approx(std)
+    assert backbone_difference("A", "B", {}) is None
+
 def test_steps_frame_flags_each_step_against_the_one_before():
     rows = {"base": row([0.30, 0.40, 0.50]), "+x": row([0.33, 0.38, 0.51]),
             "+y": row([0.43, 0.48, 0.61])}
