@@ -145,6 +145,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     print(table1_text(tables["ablation"]["rows"]))
     print("\nBaselines as published, and their variants")
     print(table1_text(tables["baselines"]["rows"]))
+    decision = tables["centring"]["decision"]
+    print(f"\nEach system centred on its training mean (on validation: "
+          f"{decision['decision']})")
+    print(table1_text(tables["centring"]["rows"]))
     return 0
 
 

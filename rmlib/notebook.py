@@ -28,7 +28,7 @@ from rmlib.tables import (
 
 CHEAP_PROFILES = ("smoke",)  # made on the spot when missing: a minute or two on a CPU
 FALLBACK_PROFILE = "cpu"  # committed with the repository; shown when another is missing
-RESULT_FILES = ("table1", "ablation")  # needed; baselines.json and backbones.json optional
+RESULT_FILES = ("table1", "ablation")  # needed; the other results files are optional
 
 
 class NeedsRun(RmlibError):
@@ -36,11 +36,14 @@ class NeedsRun(RmlibError):
 
 
 def saved_results(dataset: str, config: Config) -> dict | None:
-    """{"table1": ..., "ablation": ..., "baselines": ..., "backbones": ...} of a profile,
-    or None if a Table 1 / ablation file is missing (the others are optional)."""
+    """{"table1": ..., "ablation": ..., "baselines": ..., "centring": ..., "backbones": ...}
+    of a profile, or None if a Table 1 / ablation file is missing (the others are
+    optional: results made before them)."""
+    from rmlib.methods.reproduce import RESULT_TABLES
+
     folder = config.results_folder(dataset)
     found = {name: read_results(folder / f"{name}.json")
-             for name in (*RESULT_FILES, "baselines", "backbones")}
+             for name in (*RESULT_TABLES, "backbones")}
     return found if all(found[n] is not None for n in RESULT_FILES) else None
 
 
@@ -106,12 +109,19 @@ class Chapter:
         return (self.results.get("baselines") or {}).get("rows", {})
 
     @property
+    def centring(self) -> dict:
+        """The centred rows and the decision taken on validation ({} in results made
+        before)."""
+        return self.results.get("centring") or {}
+
+    @property
     def provenance(self) -> dict:
         return self.results["table1"]["provenance"]
 
     def rows(self, *names: str) -> dict[str, dict]:
         """Results rows by name, from Table 1 or the ablation (all of Table 1 if none)."""
-        both = {**self.baselines, **self.ablation, **self.table}
+        both = {**self.centring.get("rows", {}), **self.baselines, **self.ablation,
+                **self.table}
         missing = [n for n in names if n not in both]
         if missing:
             raise RmlibError(f"no results row {missing} in this profile's results; the rows "

@@ -14,7 +14,7 @@ Explained in the book: book/evaluator, book/own_upgrade.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +162,23 @@ def validate(arrays: SystemPair) -> None:
         set_(arrays, "query_cams", _ints("query_cams", np.asarray(arrays.query_cams), q, "query"))
         set_(arrays, "gallery_cams",
              _ints("gallery_cams", np.asarray(arrays.gallery_cams), n, "gallery row"))
+
+
+def centred(pair: SystemPair, old_centre: np.ndarray, new_centre: np.ndarray) -> SystemPair:
+    """The two systems with each one's embeddings moved by its own centre (the mean of its
+    training embeddings) and L2-normalised again: a standard retrieval step that takes
+    away the direction every embedding of a model shares, so that a model whose items sit
+    in a narrow cone no longer has short distances between any two of them. Nothing is
+    fitted and no test item is used; negative flips stay counted against the deployed
+    (raw) old system."""
+    def unit(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
+        y = np.asarray(x, np.float32) - np.asarray(centre, np.float32)
+        return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+
+    reference_query, reference_gallery = pair.reference_side()
+    return replace(pair, old_query=unit(pair.old_query, old_centre),
+                   old_gallery=unit(pair.old_gallery, old_centre),
+                   new_query=unit(pair.new_query, new_centre),
+                   new_gallery=unit(pair.new_gallery, new_centre),
+                   reference_query=reference_query, reference_gallery=reference_gallery)
+

@@ -25,8 +25,9 @@ from rmlib.engine.transforms import (
 )
 from rmlib.evaluation.calibration import DistanceCalibration
 from rmlib.evaluation.systems import SystemPair
-from rmlib.methods.selection import select_settings
+from rmlib.methods.selection import centring_decision, select_settings
 from rmlib.methods.setups import ROLES, Setup, dataset_spec
+from rmlib.outputs import cached, save_npy
 
 
 class Experiment:
@@ -115,6 +116,20 @@ class Experiment:
                 views="none" if name == "train" else self.setup.test_time_views,
                 precision=self.config.precision)
         return self._emb[role, name]
+
+    def centring_decision(self) -> dict:
+        """Whether every row should centre its embeddings, decided on the transforms'
+        validation split of the training items (`centring_decision`)."""
+        fit, val = self.validation_split()
+        return centring_decision(self.embeddings("old", "train"),
+                                 self.embeddings("new", "train"), self.setup.train.labels,
+                                 fit, val)
+
+    def centre(self, role: str) -> np.ndarray:
+        """The mean of a backbone's training embeddings (one view): the centre that
+        `centred` moves its embeddings by, recorded beside the model (centre.npy)."""
+        return cached(self.model(role).run_dir / "centre.npy",
+                      lambda: self.embeddings(role, "train").mean(axis=0), save_npy, np.load)
 
     def embedding_pair(self, role: str) -> tuple[np.ndarray, np.ndarray]:
         """(query, gallery) embeddings of a backbone."""

@@ -33,6 +33,7 @@ from rmlib.methods.experiment import Experiment
 from rmlib.methods.registry import (
     ABLATION_ROWS,
     BASELINE_ROWS,
+    CENTRING_ROWS,
     METHODS,
     TABLE1_ROWS,
     paper_table1,
@@ -168,10 +169,12 @@ def evaluate_rows(exp: Experiment, names: tuple[str, ...],
 
 
 # The results files `reproduce` writes, and their rows.
-RESULT_TABLES = {"table1": TABLE1_ROWS, "ablation": ABLATION_ROWS, "baselines": BASELINE_ROWS}
+RESULT_TABLES = {"table1": TABLE1_ROWS, "ablation": ABLATION_ROWS, "baselines": BASELINE_ROWS,
+                 "centring": CENTRING_ROWS}
 # What they hold besides rows: 2 adds the baselines file, part distances, merged top 10s
-# and the models' spaces. A cheap profile's results of another format are made again.
-RESULTS_FORMAT = 2
+# and the models' spaces; 3 the centring file and its decision. A cheap profile's results
+# of another format are made again.
+RESULTS_FORMAT = 3
 
 
 def reproduce(dataset: str, config: Config, progress: bool = True,
@@ -208,6 +211,7 @@ def _tables(exp: Experiment, start: float) -> dict:
               for name, names in RESULT_TABLES.items()}
     tables["table1"]["paper"] = paper_table1().get(exp.dataset, {})
     tables["table1"]["format"] = RESULTS_FORMAT
+    tables["centring"]["decision"] = exp.centring_decision()
     # how much of its space each model's gallery embedding uses (the cone, book/rank_merge)
     tables["table1"]["spaces"] = {role: spread(exp.embeddings(role, "gallery"))
                                   for role in ROLES}

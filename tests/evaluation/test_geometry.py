@@ -55,3 +55,25 @@ def test_a_packed_old_part_fills_the_merged_lists_whatever_the_ratio():
     fair = merged_top_k(SystemPair(new, new, new, new, labels), ts=(0.5,), k=10, queries=50)
     assert 0.35 < fair["0.5"]["from_new_part"] < 0.65  # one system: each part its share
     assert fair["0.5"]["new_items_relevant"] > 0.9 and fair["0.5"]["old_items_relevant"] > 0.9
+
+
+def test_centring_on_a_training_mean_opens_the_cone_and_keeps_the_reference():
+    from rmlib.evaluation.systems import centred
+    from rmlib.methods.selection import centring_decision
+
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(8), 100)
+    classes = rng.normal(size=(8, 16))
+    old = _unit(np.ones(16) * 3 + classes[labels] + 0.3 * rng.normal(size=(800, 16)))
+    new = _unit(classes[labels] + 0.3 * rng.normal(size=(800, 16)))
+    pair = SystemPair(old, old, new, new, labels)
+    moved = centred(pair, old.mean(axis=0), new.mean(axis=0))
+    assert spread(moved.old_gallery)["mean_vector_length"] < 0.05 < 0.9 < \
+        spread(old)["mean_vector_length"]
+    np.testing.assert_allclose(np.linalg.norm(moved.old_gallery, axis=1), 1, atol=1e-5)
+    assert moved.reference_side()[0] is old  # negative flips against the deployed system
+    fit, val = np.arange(0, 800, 2), np.arange(1, 800, 2)
+    decision = centring_decision(old, new, labels, fit, val)
+    assert decision["centred"]["rm_naive_auc_mAP"] > decision["raw"]["rm_naive_auc_mAP"]
+    assert decision["validation_items"] == 400 and "half a point" in decision["rule"]
+

@@ -149,6 +149,14 @@ def test_smoke_reproduce_writes_every_row(smoke_config, tmp_path):
     merged = rows["RM_naive"]["merged_top10"]
     assert set(merged) == {"0.05", "0.25", "0.5"}
     assert all(0 <= m["from_new_part"] <= 1 for m in merged.values())
+    centring = json.loads((folder / "centring.json").read_text())
+    assert list(centring["rows"]) == ["Old, centred", "New, centred", "RM_naive, centred"]
+    decision = centring["decision"]
+    assert decision["decision"] in ("every row", "rows of their own")
+    assert set(decision["raw"]) == set(decision["centred"]) == {
+        "old_mAP", "new_mAP", "rm_naive_auc_mAP"}
+    runs = smoke_config.paths.runs / "cifar100" / "smoke"
+    assert len(list(runs.glob("old-*/centre.npy"))) == 1  # recorded with the model
     baselines = json.loads((folder / "baselines.json").read_text())
     assert list(baselines["rows"]) == list(BASELINE_ROWS)
     for name, row in baselines["rows"].items():
