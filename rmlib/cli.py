@@ -32,12 +32,17 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     from rmlib.provenance import provenance
     from rmlib.report import summary_text
 
-    inputs = [args.emb] + [Path(p) for p in (args.order_train, args.order)
+    inputs = [args.emb] + [Path(p) for p in (args.order_train, args.order, args.centre)
                            if p is not None and p not in ORDER_POLICIES]
     check_outputs({"--json": args.json, "--plot": args.plot}, inputs=inputs,
                   figures=["--plot"])
     start = time.time()
     arrays = load_backfill_arrays(args.emb)
+    if args.centre is not None:  # each system on its own mean over the training file
+        from rmlib.evaluation.systems import centred
+
+        train = load_backfill_arrays(args.centre)
+        arrays = centred(arrays, train.old_gallery.mean(0), train.new_gallery.mean(0))
     order = _order(args, arrays)
     curve, conditions = backfill_arrays(arrays, seed=args.seed, order=order)
     protocol = ("leave-one-out" if arrays.leave_one_out
@@ -52,7 +57,8 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         out["conditions"] = conditions
         out["provenance"] = provenance(
             config={"input": str(args.emb), "seed": args.seed, "protocol": protocol,
-                    "order": str(args.order), "order_train": str(args.order_train or "")},
+                    "order": str(args.order), "order_train": str(args.order_train or ""),
+                    "centred_on": str(args.centre or "")},
             wall_time_s=time.time() - start, commit=args.config.commit)
         write_json(args.json, out)
         print(f"wrote {args.json}")
@@ -231,6 +237,11 @@ def _add_backfill(sub) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the backfill order, a non-negative integer (default 0)")
     _order_options(p, "which items are re-embedded first: ")
+    p.add_argument("--centre", type=Path, metavar="TRAIN_EMB.npz",
+                   help="centre each system on its mean over this file's gallery (the same "
+                        "two systems on training items, never the evaluation set) and "
+                        "L2-normalise: takes away the direction all of a model's embeddings "
+                        "share (book/rank_merge)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the curves and AUCs as JSON")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="save the curves as a figure")
 

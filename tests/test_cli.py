@@ -367,3 +367,30 @@ def test_a_closed_pipe_is_a_quiet_exit_that_still_writes_the_results(slow_file, 
                            stderr=subprocess.STDOUT)
     job.stdout.close()
     assert job.wait(timeout=300) == 0 and json.loads(out.read_text())["auc_mAP"] > 0
+
+
+def test_backfill_centres_each_system_on_a_training_file(loo_file, tmp_path, capsys):
+    """--centre TRAIN_EMB.npz: each system moved by its own mean over the training file and
+    re-normalised, as rmlib.evaluation.systems.centred does; wrong widths are one line."""
+    import json
+
+    from rmlib.evaluation.backfill import backfill_arrays
+    from rmlib.evaluation.emb_file import load_backfill_arrays
+    from rmlib.evaluation.systems import centred
+
+    path, a = loo_file
+    train = write(tmp_path / "train.npz", old_query=a["og"] + 1.0, old_gallery=a["og"] + 1.0,
+                  new_query=a["ng"] - 2.0, new_gallery=a["ng"] - 2.0, query_labels=a["qlab"])
+    out = tmp_path / "centred.json"
+    assert main(["backfill", str(path), "--centre", str(train), "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    expected, _ = backfill_arrays(centred(load_backfill_arrays(path), (a["og"] + 1).mean(0),
+                                          (a["ng"] - 2).mean(0)))
+    assert written["auc_mAP"] == pytest.approx(expected.auc("mAP"), abs=1e-6)
+    assert written["provenance"]["config"]["centred_on"] == str(train)
+    narrow = write(tmp_path / "narrow.npz", old_query=a["og"][:, :4], old_gallery=a["og"][:, :4],
+                   new_query=a["ng"], new_gallery=a["ng"], query_labels=a["qlab"])
+    capsys.readouterr()
+    assert main(["backfill", str(path), "--centre", str(narrow)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the old system's centre has shape (4,)" in err

@@ -171,6 +171,13 @@ def centred(pair: SystemPair, old_centre: np.ndarray, new_centre: np.ndarray) ->
     in a narrow cone no longer has short distances between any two of them. Nothing is
     fitted and no test item is used; negative flips stay counted against the deployed
     (raw) old system."""
+    for side, centre in (("old", old_centre), ("new", new_centre)):
+        width = getattr(pair, f"{side}_gallery").shape[1]
+        if np.shape(centre) != (width,):
+            raise RmlibError(f"the {side} system's centre has shape {np.shape(centre)}, its "
+                             f"embeddings {width} dimensions: centre each system on its own "
+                             "embeddings of training items")
+
     def unit(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
         y = np.asarray(x, np.float32) - np.asarray(centre, np.float32)
         return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
