@@ -89,12 +89,16 @@ def _order(args: argparse.Namespace, arrays):
 
 
 def _cmd_live(args: argparse.Namespace) -> int:
-    from rmlib.serving.live import run_live
+    from rmlib.evaluation.orders import ORDER_POLICIES
+    from rmlib.serving.live import file_fingerprint, run_live
 
+    inputs = [p for p in (None if args.order in ORDER_POLICIES else args.order,
+                          args.order_train) if p is not None and Path(p).is_file()]
     return run_live(args.emb, lambda arrays: _order(args, arrays), uri=str(args.uri),
                     name=args.name, journal=args.journal, batch=args.batch, until=args.until,
                     seed=args.seed, order_name=args.order, overwrite=args.overwrite,
-                    quiet=args.quiet, backend=args.backend)
+                    quiet=args.quiet, backend=args.backend,
+                    order_inputs=file_fingerprint(*inputs))
 
 
 def _cmd_study(args: argparse.Namespace) -> int:

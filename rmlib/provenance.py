@@ -34,6 +34,7 @@ def provenance(config: dict, wall_time_s: float, *, commit: str,
                profile: str | None = None) -> dict:
     """What a results file records of how it was made. `commit`: the one its `Config`
     read when the run started (`Config.commit`), not the tree's commit now."""
+    commit = commit or "unknown: the Config was not built by Config.from_env"
     return {"git_commit": commit, "rmlib": __version__, "profile": profile,
             "config": config, "machine": machine(), "wall_time_s": round(wall_time_s, 2),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

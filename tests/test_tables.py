@@ -72,6 +72,9 @@ def test_a_difference_established_over_seeds_can_fall_within_the_backbones_sprea
     assert order_with_ties(rows, backbones=backbones) == {"B": "1", "A": "≈2", "C": "3"}
     # C was not retrained: the largest backbone spread measured stands in for it
     assert backbone_difference("A", "C", backbones) == pytest.approx(std)
+    backbones["D"] = {"auc_mAP_by_backbone_seed": [0.30, 0.50, 0.20]}  # the widest pair: B, D
+    widest = float(__import__("numpy").std([0.14, -0.07, 0.25], ddof=1))
+    assert backbone_difference("A", "C", backbones) == pytest.approx(widest)
     assert backbone_difference("A", "B", {}) is None
 
 def test_steps_frame_flags_each_step_against_the_one_before():

@@ -69,6 +69,7 @@ def fetch_cifar100(root: Path | str, url: str | None = None, md5: str | None = N
         root.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=".cifar-100-fetch.", dir=root))
     except OSError as exc:
+        _remove_empty(made)
         raise RmlibError(f"cannot download CIFAR-100 into {root} ({exc.strerror or exc}); set "
                          "RMLIB_DATA to a writable folder (or one that holds "
                          "cifar-100-python/)") from exc

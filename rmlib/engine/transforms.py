@@ -9,7 +9,8 @@ same training images, (phi_old(x), phi_new(x), y). Each objective is one registe
   - "bict-forward" (BiCT's second step): h: old -> the backward-compatible new model's
     space, by regression onto its embeddings and its frozen classifier's cross-entropy;
     "bict-forward-cls": the classifier term alone ("fct" towards that model: regression);
-  - "fct-mlfct": FCT's h as apple/ml-fct trains it (its MLP, MSE, its hyper-parameters);
+  - "fct-mlfct": FCT's h as apple/ml-fct builds it (its MLP, MSE, learning rate, weight
+    decay, epochs, batch size; rmlib's optimiser and schedule);
   - "bict": the upgrade-first variant's h': old -> a space classified by a cosine
     classifier of all classes (the classifier is kept: that variant's new backbone trains
     against it).
@@ -306,6 +307,9 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
         if target_classifier is None:
             raise RmlibError(f"objective {config.objective!r} reads the target model's "
                              "classifier: pass target_classifier=")
+        if getattr(target_classifier, "scale", t.classifier.scale) != t.classifier.scale:
+            raise RmlibError(f"the target classifier's scale {target_classifier.scale} is not "
+                             f"{t.classifier.scale}, the one its transforms are rebuilt with")
         t.classifier.load_state_dict(target_classifier.state_dict())
         t.classifier.requires_grad_(False)
     o_all = torch.as_tensor(np.asarray(old, np.float32)).to(device)

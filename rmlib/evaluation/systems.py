@@ -179,7 +179,7 @@ def centred(pair: SystemPair, old_centre: np.ndarray, new_centre: np.ndarray) ->
                              "embeddings of training items")
 
     def unit(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
-        y = np.asarray(x, np.float32) - np.asarray(centre, np.float32)
+        y = np.asarray(x) - np.asarray(centre, dtype=np.asarray(x).dtype)  # float64 stays
         return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
 
     reference_query, reference_gallery = pair.reference_side()

@@ -12,6 +12,7 @@ from functools import cached_property
 
 import numpy as np
 
+from rmlib import RmlibError
 from rmlib.config import Config
 from rmlib.data import train_val_split
 from rmlib.engine.backbones import TrainedModel, train_backbone
@@ -68,6 +69,9 @@ class Experiment:
         extended to every class by synthesised weights, plain cross-entropy; bct-old-classes:
         through the old classifier on the old classes only, smoothed as the backbone is;
         bict-upgrade-first: through the upgraded old space's classifier (all classes)."""
+        if role not in (*ROLES, "bct", "bct-old-classes", "bict-upgrade-first"):
+            raise RmlibError(f"no backbone role {role!r}; rmlib trains old, new, bct, "
+                             "bct-old-classes and bict-upgrade-first")
         base = self.setup.objective()
         if role in ROLES:
             return self._fit(self.setup.backbone_config(role), self.setup.training_set(role),
@@ -87,8 +91,6 @@ class Experiment:
             up = self.transform("bict")
             objective = InfluenceObjective("bict", up.classifier, setup.num_classes,
                                            source=up.config.key(), base=base)
-        else:
-            raise ValueError(f"unknown backbone role {role!r}")
         # the config's role names the kind of backbone; the objective's spec, the variant
         kind = role.split("-")[0]
         return self._fit(replace(setup.backbone_config("new"), role=kind), setup.train,

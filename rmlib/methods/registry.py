@@ -134,8 +134,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "rank merge of old/old and new/new, each system centred on its own training "
            "mean and re-normalised"),
     Method("FCT, ml-fct recipe", _forward_gallery("new", "fct-mlfct", False),
-           "phi_new / h(phi_old): apple/ml-fct's MLP, MSE and schedule, on cached embeddings "
-           "(one run)", seeded=False),
+           "phi_new / h(phi_old): apple/ml-fct's MLP, MSE, learning rate, weight decay, "
+           "epochs and batch size, on cached embeddings, with rmlib's AdamW and one-cycle "
+           "schedule (one run)", seeded=False),
 )}
 
 # The paper's rows, then two references of ours: the upgraded model alone (how much of

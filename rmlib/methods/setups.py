@@ -229,7 +229,7 @@ register_dataset(Dataset(
     backfill_protocol="CIFAR-100 test, leave-one-out; backfill order default_rng(0)"))
 register_dataset(Dataset(
     "market1501", market_setup, MARKET_RECIPES, _market_backbone,
-    lambda c: TripletObjective(MARKET_RECIPES[c.name].triplet_margin),
+    lambda c: TripletObjective(dataset_spec("market1501").recipe(c.name).triplet_margin),
     test_protocol="Market-1501 query/gallery, same-id same-camera removed",
     backfill_protocol="Market-1501 query/gallery, same-id same-camera removed, distractors "
                       "kept; backfill order default_rng(0)"))

@@ -42,11 +42,23 @@ def fingerprint(*arrays: np.ndarray) -> str:
 
 
 def source_record(arrays: SystemPair, order: np.ndarray, source: str | Path,
-                  order_name: str, seed: int, batch: int) -> dict:
-    """What the journal keeps of a live index's source (its `meta`)."""
+                  order_name: str, seed: int, batch: int, order_inputs: str = "") -> dict:
+    """What the journal keeps of a live index's source (its `meta`). `order_inputs`: a
+    fingerprint of the files the order was made from (an order file, a learned policy's
+    training file), so that a stored order is reused only for the same ones."""
     return {"source": str(source), "gallery": fingerprint(arrays.old_gallery, arrays.new_gallery),
             "order": str(order_name), "seed": int(seed), "order_hash": fingerprint(order),
-            "batch": int(batch)}
+            "order_inputs": order_inputs, "batch": int(batch)}
+
+
+def file_fingerprint(*paths: str | Path) -> str:
+    """A hash of the files' bytes ("" for none)."""
+    if not paths:
+        return ""
+    h = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()
 
 
 def check_resume(meta: dict, asked: dict, uri: str, name: str) -> None:
@@ -72,12 +84,14 @@ def order_path(journal: Path) -> Path:
     return journal.with_name(journal.name + ".order.npy")
 
 
-def stored_order(journal: Path, meta: dict, order_name: str, seed: int) -> np.ndarray | None:
-    """The order the index was created with, when this run asks for the same policy and
-    seed and the file beside the journal still holds it (same hash); else None (compute
-    it, and let `check_resume` compare)."""
+def stored_order(journal: Path, meta: dict, order_name: str, seed: int,
+                 order_inputs: str = "") -> np.ndarray | None:
+    """The order the index was created with, when this run asks for the same policy, seed
+    and input files and the file beside the journal still holds it (same hash); else None
+    (compute it, and let `check_resume` compare)."""
     path = order_path(journal)
-    if (meta.get("order"), meta.get("seed")) != (str(order_name), int(seed)) or \
+    asked = (str(order_name), int(seed), order_inputs)
+    if (meta.get("order"), meta.get("seed"), meta.get("order_inputs", "")) != asked or \
             not path.is_file():
         return None
     try:
@@ -97,11 +111,12 @@ def check_widths(arrays: SystemPair, backend: str = "milvus") -> None:
 def run_live(source: str | Path, order_for: Callable[[SystemPair], np.ndarray | None], *,
              uri: str, name: str, journal: str | Path | None, batch: int, until: float,
              seed: int, order_name: str, overwrite: bool, quiet: bool,
-             backend: str = "milvus") -> int:
+             backend: str = "milvus", order_inputs: str = "") -> int:
     """Create (or resume) the live index of the gallery of the EMB file `source` at `uri`,
     backfill it in `order_for(arrays)` (None: the seeded random order) until the fraction
     `until`, and print what it then serves. Everything that is cheap to check (where the
     index lives, the widths) is checked before the order is made (a learned one trains).
+    `order_inputs`: `file_fingerprint` of the files the order is made from.
     Returns the exit status, 0."""
     from tqdm.auto import tqdm
 
@@ -114,11 +129,12 @@ def run_live(source: str | Path, order_for: Callable[[SystemPair], np.ndarray | 
     header = None if overwrite else journal_header(uri, name, journal)
     resuming = header is not None and header["complete"]
     meta = header.get("meta", {}) if resuming else {}
-    order = stored_order(journal_file, meta, order_name, seed) if resuming else None
+    order = stored_order(journal_file, meta, order_name, seed, order_inputs) if resuming \
+        else None
     if order is None:
         order = order_for(arrays)
         order = backfill_order(n, seed) if order is None else np.asarray(order, dtype=np.int64)
-    asked = source_record(arrays, order, source, order_name, seed, batch)
+    asked = source_record(arrays, order, source, order_name, seed, batch, order_inputs)
     if resuming:
         check_resume(meta, asked, uri, name)
         index = OnlineBackfillIndex.reopen(uri, name, journal, backend=backend)
@@ -131,7 +147,7 @@ def run_live(source: str | Path, order_for: Callable[[SystemPair], np.ndarray | 
                                     overwrite=overwrite or header is not None, meta=asked)
         print(f"created the live index {name!r} at {uri}: {n:,} items in the old part")
     try:
-        if not resuming:
+        if not resuming or not order_path(journal_file).is_file():
             save_npy(order_path(journal_file), order)  # a resume continues in it
         target = backfilled_count(until, n)
         with tqdm(total=max(target - index.num_new, 0), unit="item", disable=quiet,

@@ -22,8 +22,19 @@ def test_a_packed_old_part_puts_its_irrelevant_items_before_the_new_parts_releva
     assert d["old irrelevant closer than new relevant"] > 0.95
     assert d["new irrelevant closer than old relevant"] < 0.05
     same = part_distances(SystemPair(new, new, new, new, labels), queries=100)
-    assert same["new relevant"] == same["old relevant"]  # one system on both sides
+    crossing = same["new irrelevant closer than old relevant"]
+    assert crossing == pytest.approx(same["old irrelevant closer than new relevant"], abs=0.05)
+    assert crossing < 0.1  # one good system on both sides: per query, relevant comes first
 
+
+def test_part_distances_follow_the_camera_protocol():
+    labels, cams = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    x = _unit(np.array([[1, 0], [1, 0.01], [0, 1], [0.01, 1]], dtype=float))
+    query = _unit(np.array([[1, 0.005]]))
+    pair = SystemPair(query, x, query, x, np.array([0]), labels, np.array([0]), cams)
+    d = part_distances(pair, queries=1)
+    # the same-id same-camera item (index 0) is removed: the one relevant item is index 1
+    assert d["new relevant"] == pytest.approx(np.linalg.norm(query[0] - x[1]), abs=1e-5)
 
 def test_the_query_itself_is_left_out_when_the_gallery_is_the_query_set():
     x = _unit(np.eye(3)[[0, 0, 1]] + 0.01)
@@ -43,16 +54,20 @@ def test_spread_of_a_cone_and_of_the_sphere():
 
 
 def test_a_packed_old_part_fills_the_merged_lists_whatever_the_ratio():
-    from rmlib.evaluation.geometry import merged_top_k
+    from rmlib.evaluation.backfill import merged_top_k
+    from rmlib.evaluation.geometry import merged_shares
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(4), 50)
     new = _unit(rng.normal(size=(4, 16))[labels] + 0.3 * rng.normal(size=(200, 16)))
     old = _unit(np.ones(16) + 0.05 * rng.normal(size=(200, 16)))
-    packed = merged_top_k(SystemPair(old, old, new, new, labels), ts=(0.25, 0.5), k=10,
-                          queries=50)
+    pair = SystemPair(old, old, new, new, labels)
+    packed = merged_shares(pair, ts=(0.25, 0.5), k=10, queries=200)
     assert packed["0.25"]["from_new_part"] < 0.05 and packed["0.5"]["from_new_part"] < 0.05
-    fair = merged_top_k(SystemPair(new, new, new, new, labels), ts=(0.5,), k=10, queries=50)
+    # the evaluator's own merged list of one query agrees
+    one = merged_top_k(pair, query=0, t=0.5, k=10)
+    assert sum(part == "new" for _, _, part, _ in one) <= 1
+    fair = merged_shares(SystemPair(new, new, new, new, labels), ts=(0.5,), k=10, queries=200)
     assert 0.35 < fair["0.5"]["from_new_part"] < 0.65  # one system: each part its share
     assert fair["0.5"]["new_items_relevant"] > 0.9 and fair["0.5"]["old_items_relevant"] > 0.9
 

@@ -702,6 +702,22 @@ def test_a_resume_continues_in_the_stored_order_without_making_it_again(tmp_path
     stored.write_bytes(b"not an array")
     with pytest.raises(RmlibError, match="is backfilled in another order"):
         live(lambda arrays: np.arange(40), 1.0)
+    stored.unlink()  # a journal from before the order was kept: written on the next resume
+    assert live(learned, 1.0) == 0 and stored.is_file()
+
+
+def test_a_resume_with_a_changed_order_file_is_refused_not_continued(tmp_path, capsys):
+    from rmlib.cli import main
+
+    emb, db = save_emb(tmp_path / "a.npz"), tmp_path / "g.db"
+    order = tmp_path / "order.npy"
+    np.save(order, np.arange(40)[::-1])
+    live = ["live", str(emb), "--uri", str(db), "--order", str(order), "--quiet"]
+    assert main(live + ["--until", "0.5"]) == 0
+    np.save(order, np.arange(40))  # the same path, another order
+    capsys.readouterr()
+    assert main(live + ["--until", "0.8"]) == 2
+    assert "is backfilled in another order" in capsys.readouterr().err
 
 def test_milvus_refusals_in_python_leave_no_file(tmp_path):
     old_g, new_g, old_q, new_q = data(n=20)
