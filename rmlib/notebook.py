@@ -135,8 +135,8 @@ class Chapter:
     def results_table(self, *names: str, caption: str = "",
                       backbones: dict | None = None):
         """The rows as an HTML table: AUC mAP and top-1 (mean ± std), Gain, order; with
-        `backbones` (the backbone-seeds study's rows), also their spread over backbones,
-        and ties judged against the larger spread."""
+        `backbones` (the backbone-seeds study's rows), ties judged against the larger of
+        the spreads over seeds and over backbones."""
         return styled_results(self.rows(*names), caption, backbones)
 
     def conditions_table(self, *names: str, caption: str = ""):

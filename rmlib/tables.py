@@ -136,7 +136,7 @@ def styled_results(rows: Mapping[str, Mapping], caption: str = "",
                    backbones: Mapping[str, Mapping] | None = None):
     """The rows' AUC mAP and top-1 (mean ± std over seeds), Gain, and order by AUC mAP with
     ties within noise marked "≈" (with `backbones`, the backbone-seeds study's rows: within
-    the larger of the two spreads, and the spread over backbones shown); best AUC and Gain
+    the larger of the two spreads); best AUC and Gain
     in bold. "Gain vs New+rho" appears only beside the New+rho row it is measured against.
     Conditions: `styled_conditions`; the paper's numbers: `styled_paper`."""
     frame = results_frame(rows)
@@ -147,10 +147,6 @@ def styled_results(rows: Mapping[str, Mapping], caption: str = "",
                         else [])
     for col in gains:
         shown[col] = frame[col].map(percent_text)
-    if backbones:
-        shown["mAP std, backbones"] = [
-            f"{100 * backbones[n]['auc_mAP_backbone_std']:.2f}" if n in backbones else "–"
-            for n in frame.index]
     shown["order"] = pd.Series(order_with_ties(rows, backbones=backbones))
 
     def bold_best(column: pd.Series) -> list[str]:

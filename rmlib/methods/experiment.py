@@ -204,8 +204,10 @@ class Experiment:
             if spec.takes_tau:
                 kw["tau"] = chosen["tau"]
             target = self.model(towards).model.classifier if spec.target_classifier else None
+            caps = dict(self.config.profile.transforms.fixed_caps)
+            fixed = {k: min(v, caps[k]) if k in caps else v for k, v in spec.fixed.items()}
             self.transforms[key] = self._fit_transform(
-                self.transform_config(spec.name, rho, towards, **{**kw, **spec.fixed}),
+                self.transform_config(spec.name, rho, towards, **{**kw, **fixed}),
                 self.embeddings("old", "train"), self.embeddings(towards, "train"),
                 self.setup.train.labels, self.progress, target)
             self.timings[f"transform_{key}"] = time.time() - t0

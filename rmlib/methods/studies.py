@@ -35,7 +35,6 @@ STUDY_FILES = {"orders": "order_policies", "heterogeneous": "heterogeneous",
                "backbone-seeds": "backbone_seeds"}
 HETEROGENEOUS_OLD = {"arch": "resnet20", "widths": (16, 32, 64), "dim": 64, "whiten": False}
 HETEROGENEOUS_ROWS = ("RM_naive", "RM", "New+rho")
-BACKBONE_SEEDS = (0, 1, 2)  # 0: Table 1's own backbones
 BACKBONE_SEED_ROWS = ("RM_naive", "RM_naive+cal", "RM", "New+rho")
 
 
@@ -124,13 +123,15 @@ def heterogeneous(dataset: str, config: Config, progress: bool = False) -> dict:
     return result
 
 
-def backbone_seeds(dataset: str, config: Config, seeds: tuple[int, ...] = BACKBONE_SEEDS,
+def backbone_seeds(dataset: str, config: Config, seeds: tuple[int, ...] | None = None,
                    progress: bool = False) -> dict:
     """Old, New, RM_naive, RM_naive+cal, RM and New+rho on old and new backbones trained
     from each of `seeds` (`Setup.backbone_seed`), with everything else held at seed 0 (one
     transform initialisation, backfill order and calibration sample) and the transforms'
     settings Table 1 chose: only the backbones vary. Writes backbone_seeds.json: each
-    row's AUCs per backbone seed, their mean and their spread."""
+    row's AUCs per backbone seed, their mean and their spread. `seeds`: default the
+    profile's `backbone_seeds` (0 is Table 1's own backbones)."""
+    seeds = seeds or config.profile.backbone_seeds
     start = time.time()
     out = study_path(dataset, config, "backbone-seeds")
     check_output(out, "the results file")

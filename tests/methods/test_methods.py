@@ -172,7 +172,8 @@ def test_smoke_reproduce_writes_every_row(smoke_config, tmp_path):
     transforms = baselines["provenance"]["config"]["transforms"]
     old_run, target_run = transforms["bict-forward>bct"]["sources"]  # towards BCT's model
     assert old_run.startswith("old-") and target_run.startswith("bct-")
-    assert (transforms["fct-mlfct"]["hidden"], transforms["fct-mlfct"]["epochs"]) == (2048, 80)
+    # ml-fct's own 2048 wide, 80 epochs, capped by the smoke profile's fixed_caps
+    assert (transforms["fct-mlfct"]["hidden"], transforms["fct-mlfct"]["epochs"]) == (64, 2)
 
 
 def test_the_registry_covers_table1_and_the_ablation():
