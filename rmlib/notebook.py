@@ -15,7 +15,13 @@ from rmlib.config import Config
 from rmlib.engine.transforms import TransformConfig, transform_path
 from rmlib.evaluation.backfill import BackfillCurve
 from rmlib.methods.experiment import Experiment
-from rmlib.methods.reproduce import curve_of, read_results, reproduce
+from rmlib.methods.reproduce import (
+    RESULT_TABLES,
+    RESULTS_FORMAT,
+    curve_of,
+    read_results,
+    reproduce,
+)
 from rmlib.report import provenance_line
 from rmlib.tables import (
     departures_frame,
@@ -39,8 +45,6 @@ def saved_results(dataset: str, config: Config) -> dict | None:
     """{"table1": ..., "ablation": ..., "baselines": ..., "centring": ..., "backbones": ...}
     of a profile, or None if a Table 1 / ablation file is missing (the others are
     optional: results made before them)."""
-    from rmlib.methods.reproduce import RESULT_TABLES
-
     folder = config.results_folder(dataset)
     found = {name: read_results(folder / f"{name}.json")
              for name in (*RESULT_TABLES, "backbones")}
@@ -49,8 +53,6 @@ def saved_results(dataset: str, config: Config) -> dict | None:
 
 def _complete(found: dict) -> bool:
     """Whether results hold every row the registry defines now, in today's format."""
-    from rmlib.methods.reproduce import RESULT_TABLES, RESULTS_FORMAT
-
     return found["table1"].get("format") == RESULTS_FORMAT and all(
         set(rows) <= set((found.get(name) or {}).get("rows", {}))
         for name, rows in RESULT_TABLES.items())
