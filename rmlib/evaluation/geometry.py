@@ -22,10 +22,12 @@ from rmlib.evaluation.retrieval import EuclideanSystem
 from rmlib.evaluation.systems import SystemPair
 
 
-def _sample(pair: SystemPair, queries: int, seed: int) -> tuple[np.ndarray, ...]:
+def sample_queries(pair: SystemPair, queries: int = 1000, seed: int = 0
+                   ) -> tuple[np.ndarray, ...]:
     """A sample of `queries` queries (drawn with `seed`), with their (relevant, excluded)
     masks under the pair's own protocol (leave-one-out, camera or plain), as the
-    evaluator scores them, and the two systems' distances."""
+    evaluator scores them, and the two systems' distances: computed once, and read by
+    `part_distances` and `merged_shares` alike."""
     protocol = pair.protocol()
     q = np.sort(np.random.default_rng(seed).choice(
         len(pair.query_labels), min(queries, len(pair.query_labels)), replace=False))
@@ -49,15 +51,16 @@ def _draw(keys: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def part_distances(pair: SystemPair, queries: int = 1000, seed: int = 0,
-                   draws: int = 20) -> dict:
+                   draws: int = 20, sample: tuple[np.ndarray, ...] | None = None) -> dict:
     """For a sample of `queries` queries: the median distance from a query to relevant and
     to irrelevant items of the new part (the new system) and of the old part (the old
     system), relevance and removed items as the pair's protocol has them; and how often,
     for one query, an irrelevant item of one part is closer than a relevant item of the
     other (`draws` random pairs of such items per query): what decides whether a merged
-    list puts the relevant item first."""
+    list puts the relevant item first. `sample`: `sample_queries(pair, queries, seed)`,
+    if already made."""
     rng = np.random.default_rng(seed)
-    _, relevant, excluded, old, new = _sample(pair, queries, seed)
+    _, relevant, excluded, old, new = sample or sample_queries(pair, queries, seed)
     kinds = {"relevant": relevant & ~excluded, "irrelevant": ~relevant & ~excluded}
     parts = {"new": new, "old": old}
     out = {f"{part} {kind}": float(np.median(d[mask])) if mask.any() else float("nan")
@@ -91,15 +94,15 @@ def spread(embeddings: np.ndarray, sample: int = 2000, k: int = 8, seed: int = 0
 
 
 def merged_shares(pair: SystemPair, ts: tuple[float, ...] = (0.05, 0.25, 0.5), k: int = 10,
-                  queries: int = 1000, seed: int = 0, order: np.ndarray | None = None
-                  ) -> dict:
+                  queries: int = 1000, seed: int = 0, order: np.ndarray | None = None,
+                  sample: tuple[np.ndarray, ...] | None = None) -> dict:
     """What the merged top `k` of a sample of `queries` queries holds at each backfill
     ratio t, ranked as the evaluator ranks it (`merged_ranking`, in `order`, default the
     random order of `seed`): the share of its items that come from the new part (against
     the new part's share t of the gallery), and the share of the new part's and of the
     old part's items there that are relevant. For merges by raw distance (a calibrated
-    merge ranks by other scores)."""
-    _, relevant, excluded, old, new = _sample(pair, queries, seed)
+    merge ranks by other scores). `sample`: as `part_distances`'."""
+    _, relevant, excluded, old, new = sample or sample_queries(pair, queries, seed)
     order = backfill_order(len(pair.old_gallery), seed) if order is None else order
     out = {}
     for t in ts:

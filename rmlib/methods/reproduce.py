@@ -26,7 +26,7 @@ from rmlib.evaluation.backfill import (
     backfill_arrays,
     check_conditions,
 )
-from rmlib.evaluation.geometry import merged_shares, part_distances, spread
+from rmlib.evaluation.geometry import merged_shares, part_distances, sample_queries, spread
 from rmlib.evaluation.retrieval import evaluate
 from rmlib.evaluation.systems import SystemPair
 from rmlib.methods.experiment import Experiment
@@ -138,15 +138,17 @@ def evaluate_method(exp: Experiment, name: str, old: dict | None = None,
             calibration=method.calibration(exp, seed) if method.calibration else None,
             order=order(arrays, seed) if order else None, device=exp.config.torch_device))
     curve, spread = average_curves([c for c, _ in runs])
+    sample = sample_queries(first_arrays)  # the geometry of seed 0's systems, computed once
     first = runs[0][1]
     conditions = check_conditions(curve, old or {m: first[m]["old"] for m in first},
                                   new or final_metrics(curve.to_dict()),
                                   std={m: spread[f"{m}_std"] for m in ("mAP", "top1")})
     return {**curve.to_dict(), "seeds": list(seeds), **spread, "conditions": conditions,
-            "systems": method.note, "part_distances": part_distances(first_arrays),
+            "systems": method.note, "part_distances": part_distances(first_arrays, sample=sample),
             # a calibrated merge ranks by other scores than the distances counted here
             "merged_top10": None if method.calibration else merged_shares(
-                first_arrays, order=order(first_arrays, seeds[0]) if order else None),
+                first_arrays, order=order(first_arrays, seeds[0]) if order else None,
+                sample=sample),
             "eval_seconds": time.time() - t0}
 
 
