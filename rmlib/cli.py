@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
     from rmlib.evaluation.backfill import backfill_arrays
-    from rmlib.evaluation.emb_file import load_backfill_arrays
+    from rmlib.evaluation.emb_file import centred_on, load_backfill_arrays
     from rmlib.evaluation.orders import ORDER_POLICIES
     from rmlib.figures import plot_curves
     from rmlib.provenance import provenance
@@ -38,11 +38,8 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
                   figures=["--plot"])
     start = time.time()
     arrays = load_backfill_arrays(args.emb)
-    if args.centre is not None:  # each system on its own mean over the training file
-        from rmlib.evaluation.systems import centred
-
-        train = load_backfill_arrays(args.centre)
-        arrays = centred(arrays, train.old_gallery.mean(0), train.new_gallery.mean(0))
+    if args.centre is not None:
+        arrays = centred_on(arrays, args.centre)
     order = _order(args, arrays)
     curve, conditions = backfill_arrays(arrays, seed=args.seed, order=order)
     protocol = ("leave-one-out" if arrays.leave_one_out
@@ -98,7 +95,7 @@ def _cmd_live(args: argparse.Namespace) -> int:
                     name=args.name, journal=args.journal, batch=args.batch, until=args.until,
                     seed=args.seed, order_name=args.order, overwrite=args.overwrite,
                     quiet=args.quiet, backend=args.backend,
-                    order_inputs=file_fingerprint(*inputs))
+                    order_inputs=file_fingerprint(*inputs), centre=args.centre)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -169,8 +166,18 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.search_size:
         raise RmlibError("--search-size chooses the epochs on the hold-out; give it or "
                          "--epochs, not both")
-    info = fit_command(args.train, args.out, rho=args.rho, tau=args.tau, epochs=args.epochs,
-                       search_size=args.search_size, progress=not args.quiet)
+    closed = args.method != "mcl"
+    trained = [flag for flag, given in (("--tau", args.tau is not None),
+                                        ("--epochs", args.epochs is not None),
+                                        ("--search-size", args.search_size),
+                                        ("--rho", args.rho is True)) if given]
+    if closed and trained:
+        raise RmlibError(f"--method {args.method} is solved in closed form, with psi alone: "
+                         f"{', '.join(trained)} are for --method mcl only")
+    rho = not closed if args.rho is None else args.rho
+    info = fit_command(args.train, args.out, rho=rho, tau=args.tau, epochs=args.epochs,
+                       search_size=args.search_size, progress=not args.quiet,
+                       centre=args.centre, method=args.method)
     if info["normalised"]:
         print("the embeddings of TRAIN.npz are not unit length: fit L2-normalises them (and "
               "apply will normalise the evaluation file the same way)")
@@ -182,9 +189,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 scores = ", ".join(f"{k}: {100 * v:.2f}" for k, v in selection[key].items())
                 print(f"{what} chosen on {selection['val_items']} held-out items by validation "
                       f"AUC_mAP (%): {scores}")
-    print(f"fitted psi{' and rho' if args.rho else ''} (MCL, tau {info['tau']}, width "
-          f"{info['hidden']}, {info['epochs']} epochs) on {info['items']:,} items in "
-          f"{info['seconds']:.0f} s; wrote {args.out}")
+    if info["centred"]:
+        print("each system centred on its mean over TRAIN.npz (recorded in COMPAT.pt; apply "
+              "moves the evaluation file's embeddings by the same centres)")
+    how = f"{args.method}, in closed form" if closed else \
+        f"MCL, tau {info['tau']}, width {info['hidden']}, {info['epochs']} epochs"
+    print(f"fitted psi{' and rho' if rho else ''} ({how}) on {info['items']:,} items in "
+          f"{info['seconds']:.{1 if closed else 0}f} s; wrote {args.out}")
     return 0
 
 
@@ -227,6 +238,15 @@ def _order_options(p: argparse.ArgumentParser, lead: str) -> None:
                         "items (never the evaluation set), in EMB.npz's format")
 
 
+def _centre_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--centre", type=Path, metavar="TRAIN.npz",
+                   help="centre each system on its own mean over training items and "
+                        "L2-normalise: takes away the direction all of a model's embeddings "
+                        "share (book/rank_merge). The file: fit's TRAIN.npz (old, new, "
+                        "labels) or an EMB.npz of training items (its galleries' means); "
+                        "never the evaluation set")
+
+
 def _add_backfill(sub) -> None:
     p = _command(
         sub, "backfill", _cmd_backfill, "simulate an online backfill of your old and new "
@@ -241,11 +261,7 @@ def _add_backfill(sub) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the backfill order, a non-negative integer (default 0)")
     _order_options(p, "which items are re-embedded first: ")
-    p.add_argument("--centre", type=Path, metavar="TRAIN_EMB.npz",
-                   help="centre each system on its mean over this file's gallery (the same "
-                        "two systems on training items, never the evaluation set) and "
-                        "L2-normalise: takes away the direction all of a model's embeddings "
-                        "share (book/rank_merge)")
+    _centre_option(p)
     p.add_argument("--json", type=Path, metavar="OUT", help="write the curves and AUCs as JSON")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="save the curves as a figure")
 
@@ -308,6 +324,7 @@ def _add_live(sub) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the random backfill order (default 0)")
     _order_options(p, "which items are re-embedded first, as for `backfill`: ")
+    _centre_option(p)
     p.add_argument("--overwrite", action="store_true",
                    help="start the live index NAME again from the old gallery")
     _quiet(p)
@@ -331,17 +348,24 @@ def _add_study(sub) -> None:
 
 
 def _add_fit(sub) -> None:
+    from rmlib.own_upgrade import METHODS
+
     p = _command(
-        sub, "fit", _cmd_fit, "fit psi (and rho) with MCL on your own old and new embeddings",
+        sub, "fit", _cmd_fit, "fit psi (and rho) on your own old and new embeddings",
         "Train the reverse query transform psi (and the new embedding rho) with "
         "metric-compatible contrastive learning on old and new embeddings of the same "
-        "labelled training items. tau is chosen on a held-out split unless given. "
+        "labelled training items (tau is chosen on a held-out split unless given), or solve "
+        "psi in closed form (--method procrustes or affine: seconds, no labels used). "
         "Every embedding is L2-normalised first (psi and rho live on the unit sphere).")
     p.add_argument("train", type=Path, metavar="TRAIN.npz",
                    help="arrays old (N, d_old), new (N, d_new), labels (N,)")
     p.add_argument("--out", type=Path, required=True, metavar="COMPAT.pt")
-    p.add_argument("--rho", action=argparse.BooleanOptionalAction, default=True,
-                   help="also learn rho, the new embedding (default: yes)")
+    p.add_argument("--method", choices=METHODS, default="mcl",
+                   help="mcl (trained, the paper's; default), procrustes (an orthogonal map "
+                        "by SVD) or affine (least squares)")
+    p.add_argument("--rho", action=argparse.BooleanOptionalAction, default=None,
+                   help="also learn rho, the new embedding (default: yes with mcl; the "
+                        "closed forms fit psi alone)")
     p.add_argument("--tau", type=positive_float,
                    help="temperature, finite and positive; default: chosen on validation")
     p.add_argument("--epochs", type=positive_int,
@@ -349,6 +373,11 @@ def _add_fit(sub) -> None:
     p.add_argument("--search-size", action="store_true",
                    help="also choose the width and epochs of psi/rho on the hold-out, as the "
                         "CIFAR-100 recipe does (about 4x the time)")
+    p.add_argument("--centre", action="store_true",
+                   help="centre each system on its own mean over TRAIN.npz and L2-normalise "
+                        "again before fitting (recorded in COMPAT.pt, which apply follows): "
+                        "takes away the direction all of a model's embeddings share "
+                        "(book/rank_merge)")
     _quiet(p)
 
 
@@ -357,7 +386,8 @@ def _add_apply(sub) -> None:
         sub, "apply", _cmd_apply, "turn an evaluation file into the RM system's arrays",
         "Apply fitted transforms to EMB.npz: the old side becomes psi(rho(new_query)) "
         "against old_gallery, the new side rho(new_query) against rho(new_gallery). "
-        "Every embedding is L2-normalised first, as fit did.")
+        "Every embedding is L2-normalised first, and centred on the training means when "
+        "fit was given --centre, as fit did.")
     p.add_argument("compat", type=Path, metavar="COMPAT.pt")
     p.add_argument("emb", type=Path, metavar="EMB.npz")
     p.add_argument("--out", type=Path, required=True, metavar="EMB_RM.npz")

@@ -211,6 +211,19 @@ class EmbeddingTransform(nn.Module):
         return F.normalize(x + y if self.residual else y, dim=1)
 
 
+class LinearMap(nn.Module):
+    """A linear (or, with `bias`, affine) map with an L2-normalised output: a closed-form
+    psi (`rmlib.engine.closed_form`), whose weights are solved for, not trained."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = False):
+        super().__init__()
+        self.d_in, self.d_out, self.hidden = d_in, d_out, 0
+        self.linear = nn.Linear(d_in, d_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(x), dim=1)
+
+
 class MlFctTransform(nn.Module):
     """FCT's transformation as apple/ml-fct builds it for CIFAR-100 without
     side-information (where the side input is the old embedding itself): two projections of

@@ -11,6 +11,10 @@ embedding they read (`unit_rows`); without it, embeddings of norm 20 would be me
 unit-length ones and the old part would win or lose every comparison (AUC mAP 7 instead of
 66 in the test). COMPAT.pt records the convention (`unit_inputs`).
 
+`fit --centre` also moves each system by its own mean over the training items and
+normalises again (`rmlib.evaluation.systems.centred`, book/rank_merge): COMPAT.pt records
+both centres, and `apply` moves the evaluation file's embeddings by the same ones.
+
 Explained in the book: book/own_upgrade.
 """
 
@@ -34,11 +38,14 @@ from rmlib.engine.transforms import (
     fit_transforms,
 )
 from rmlib.evaluation.emb_file import load_npz, readable_file
-from rmlib.evaluation.systems import SystemPair, embedding_array
+from rmlib.evaluation.systems import SystemPair, centred, embedding_array
 from rmlib.methods.selection import rm_systems, select_settings
 from rmlib.outputs import save_torch
 
-FORMAT = "rmlib-compat-1"
+FORMAT = "rmlib-compat-2"  # 2: the centres; a file of format 1 loads as not centred
+FORMATS = ("rmlib-compat-1", FORMAT)
+METHODS = ("mcl", "procrustes", "affine")  # what `fit --method` fits: MCL, or a closed form
+CLOSED_FORMS = METHODS[1:]
 MIN_MEAN_COSINE = 0.3  # below this, embeddings look like another model's
 
 
@@ -49,11 +56,13 @@ MIN_HELD_OUT_PER_LABEL = 2
 MIN_PER_LABEL_SELECT = MIN_PER_LABEL_FIT + MIN_HELD_OUT_PER_LABEL
 
 
-def load_training_file(path: Path | str, selects: bool = True
+def load_training_file(path: Path | str, selects: bool = True, contrasts: bool = True
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """old, new, labels from TRAIN.npz, validated: one clear RmlibError for any problem.
 
-    `selects`: settings will be chosen on a hold-out, which needs more items per label.
+    `selects`: settings will be chosen on a hold-out, which needs more items per label;
+    `contrasts`: the fit contrasts items of a label (MCL), which needs two per label (a
+    closed-form map reads no labels).
     """
     found = load_npz(path, required=("old", "new", "labels"))
     old, new = embedding_array("old", found["old"]), embedding_array("new", found["new"])
@@ -64,6 +73,8 @@ def load_training_file(path: Path | str, selects: bool = True
     if labels.shape != (len(old),) or not np.issubdtype(labels.dtype, np.integer):
         raise RmlibError(f"labels must be {len(old)} integers, one per item; got "
                          f"{labels.dtype}{labels.shape}")
+    if not contrasts:
+        return old.astype(np.float32), new.astype(np.float32), labels.astype(np.int64)
     classes, counts = np.unique(labels, return_counts=True)
     if len(classes) < 2:
         raise RmlibError("labels hold a single class; MCL needs at least 2 classes")
@@ -109,10 +120,16 @@ def holdout(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def fit_compat(old: np.ndarray, new: np.ndarray, labels: np.ndarray, rho: bool = True,
                tau: float | None = None, epochs: int | None = None, hidden: int | None = None,
                search_size: bool = False, progress: bool = True,
-               recipe: TransformRecipe | None = None) -> tuple[Transforms, dict]:
+               recipe: TransformRecipe | None = None, method: str = "mcl"
+               ) -> tuple[Transforms, dict]:
     """psi (and rho) on all items; tau (unless given) and, with `search_size`, the width and
-    epochs too, chosen on a 10% hold-out by the CIFAR-100 recipe's grids."""
+    epochs too, chosen on a 10% hold-out by the CIFAR-100 recipe's grids. A closed-form
+    `method` ("procrustes", "affine") is solved in one step: nothing to choose."""
     old, new = unit_rows("old", old), unit_rows("new", new)  # the transforms' sphere
+    if method in CLOSED_FORMS:
+        config = TransformConfig(objective=method, epochs=0, hidden=0, sources=("user",))
+        return fit_transforms(config, old, new, labels, progress), \
+            {"tau": None, "hidden": 0, "epochs": 0, "selection": None}
     recipe = recipe or profile("cpu").transforms  # default: the CIFAR-100 recipe's settings
     base = TransformConfig(objective="mcl", rho=rho, epochs=epochs or recipe.epochs,
                            hidden=hidden or recipe.hidden, sources=("user",))
@@ -132,16 +149,20 @@ def fit_compat(old: np.ndarray, new: np.ndarray, labels: np.ndarray, rho: bool =
 
 
 def save_compat(path: Path | str, t: Transforms, old: np.ndarray, new: np.ndarray,
-                info: dict) -> Path:
-    """A weights_only-loadable file: the transforms, their config, the dimensions, and the
-    mean direction of each space (to recognise embeddings of another model pair).
-    Written atomically: a failed save leaves the previous file as it was."""
+                info: dict, centres: dict[str, np.ndarray] | None = None) -> Path:
+    """A weights_only-loadable file: the transforms, their config, the dimensions, the
+    mean direction of each space (to recognise embeddings of another model pair), and the
+    `centres` the training embeddings were moved by (empty: not centred). `old`, `new`: the
+    training embeddings as given. Written atomically: a failed save leaves the previous
+    file as it was."""
     state = t.state()
     old, new = unit_rows("old", old), unit_rows("new", new)
     state.update(format=FORMAT, old_dim=int(old.shape[1]), new_dim=int(new.shape[1]),
                  unit_inputs=True,
                  old_mean=torch.as_tensor(old.mean(0)), new_mean=torch.as_tensor(new.mean(0)),
-                 tau=float(info["tau"]),
+                 centres={k: torch.as_tensor(np.asarray(v, dtype=np.float32))
+                          for k, v in (centres or {}).items()},
+                 tau=float(info["tau"] or 0.0),  # 0: a closed form has no temperature
                  val_auc_mAP={str(k): float(v) for k, v in
                               ((info["selection"] or {}).get("val_auc_mAP") or {}).items()})
     return save_torch(path, state)
@@ -163,18 +184,29 @@ def _check_compat_state(state: dict) -> str | None:
     if state.get("unit_inputs") is not True:  # apply normalises; so must the fit have
         return ("it was fitted by an older rmlib, which did not L2-normalise the embeddings "
                 "it fitted on, while apply now does")
+    if state["format"] != "rmlib-compat-1" and "centres" not in state:
+        return "it lacks the field 'centres'"
+    centres = state.setdefault("centres", {})  # format 1: not centred
+    if not isinstance(centres, dict) or set(centres) not in (set(), {"old", "new"}):
+        return "its centres are neither empty nor one for the old and one for the new system"
     dims = state["psi_dims"]
-    if len(dims) != 3 or not all(isinstance(d, int) and d > 0 for d in dims):
-        return f"its psi_dims {dims} are not three positive integers"
+    if len(dims) != 3 or not all(isinstance(d, int) and d >= 0 for d in dims) or \
+            0 in dims[:2]:
+        return (f"its psi_dims {dims} are not two positive integers and a width (0 for a "
+                "closed form)")
     if (dims[0], dims[1]) != (state["new_dim"], state["old_dim"]):
         return (f"psi maps {dims[0]} -> {dims[1]} dimensions but the file is for new "
                 f"{state['new_dim']} -> old {state['old_dim']}")
-    for key, dim in (("old_mean", state["old_dim"]), ("new_mean", state["new_dim"])):
-        if tuple(state[key].shape) != (dim,):
-            return f"its {key} has shape {tuple(state[key].shape)}, not ({dim},)"
+    vectors = [("old_mean", state["old_mean"], state["old_dim"]),
+               ("new_mean", state["new_mean"], state["new_dim"])] + \
+              [(f"{side} centre", centres[side], state[f"{side}_dim"]) for side in centres]
+    for where, value, dim in vectors:
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (dim,):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"its {where} has shape {shape}, not ({dim},)"
     tensors = [("psi", v) for v in state["psi"].values()] + \
               [("rho", v) for v in state["rho"].values()] + \
-              [(k, state[k]) for k in ("old_mean", "new_mean")]
+              [(where, value) for where, value, _ in vectors]
     for where, value in tensors:
         if not isinstance(value, torch.Tensor):
             return f"its {where} weights hold a {type(value).__name__}, not tensors"
@@ -198,8 +230,9 @@ def _check_compat_modules(state: dict) -> str | None:
         config = TransformConfig(**{**raw, "sources": tuple(raw["sources"])})
     except (ValueError, TypeError, KeyError, RmlibError) as exc:
         return f"its config does not parse ({type(exc).__name__})"
-    if config.objective != "mcl":
-        return f"its objective is {config.objective!r}; `fit` writes 'mcl' transforms"
+    if config.objective not in METHODS:
+        return (f"its objective is {config.objective!r}; `fit` writes "
+                f"{', '.join(map(repr, METHODS))} transforms")
     if type(config.seed) is not int or not 0 <= config.seed < 2 ** 63:
         return f"its config has seed {config.seed!r}, not a non-negative integer"
     if type(config.rho) is not bool:
@@ -208,7 +241,9 @@ def _check_compat_modules(state: dict) -> str | None:
         return f"its config has layers {config.layers!r}, not a positive integer"
     if config.hidden != state["psi_dims"][2]:
         return f"its config's width {config.hidden!r} is not psi's {state['psi_dims'][2]}"
-    entries = _ENTRIES_PER_LAYER * config.layers + _OUTPUT_ENTRIES
+    # a closed form's map is one linear layer, whatever `layers` says
+    entries = _ENTRIES_PER_LAYER * config.layers + _OUTPUT_ENTRIES \
+        if config.objective == "mcl" else 1 + (config.objective == "affine")
     for name, wanted in (("psi", entries), ("rho", entries if config.rho else 0),
                          ("classifier", 0)):
         if len(state[name]) != wanted:
@@ -237,7 +272,7 @@ def load_compat(path: Path | str) -> tuple[Transforms, dict]:
     except Exception as exc:
         raise RmlibError(f"{path} is not a file written by `python -m rmlib fit` "
                          f"({type(exc).__name__})") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in FORMATS:
         raise RmlibError(f"{path} is not a file written by `python -m rmlib fit`")
     problem = _check_compat_state(state)
     if problem is None:
@@ -272,7 +307,8 @@ def unit_systems(arrays: SystemPair) -> SystemPair:
 def apply_compat(path: Path | str, arrays: SystemPair, force: bool = False
                  ) -> SystemPair:
     """The RM systems of an evaluation file, after checking that it fits the transforms.
-    Every embedding is L2-normalised first (`unit_systems`), as `fit` did."""
+    Every embedding is L2-normalised first (`unit_systems`), and moved by the recorded
+    centres when `fit` centred, as `fit` did."""
     t, state = load_compat(path)
     arrays = unit_systems(arrays)
     for name, a, dim in (("old_gallery", arrays.old_gallery, state["old_dim"]),
@@ -290,6 +326,9 @@ def apply_compat(path: Path | str, arrays: SystemPair, force: bool = False
                     f"{name} does not look like the embeddings {path} was fitted on (mean "
                     f"direction cosine {cos:.2f} < {MIN_MEAN_COSINE}); use the file fitted "
                     "for this model pair, or pass --force")
+    if state["centres"]:
+        arrays = centred(arrays, state["centres"]["old"].numpy(),
+                         state["centres"]["new"].numpy())
     try:
         return rm_systems(t, arrays)
     except RmlibError as exc:  # finite weights can still overflow on far-out embeddings
@@ -297,11 +336,22 @@ def apply_compat(path: Path | str, arrays: SystemPair, force: bool = False
 
 
 def fit_command(train: Path, out: Path, rho: bool, tau: float | None, epochs: int | None,
-                search_size: bool = False, progress: bool = True) -> dict:
+                search_size: bool = False, progress: bool = True, centre: bool = False,
+                method: str = "mcl") -> dict:
+    """`python -m rmlib fit`: read TRAIN.npz, fit, write COMPAT.pt; what it did."""
     start = time.time()
-    old, new, labels = load_training_file(train, selects=tau is None or search_size)
+    closed = method in CLOSED_FORMS
+    old, new, labels = load_training_file(
+        train, selects=not closed and (tau is None or search_size), contrasts=not closed)
     unit = is_unit(old) and is_unit(new)
-    t, info = fit_compat(old, new, labels, rho=rho, tau=tau, epochs=epochs,
-                         search_size=search_size, progress=progress)
-    save_compat(out, t, old, new, info)
-    return {**info, "seconds": time.time() - start, "items": len(labels), "normalised": not unit}
+    fitted_on = unit_rows("old", old), unit_rows("new", new)
+    centres = {"old": fitted_on[0].mean(0), "new": fitted_on[1].mean(0)} if centre else None
+    if centres:  # each system moved by the mean of its unit-length training embeddings
+        moved = centred(SystemPair(*fitted_on[:1] * 2, *fitted_on[1:] * 2, labels),
+                        centres["old"], centres["new"])
+        fitted_on = (moved.old_gallery, moved.new_gallery)
+    t, info = fit_compat(*fitted_on, labels, rho=rho, tau=tau, epochs=epochs,
+                         search_size=search_size, progress=progress, method=method)
+    save_compat(out, t, old, new, info, centres)
+    return {**info, "seconds": time.time() - start, "items": len(labels), "normalised": not unit,
+            "centred": bool(centres)}

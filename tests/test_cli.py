@@ -394,3 +394,14 @@ def test_backfill_centres_each_system_on_a_training_file(loo_file, tmp_path, cap
     assert main(["backfill", str(path), "--centre", str(narrow)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the old system's centre has shape (4,)" in err
+    # fit's TRAIN.npz (old, new, labels) gives the same centres as the EMB-format file
+    fit_format = write(tmp_path / "fit_train.npz", old=a["og"] + 1.0, new=a["ng"] - 2.0,
+                       labels=a["qlab"])
+    again = tmp_path / "again.json"
+    assert main(["backfill", str(path), "--centre", str(fit_format), "--json", str(again)]) == 0
+    assert json.loads(again.read_text())["auc_mAP"] == written["auc_mAP"]
+    broken = write(tmp_path / "broken.npz", old=a["og"], new=a["ng"][:, :0], labels=a["qlab"])
+    for bad, message in ((broken, "new has width 0"), (tmp_path / "nothing.npz", "does not exist")):
+        assert main(["backfill", str(path), "--centre", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err

@@ -143,6 +143,7 @@ BAD_COMPAT = {
                          "which is 7000002 psi tensors, but the file holds"),
     "zero layers": (lambda s: _config(s, layers=0), "layers 0, not a positive integer"),
     "another objective": (lambda s: _config(s, objective="cl", rho=False), "objective is 'cl'"),
+    "closed form with rho": (lambda s: _config(s, objective="affine"), "does not parse"),
     "rho missing": (lambda s: s.update(rho={}), "with rho, which is"),
     "tensor shape": (lambda s: s["psi"].update({"net.0.weight": torch.zeros(3, 3)}),
                      "psi tensor 'net.0.weight' has shape (3, 3)"),
@@ -151,6 +152,14 @@ BAD_COMPAT = {
     "string seed": (lambda s: _config(s, seed="x"), "seed 'x', not a non-negative integer"),
     "huge seed": (lambda s: _config(s, seed=2 ** 70), "not a non-negative integer"),
     "string rho": (lambda s: _config(s, rho="yes"), "rho 'yes', not true or false"),
+    "no centres": (lambda s: s.pop("centres"), "lacks the field 'centres'"),
+    "one centre": (lambda s: s.update(centres={"old": torch.zeros(12)}),
+                   "centres are neither empty nor one for the old and one for the new"),
+    "centre shape": (lambda s: s.update(centres={"old": torch.zeros(3), "new": torch.zeros(16)}),
+                     "old centre has shape (3,), not (12,)"),
+    "nan centre": (lambda s: s.update(centres={"old": torch.zeros(12),
+                                               "new": torch.full((16,), float("nan"))}),
+                   "new centre weights hold NaN or inf"),
 }
 
 
@@ -269,3 +278,100 @@ def test_embeddings_that_are_not_unit_length_give_the_same_result(files, capsys)
     assert out.count("not unit length") == 2  # fit and apply each say so, once
     assert auc[scaled] == pytest.approx(auc[files], abs=0.005)
     assert torch.load(scaled / "c.pt", weights_only=True)["unit_inputs"] is True
+
+
+def test_fit_centre_records_the_training_means_and_apply_moves_by_them(files, capsys):
+    """fit --centre: each system moved by the mean of its unit training embeddings before
+    fitting, the two centres kept in COMPAT.pt, and apply moving the evaluation file by the
+    same ones before psi and rho (rm_systems of the centred systems, computed here)."""
+    from rmlib.evaluation.emb_file import load_backfill_arrays
+    from rmlib.evaluation.systems import centred
+    from rmlib.methods.selection import rm_systems
+    from rmlib.own_upgrade import load_compat
+
+    # a shared direction (the cone of book/rank_merge) on top of each space
+    coned = files / "coned"
+    coned.mkdir()
+    for name in ("train.npz", "emb.npz"):
+        with np.load(files / name) as f:
+            np.savez(coned / name, **{k: f[k] + 2.0 if f[k].ndim == 2 else f[k] for k in f.files})
+    compat, out = coned / "c.pt", coned / "rm.npz"
+    assert main(["fit", str(coned / "train.npz"), "--out", str(compat), "--tau", "0.2",
+                 "--epochs", "2", "--centre", "--quiet"]) == 0
+    assert "each system centred on its mean over TRAIN.npz" in capsys.readouterr().out
+    state = torch.load(compat, weights_only=True)
+    with np.load(coned / "train.npz") as f:
+        unit = {k: f[k] / np.linalg.norm(f[k], axis=1, keepdims=True) for k in ("old", "new")}
+    for side in ("old", "new"):
+        np.testing.assert_allclose(state["centres"][side].numpy(), unit[side].mean(0), atol=1e-6)
+    assert main(["apply", str(compat), str(coned / "emb.npz"), "--out", str(out)]) == 0
+    t, _ = load_compat(compat)
+    raw = load_backfill_arrays(coned / "emb.npz")
+    unit_raw = {k: getattr(raw, k) / np.linalg.norm(getattr(raw, k), axis=1, keepdims=True)
+                for k in ("old_query", "old_gallery", "new_query", "new_gallery")}
+    expected = rm_systems(t, centred(type(raw)(**unit_raw, query_labels=raw.query_labels),
+                                     unit["old"].mean(0), unit["new"].mean(0)))
+    with np.load(out) as f:
+        for key in ("old_query", "old_gallery", "new_query", "new_gallery"):
+            np.testing.assert_allclose(f[key], getattr(expected, key), atol=1e-5)
+        np.testing.assert_array_equal(f["reference_query"], raw.old_query)  # flips: raw old
+
+    plain = files / "plain.pt"  # without --centre: no centres, apply leaves the file as it is
+    assert main(["fit", str(coned / "train.npz"), "--out", str(plain), "--tau", "0.2",
+                 "--epochs", "1", "--quiet"]) == 0
+    assert torch.load(plain, weights_only=True)["centres"] == {}
+
+
+def test_compat_files_of_format_1_load_as_not_centred(compat, files):
+    state = torch.load(compat, weights_only=True)
+    state.pop("centres")
+    state["format"] = "rmlib-compat-1"
+    old = files / "format1.pt"
+    torch.save(state, old)
+    outs = [files / "new.npz", files / "old.npz"]
+    for path, out in zip((compat, old), outs, strict=True):
+        assert main(["apply", str(path), str(files / "emb.npz"), "--out", str(out)]) == 0
+    with np.load(outs[0]) as a, np.load(outs[1]) as b:
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("method", ["procrustes", "affine"])
+def test_fit_method_closed_form_round_trip(method, files, capsys):
+    """--method procrustes|affine: psi alone, solved in closed form (no labels read beyond
+    their format, so one item per label is enough), saved, checked and applied like MCL's,
+    and it merges better than the naive systems on these spaces."""
+    from rmlib.engine import closed_form
+    from rmlib.own_upgrade import load_compat
+
+    with np.load(files / "train.npz") as f:
+        old, new = f["old"], f["new"]
+    np.savez(files / "singletons.npz", old=old, new=new, labels=np.arange(len(old)))
+    compat, out = files / f"{method}.pt", files / f"{method}.npz"
+    assert main(["fit", str(files / "singletons.npz"), "--out", str(compat), "--method",
+                 method, "--centre"]) == 0
+    assert f"fitted psi ({method}, in closed form) on 800 items" in capsys.readouterr().out
+    t, state = load_compat(compat)
+    assert t.rho is None and t.config.objective == method and state["centres"]
+    centred_old = old - old.mean(0)
+    centred_new = new - new.mean(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    solved = closed_form.procrustes(unit(centred_new), unit(centred_old)) \
+        if method == "procrustes" else closed_form.affine(unit(centred_new), unit(centred_old))[0]
+    np.testing.assert_allclose(t.psi.linear.weight.detach().numpy(), solved, atol=1e-5)
+    assert main(["apply", str(compat), str(files / "emb.npz"), "--out", str(out)]) == 0
+    for name, src in (("naive", files / "emb.npz"), ("closed", out)):
+        assert main(["backfill", str(src), "--json", str(files / f"{name}.json")]) == 0
+    naive = json.loads((files / "naive.json").read_text())
+    closed = json.loads((files / "closed.json").read_text())
+    assert closed["auc_mAP"] > naive["auc_mAP"]
+
+
+@pytest.mark.parametrize("argv", [["--tau", "0.1"], ["--epochs", "3"], ["--search-size"],
+                                  ["--rho"]])
+def test_closed_forms_refuse_the_options_of_a_trained_fit(argv, files, capsys):
+    assert main(["fit", str(files / "train.npz"), "--out", str(files / "c.pt"), "--method",
+                 "procrustes", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{argv[0]} are for --method mcl only" in err
+    assert not (files / "c.pt").exists()

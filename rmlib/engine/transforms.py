@@ -13,8 +13,11 @@ same training images, (phi_old(x), phi_new(x), y). Each objective is one registe
     decay, epochs, batch size; rmlib's optimiser and schedule);
   - "bict": the upgrade-first variant's h': old -> a space classified by a cosine
     classifier of all classes (the classifier is kept: that variant's new backbone trains
-    against it).
-A new objective is one loss function and one `register_objective(TransformObjective(...))`.
+    against it);
+  - "procrustes", "affine": psi: new -> old in closed form (`rmlib.engine.closed_form`):
+    solved in one step, not trained.
+A new objective is one loss function (or solver) and one
+`register_objective(TransformObjective(...))`.
 
 Explained in the book: book/rqt, book/mcl, book/rho, book/baselines.
 """
@@ -22,6 +25,7 @@ Explained in the book: book/rqt, book/mcl, book/rho, book/baselines.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,10 +37,11 @@ import torch.nn.functional as F
 from rmlib import RmlibError
 from rmlib.config import default_device
 from rmlib.data.sampling import pk_batch_count, pk_batches, pk_batches_vectorised
+from rmlib.engine import closed_form
 from rmlib.engine.loop import Optimisation, train_epochs
 from rmlib.engine.runs import config_key
 from rmlib.losses import cl_loss, mcl_loss, mean_distance_loss
-from rmlib.models import CosineClassifier, EmbeddingTransform, MlFctTransform
+from rmlib.models import CosineClassifier, EmbeddingTransform, LinearMap, MlFctTransform
 from rmlib.outputs import cached, save_torch
 from rmlib.specs import Registry
 
@@ -52,10 +57,11 @@ class TransformObjective:
     frozen (given to `fit_transforms`); `rho`: it may train the new embedding rho jointly;
     `build(d_in, d_out, config)`: the map's module (default `EmbeddingTransform`);
     `fixed`: the TransformConfig fields it sets itself (its own recipe), over the settings
-    chosen for RM."""
+    chosen for RM; `solve(module, old, new)`: a closed-form objective's solver, which sets
+    the map's weights from the paired embeddings in one step (then it has no `loss`)."""
 
     name: str
-    loss: Callable[[Transforms, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    loss: Callable[[Transforms, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None
     forward: bool = False
     output: str = "old"
     takes_tau: bool = False
@@ -64,6 +70,7 @@ class TransformObjective:
     rho: bool = False
     build: Callable[[int, int, TransformConfig], torch.nn.Module] | None = None
     fixed: Mapping[str, object] = field(default_factory=dict)
+    solve: Callable[[torch.nn.Module, np.ndarray, np.ndarray], None] | None = None
 
 
 OBJECTIVES = Registry("objective", " (or register_objective a new one)")
@@ -71,6 +78,9 @@ OBJECTIVES = Registry("objective", " (or register_objective a new one)")
 
 def register_objective(objective: TransformObjective) -> TransformObjective:
     """Add `objective` to `OBJECTIVES` (a name is registered once)."""
+    if (objective.loss is None) == (objective.solve is None):
+        raise RmlibError(f"objective {objective.name!r}: give a loss (trained) or a solve "
+                         "(closed form), one of the two")
     if objective.output not in ("old", "new"):
         raise RmlibError(f"objective {objective.name!r}: output is 'old' or 'new', not "
                          f"{objective.output!r}")
@@ -264,6 +274,24 @@ register_objective(TransformObjective("bict-forward", bict_forward_objective, fo
                                       output="new", target_classifier=True))
 register_objective(TransformObjective("bict-forward-cls", bict_forward_cls_objective,
                                       forward=True, output="new", target_classifier=True))
+def _solve_procrustes(module: LinearMap, old: np.ndarray, new: np.ndarray) -> None:
+    module.linear.weight.data = torch.as_tensor(closed_form.procrustes(new, old),
+                                                dtype=torch.float32)
+
+
+def _solve_affine(module: LinearMap, old: np.ndarray, new: np.ndarray) -> None:
+    weight, bias = closed_form.affine(new, old)
+    module.linear.weight.data = torch.as_tensor(weight, dtype=torch.float32)
+    module.linear.bias.data = torch.as_tensor(bias, dtype=torch.float32)
+
+
+# Closed forms have no epochs or width: fixed at 0, so that RM's chosen settings do not
+# enter their cache keys
+for _name, _solve in (("procrustes", _solve_procrustes), ("affine", _solve_affine)):
+    register_objective(TransformObjective(
+        _name, None, solve=_solve, fixed={"epochs": 0, "hidden": 0},
+        build=lambda d_in, d_out, config, bias=_name == "affine": LinearMap(d_in, d_out, bias)))
+
 # ml-fct's cifar100_transformation.yaml: Adam lr 5e-4, weight decay 2^-15, 80 epochs,
 # batches of 1024 (here 128 classes x 8 items), inner width 2048
 register_objective(TransformObjective(
@@ -303,6 +331,15 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
     (kept frozen, and saved with the transforms)."""
     device = device or default_device()
     t = build_transforms(config, np.shape(old)[1], np.shape(new)[1])
+    spec = objective_of(config.objective)
+    if spec.solve is not None:  # closed form: no epochs, no batches, no device
+        start = time.perf_counter()
+        spec.solve(getattr(t, t._map_name), np.asarray(old), np.asarray(new))
+        t.history.append({"closed_form": config.objective,
+                          "seconds": time.perf_counter() - start})
+        for module in t.modules():
+            module.eval()
+        return t
     if objective_of(config.objective).target_classifier:
         if target_classifier is None:
             raise RmlibError(f"objective {config.objective!r} reads the target model's "

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from rmlib import RmlibError
-from rmlib.evaluation.systems import SystemPair
+from rmlib.evaluation.systems import SystemPair, centred, embedding_array
 
 REQUIRED = ("old_query", "old_gallery", "new_query", "new_gallery", "query_labels")
 OPTIONAL = ("gallery_labels", "query_cams", "gallery_cams", "reference_query",
@@ -119,6 +119,32 @@ def load_npz(path: Path | str, required: tuple[str, ...], optional: tuple[str, .
 def load_backfill_arrays(path: Path | str) -> SystemPair:
     """Read and validate an evaluation file; every failure is one clear RmlibError."""
     return SystemPair(**load_npz(path, REQUIRED, OPTIONAL))
+
+
+def training_means(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """Each system's mean over its training embeddings, from a TRAIN.npz (`old`, `new`,
+    `labels`: what `fit` reads) or a TRAIN_EMB.npz (an evaluation file of training items:
+    the means of its galleries)."""
+    path = readable_file(path, "a TRAIN.npz or TRAIN_EMB.npz of the two systems' "
+                               "embeddings of training items")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        names = set()  # not an archive: load_backfill_arrays says so, in one line
+    if {"old.npy", "new.npy"} <= names:
+        found = load_npz(path, ("old", "new"), ("labels",))
+        return (embedding_array("old", found["old"]).mean(0),
+                embedding_array("new", found["new"]).mean(0))
+    train = load_backfill_arrays(path)
+    return train.old_gallery.mean(0), train.new_gallery.mean(0)
+
+
+def centred_on(arrays: SystemPair, train_path: Path | str) -> SystemPair:
+    """`arrays` with each system centred on its own mean over the training file
+    (`training_means`; never the evaluation set) and L2-normalised: the step that takes
+    away the direction all of a model's embeddings share."""
+    return centred(arrays, *training_means(train_path))
 
 
 BackfillArrays = SystemPair  # its name before rmlib 0.2, kept for code that imports it

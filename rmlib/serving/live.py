@@ -21,7 +21,7 @@ import numpy as np
 
 from rmlib import RmlibError
 from rmlib.evaluation.backfill import backfill_order, backfilled_count
-from rmlib.evaluation.emb_file import load_backfill_arrays
+from rmlib.evaluation.emb_file import centred_on, load_backfill_arrays, readable_file
 from rmlib.evaluation.systems import SystemPair
 from rmlib.outputs import save_npy
 from rmlib.serving.checks import check_dims
@@ -42,13 +42,17 @@ def fingerprint(*arrays: np.ndarray) -> str:
 
 
 def source_record(arrays: SystemPair, order: np.ndarray, source: str | Path,
-                  order_name: str, seed: int, batch: int, order_inputs: str = "") -> dict:
+                  order_name: str, seed: int, batch: int, order_inputs: str = "",
+                  centre: str | Path | None = None) -> dict:
     """What the journal keeps of a live index's source (its `meta`). `order_inputs`: a
     fingerprint of the files the order was made from (an order file, a learned policy's
-    training file), so that a stored order is reused only for the same ones."""
+    training file), so that a stored order is reused only for the same ones; `centre`: the
+    training file each system was centred on (its name and a fingerprint of its bytes)."""
     return {"source": str(source), "gallery": fingerprint(arrays.old_gallery, arrays.new_gallery),
             "order": str(order_name), "seed": int(seed), "order_hash": fingerprint(order),
-            "order_inputs": order_inputs, "batch": int(batch)}
+            "order_inputs": order_inputs, "batch": int(batch),
+            "centred_on": str(centre or ""),
+            "centre_hash": file_fingerprint(centre) if centre is not None else ""}
 
 
 def file_fingerprint(*paths: str | Path) -> str:
@@ -69,6 +73,11 @@ def check_resume(meta: dict, asked: dict, uri: str, name: str) -> None:
     if "gallery" not in meta or "order_hash" not in meta:
         raise RmlibError(f"{where} does not record which file it was built from (an older "
                          f"rmlib, or Python without meta=, made it); {fix}")
+    if meta.get("centre_hash", "") != asked["centre_hash"]:  # else its gallery differs too
+        was = f"centred on {meta['centred_on']}" if meta.get("centre_hash") else "not centred"
+        now = f"--centre {asked['centred_on']}" if asked["centre_hash"] else "no --centre"
+        raise RmlibError(f"{where} was {was}, and this run asks for {now} (or that file "
+                         f"has changed): resume it as it was made, or {fix}")
     if meta["gallery"] != asked["gallery"]:
         raise RmlibError(f"{where} holds another gallery than {asked['source']} (it was built "
                          f"from {meta.get('source', '?')}): resume it with that file, or {fix}")
@@ -111,19 +120,25 @@ def check_widths(arrays: SystemPair, backend: str = "milvus") -> None:
 def run_live(source: str | Path, order_for: Callable[[SystemPair], np.ndarray | None], *,
              uri: str, name: str, journal: str | Path | None, batch: int, until: float,
              seed: int, order_name: str, overwrite: bool, quiet: bool,
-             backend: str = "milvus", order_inputs: str = "") -> int:
+             backend: str = "milvus", order_inputs: str = "",
+             centre: str | Path | None = None) -> int:
     """Create (or resume) the live index of the gallery of the EMB file `source` at `uri`,
     backfill it in `order_for(arrays)` (None: the seeded random order) until the fraction
     `until`, and print what it then serves. Everything that is cheap to check (where the
     index lives, the widths) is checked before the order is made (a learned one trains).
-    `order_inputs`: `file_fingerprint` of the files the order is made from.
-    Returns the exit status, 0."""
+    `order_inputs`: `file_fingerprint` of the files the order is made from; `centre`: a
+    TRAIN_EMB.npz to centre each system on (`centred_on`), before the order is made and
+    the index is filled. Returns the exit status, 0."""
     from tqdm.auto import tqdm
 
     journal_file = check_location(uri, name, journal,
                                   backend_spec(backend, durable=True).local_files)
+    if centre is not None:
+        readable_file(centre, "a TRAIN.npz of the two systems' embeddings of training items")
     arrays = load_backfill_arrays(source)
     check_widths(arrays, backend)
+    if centre is not None:
+        arrays = centred_on(arrays, centre)
     n = len(arrays.old_gallery)
     # --overwrite starts again whatever the journal holds, even a damaged one
     header = None if overwrite else journal_header(uri, name, journal)
@@ -134,7 +149,8 @@ def run_live(source: str | Path, order_for: Callable[[SystemPair], np.ndarray | 
     if order is None:
         order = order_for(arrays)
         order = backfill_order(n, seed) if order is None else np.asarray(order, dtype=np.int64)
-    asked = source_record(arrays, order, source, order_name, seed, batch, order_inputs)
+    asked = source_record(arrays, order, source, order_name, seed, batch, order_inputs,
+                          centre)
     if resuming:
         check_resume(meta, asked, uri, name)
         index = OnlineBackfillIndex.reopen(uri, name, journal, backend=backend)
