@@ -99,7 +99,13 @@ def _cmd_live(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from rmlib.methods.studies import backbone_seeds, heterogeneous, order_policies
+    from rmlib.methods.studies import (
+        backbone_seeds,
+        closed_form,
+        heterogeneous,
+        open_class,
+        order_policies,
+    )
     from rmlib.report import table1_text
 
     if args.study == "orders":
@@ -109,6 +115,19 @@ def _cmd_study(args: argparse.Namespace) -> int:
                 for policy, row in by_policy.items()}
         print(f"by backfill order, {args.config.name} profile:")
         print(table1_text(rows))
+    elif args.study == "closed-form":
+        result = closed_form(args.dataset, args.config, progress=not args.quiet)
+        fits = ", ".join(f"{name} {max(seconds):.2f} s" for name, seconds
+                         in result["fit_seconds"].items())
+        print(f"closed-form and trained query transforms, {args.config.name} profile (fits "
+              f"on {result['training_pairs']['items']:,} training pairs: {fits}):")
+        print(table1_text(result["rows"]))
+    elif args.study == "open-class":
+        result = open_class(args.dataset, args.config, progress=not args.quiet)
+        for split, rows in result["splits"].items():
+            print(f"open classes, {split} ({result['queries'][split]:,} queries), "
+                  f"{args.config.name} profile:")
+            print(table1_text(rows))
     elif args.study == "heterogeneous":
         result = heterogeneous(args.dataset, args.config, progress=not args.quiet)
         print(f"upgrade across architectures, {args.config.name} profile:")
@@ -333,14 +352,21 @@ def _add_live(sub) -> None:
 def _add_study(sub) -> None:
     p = _command(
         sub, "study", _cmd_study, "run a study beyond the paper (backfill orders, an upgrade "
-        "across architectures, the spread over backbone seeds)",
+        "across architectures, the spread over backbone seeds, closed-form psi, open classes)",
         "orders: RM_naive and RM under the random, uncertainty and oracle backfill orders, "
         "with every seed, into <results>/<dataset>/<profile>/order_policies.json. "
         "heterogeneous: Old, New, RM_naive, RM and New+rho with a CIFAR ResNet-20 old model, "
         "into heterogeneous.json. backbone-seeds: Old, New, RM_naive, RM_naive+cal, RM and "
         "New+rho with the old and new backbones trained again from two more seeds (all else "
-        "at seed 0), into backbone_seeds.json.")
-    p.add_argument("study", choices=["orders", "heterogeneous", "backbone-seeds"])
+        "at seed 0), into backbone_seeds.json. closed-form: psi by orthogonal Procrustes "
+        "and by a least-squares affine map (with and without the training-free "
+        "calibration) beside RQT, CL, MCL and RM, into closed_form.json. open-class: "
+        "Table 1's rows with the old model on classes 0-39 and the new one on 0-79, "
+        "evaluated on the classes neither saw (80-99) and on all of them, into "
+        "open_class.json.")
+    from rmlib.methods.studies import STUDIES
+
+    p.add_argument("study", choices=list(STUDIES))
     p.add_argument("dataset", choices=["cifar100"])
     p.add_argument("--profile", choices=list(PROFILES),
                    help="default: $RMLIB_PROFILE, else paper on a GPU and cpu otherwise")

@@ -150,17 +150,11 @@ class Chapter:
         return styled_paper(self.rows(*names), self.results["table1"].get("paper", {}), caption)
 
     def study(self, name: str) -> dict:
-        """A study ("orders", "heterogeneous" or "backbone-seeds") of this chapter's profile:
+        """A study (a name of `rmlib.methods.studies.STUDIES`) of this chapter's profile:
         read from its results file, made on the spot for a cheap profile, else NeedsRun."""
-        from rmlib.methods.studies import (
-            backbone_seeds,
-            heterogeneous,
-            order_policies,
-            study_path,
-        )
+        from rmlib.methods.studies import STUDIES, study_path
 
-        make = {"orders": order_policies, "heterogeneous": heterogeneous,
-                "backbone-seeds": backbone_seeds}[name]
+        make = STUDIES[name]
         path = study_path(self.dataset, self.config, name)
         found = read_results(path)
         if found is not None:

@@ -291,3 +291,11 @@ def comparisons_frame(rows: Mapping[str, Mapping],
                         "established": "no (within noise)" if _is_noise(mean, std) else
                         "yes"})
     return pd.DataFrame.from_records(records).set_index("question")
+
+
+def external_frame(entry: Mapping):
+    """One entry of `rmlib.methods.registry.external_results` as a small captioned table:
+    its rows in its metric, with its protocol and where the numbers were quoted from."""
+    frame = pd.DataFrame({entry["metric"]: [f"{v:.1f}" for v in entry["rows"].values()]},
+                         index=list(entry["rows"]))
+    return frame.style.set_caption(f"{entry['protocol']} ({entry['quoted']})")

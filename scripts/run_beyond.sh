@@ -7,3 +7,7 @@ cd "$(dirname "$0")/.."
 export RMLIB_PROFILE=cpu PYTHONUNBUFFERED=1
 /usr/bin/time -v python -m rmlib study orders cifar100 --quiet
 /usr/bin/time -v python -m rmlib study heterogeneous cifar100 --quiet
+# "Beyond the paper, part two" (book/beyond_two): closed-form psi beside the trained ones,
+# and the open-class protocol (its own old, new and BCT backbones: most of its time)
+/usr/bin/time -v python -m rmlib study closed-form cifar100 --quiet
+/usr/bin/time -v python -m rmlib study open-class cifar100 --quiet

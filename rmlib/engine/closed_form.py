@@ -13,7 +13,7 @@ A closed-form rho (a map of the new embedding) does not help these families: the
 least-squares problem min ||psi(rho(X)) - O|| + ||rho(X) - X|| is solved by rho = the
 identity whenever psi may be any linear map, so the rows here have psi alone.
 
-Explained in the book: book/beyond.
+Explained in the book: book/beyond_two.
 """
 
 from __future__ import annotations

@@ -34,16 +34,24 @@ class DistanceCalibration:
 
     @classmethod
     def fit(cls, embeddings: np.ndarray, labels: np.ndarray, anchors: int = 500,
-            gallery: int = 10_000, seed: int = 0) -> DistanceCalibration:
+            gallery: int = 10_000, seed: int = 0, queries: np.ndarray | None = None
+            ) -> DistanceCalibration:
         """Isotonic regression of relevance on distance, over the pairs between `anchors`
-        random training items and `gallery` others (a pair of an item with itself left out)."""
+        random training items and `gallery` others (a pair of an item with itself left out).
+        `queries`: the anchors' query-side embeddings when a system's queries live in
+        another embedding than its gallery (a reverse-transformed new query against old
+        gallery items), row for row with `embeddings`; default `embeddings`."""
         from sklearn.isotonic import IsotonicRegression
 
+        queries = embeddings if queries is None else queries
+        if len(queries) != len(embeddings):
+            raise ValueError(f"queries has {len(queries)} rows, embeddings {len(embeddings)}: "
+                             "they embed the same items")
         rng = np.random.default_rng(seed)
         n = len(labels)
         a = rng.choice(n, min(anchors, n), replace=False)
         g = rng.choice(n, min(gallery, n), replace=False)
-        d = EuclideanSystem.of(embeddings[a], embeddings[g]).distances().numpy()
+        d = EuclideanSystem.of(queries[a], embeddings[g]).distances().numpy()
         relevant = labels[a][:, None] == labels[g][None, :]
         keep = a[:, None] != g[None, :]
         iso = IsotonicRegression(increasing=False, out_of_bounds="clip")

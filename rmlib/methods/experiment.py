@@ -48,7 +48,9 @@ class Experiment:
         self.timings: dict[str, float] = {}
         self.selection: dict | None = None
         self._emb: dict[tuple[str, str], np.ndarray] = {}
-        self._calibrations: dict[int, tuple[DistanceCalibration, DistanceCalibration]] = {}
+        # (seed, psi) -> the old and the new system's calibration
+        self._calibrations: dict[tuple[int, str | None],
+                                 tuple[DistanceCalibration, DistanceCalibration]] = {}
 
     @cached_property
     def setup(self) -> Setup:
@@ -225,11 +227,16 @@ class Experiment:
                                 views=self.setup.test_time_views, precision=self.config.precision)
         return emb, train.labels[sample]
 
-    def calibrations(self, seed: int = 0) -> tuple[DistanceCalibration, DistanceCalibration]:
+    def calibrations(self, seed: int = 0, psi: str | None = None
+                     ) -> tuple[DistanceCalibration, DistanceCalibration]:
         """The old and the new system's distance -> P(relevant), each fitted on pairs of
-        `training_sample(role, seed)` (never test images)."""
-        if seed not in self._calibrations:
-            old, new = (DistanceCalibration.fit(*self.training_sample(role, seed), seed=seed)
-                        for role in ROLES)
-            self._calibrations[seed] = (old, new)
-        return self._calibrations[seed]
+        `training_sample(role, seed)` (never test images). With `psi` (a reverse
+        transform's name), the old system is {psi(phi_new(q)), phi_old(g)}: its pairs are
+        psi-mapped new queries against old gallery items."""
+        if (seed, psi) not in self._calibrations:
+            (old_emb, labels), (new_emb, _) = (self.training_sample(r, seed) for r in ROLES)
+            queries = None if psi is None else self.transform(psi, seed).reverse(new_emb)
+            self._calibrations[seed, psi] = (
+                DistanceCalibration.fit(old_emb, labels, seed=seed, queries=queries),
+                DistanceCalibration.fit(new_emb, labels, seed=seed))
+        return self._calibrations[seed, psi]

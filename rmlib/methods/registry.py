@@ -133,6 +133,20 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("RM_naive, centred", _centred("old", "new", lambda e, s: e.naive()),
            "rank merge of old/old and new/new, each system centred on its own training "
            "mean and re-normalised"),
+    Method("psi Procrustes", _reverse_transform("procrustes"),
+           "psi(phi_new) / phi_old, then phi_new: psi an orthogonal map, by SVD of the "
+           "training pairs (closed form)"),
+    Method("psi Procrustes+cal", _reverse_transform("procrustes"),
+           "as psi Procrustes, merged by P(relevant | distance), each system calibrated on "
+           "training pairs (the old one on psi-mapped new queries)",
+           calibration=lambda e, s: e.calibrations(s, psi="procrustes")),
+    Method("psi affine", _reverse_transform("affine"),
+           "psi(phi_new) / phi_old, then phi_new: psi the least-squares affine map of the "
+           "training pairs (closed form)"),
+    Method("psi affine+cal", _reverse_transform("affine"),
+           "as psi affine, merged by P(relevant | distance), each system calibrated on "
+           "training pairs (the old one on psi-mapped new queries)",
+           calibration=lambda e, s: e.calibrations(s, psi="affine")),
     Method("FCT, ml-fct recipe", _forward_gallery("new", "fct-mlfct", False),
            "phi_new / h(phi_old): apple/ml-fct's MLP, MSE, learning rate, weight decay, "
            "epochs and batch size, on cached embeddings, with rmlib's AdamW and one-cycle "
@@ -147,6 +161,9 @@ ABLATION_ROWS = ("RM_naive", "+RQT", "+CL", "+MCL", "+rho")
 # (book/rank_merge); `centring_decision` says whether every row should use it.
 CENTRING_ROWS = ("Old, centred", "New, centred", "RM_naive, centred")
 # The baselines as published beside the variants the book measures them against.
+# Closed-form query transforms beside the trained ones (book/beyond_two): no epochs, no labels.
+CLOSED_FORM_ROWS = ("RM_naive", "RM_naive+cal", "psi Procrustes", "psi Procrustes+cal",
+                    "psi affine", "psi affine+cal", "+RQT", "+CL", "+MCL", "RM")
 BASELINE_ROWS = ("BCT", "BCT, old classes only", "BiCT", "BiCT, regression only",
                  "BiCT, classifier only", "BiCT, upgrade first", "FCT", "FCT, ml-fct recipe")
 
@@ -155,4 +172,12 @@ BASELINE_ROWS = ("BCT", "BCT, old classes only", "BiCT", "BiCT, regression only"
 def paper_table1() -> dict[str, dict[str, list[float]]]:
     """The paper's Table 1 per data set: row -> [AUC_mAP, AUC_CMC, Gain] in %."""
     text = (Path(__file__).with_name("paper_table1.json")).read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+@cache
+def external_results() -> dict[str, dict]:
+    """Other papers' numbers, for context beside the studies (`external_results.json`):
+    each entry's source, protocol, metric and rows; other protocols and single runs."""
+    text = (Path(__file__).with_name("external_results.json")).read_text()
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}

@@ -8,31 +8,42 @@
 - `backbone_seeds`: Table 1's rows that need no other backbone, with the old and new
   backbones trained again from other seeds: the spread over backbones, which Table 1's
   spread over transform seeds and backfill orders does not cover: `backbone_seeds.json`.
+- `open_class`: the old model trained on classes 0-39, the new one on 0-79, and the
+  rows of Table 1 evaluated on the test images of classes 80-99 (which neither model saw)
+  and on all 100 classes (mixed): `open_class.json`.
+- `closed_form`: psi in closed form (orthogonal Procrustes, least-squares affine), with and
+  without the training-free calibration, beside the trained RQT, CL, MCL and RM:
+  `closed_form.json`.
 
-Explained in the book: book/beyond, book/table1.
+Explained in the book: book/beyond, book/beyond_two, book/table1.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
+from rmlib import RmlibError
 from rmlib.config import Config
 from rmlib.evaluation.orders import ORDER_POLICIES, order_policy, policy_order
 from rmlib.evaluation.systems import SystemPair
 from rmlib.methods.experiment import Experiment
+from rmlib.methods.registry import CLOSED_FORM_ROWS, TABLE1_ROWS
 from rmlib.methods.reproduce import evaluate_method, evaluate_rows, final_metrics, gain
 from rmlib.methods.selection import rm_systems
-from rmlib.methods.setups import dataset_spec
+from rmlib.methods.setups import Setup, dataset_spec
 from rmlib.outputs import check_folder, check_output, write_json
 from rmlib.provenance import provenance
 
 ORDER_METHODS = ("RM_naive", "RM")
 STUDY_FILES = {"orders": "order_policies", "heterogeneous": "heterogeneous",
-               "backbone-seeds": "backbone_seeds"}
+               "backbone-seeds": "backbone_seeds", "closed-form": "closed_form",
+               "open-class": "open_class"}
+CLOSED_FORMS = ("procrustes", "affine")
 HETEROGENEOUS_OLD = {"arch": "resnet20", "widths": (16, 32, 64), "dim": 64, "whiten": False}
 HETEROGENEOUS_ROWS = ("RM_naive", "RM", "New+rho")
 BACKBONE_SEED_ROWS = ("RM_naive", "RM_naive+cal", "RM", "New+rho")
@@ -165,3 +176,99 @@ def backbone_seeds(dataset: str, config: Config, seeds: tuple[int, ...] | None =
     write_json(out, result)
     return result
 
+
+
+def closed_form(dataset: str, config: Config, progress: bool = False) -> dict:
+    """RM_naive, its calibration, psi by orthogonal Procrustes and by least-squares affine
+    maps (each with and without the calibration), and the trained +RQT, +CL, +MCL and RM,
+    on Table 1's backbones and cache; writes closed_form.json with each closed form's
+    fitting time on the training pairs."""
+    start = time.time()
+    out = study_path(dataset, config, "closed-form")
+    check_output(out, "the results file")
+    check_folder(config.paths.runs / dataset, "the run cache")
+    exp = Experiment(dataset, config, progress)
+    rows = evaluate_rows(exp, CLOSED_FORM_ROWS)
+    fits = {name: [exp.transform(name, seed).history[0]["seconds"]
+                   for seed in config.profile.transforms.seeds] for name in CLOSED_FORMS}
+    old, new = exp.embeddings("old", "train"), exp.embeddings("new", "train")
+    prov = provenance(
+        {"rows": list(CLOSED_FORM_ROWS), "hyperparameter_selection": exp.selection,
+         "seeds": list(config.profile.transforms.seeds),
+         "transforms": {n: asdict(t.config) for n, t in exp.transforms.items()}},
+        time.time() - start, commit=config.commit, profile=config.name)
+    prov["step_seconds"] = exp.timings
+    result = {"rows": rows, "training_pairs": {"items": len(old), "old_dim": old.shape[1],
+                                               "new_dim": new.shape[1]},
+              "fit_seconds": fits, "provenance": prov}
+    write_json(out, result)
+    return result
+
+
+# The open-class protocol (this project's; the WACV 2025 version of the paper has one, whose
+# tables are not available to reproduce): classes the old model, the new model and
+# neither of them trained on.
+OPEN_CLASS = {"old_classes": 40, "new_classes": 80, "num_classes": 100}
+OPEN_CLASS_SPLITS = {"unseen": "test images of classes 80-99, which neither model saw",
+                     "mixed": "all 10,000 test images: classes 0-39 seen by both models, "
+                              "40-79 by the new one only, 80-99 by neither"}
+
+
+def open_class_setup(config: Config, split: str) -> Setup:
+    """CIFAR-100 with the old model on classes 0-39 and the new one on 0-79 (their
+    training images only), evaluated leave-one-out on the `split` of the test set."""
+    if split not in OPEN_CLASS_SPLITS:
+        raise ValueError(f"split {split!r}; use one of {', '.join(OPEN_CLASS_SPLITS)}")
+    base = dataset_spec("cifar100").setup(config)
+    old_classes, new_classes = OPEN_CLASS["old_classes"], OPEN_CLASS["new_classes"]
+    train = base.train.subset(np.flatnonzero(base.train.labels < new_classes))
+    query = base.query if split == "mixed" else \
+        base.query.subset(np.flatnonzero(base.query.labels >= new_classes))
+    return replace(base, train=train, old_mask=train.labels < old_classes,
+                   num_old_classes=old_classes, num_classes=new_classes, query=query,
+                   details={"open_class": {**OPEN_CLASS, "split": split,
+                                           "evaluated_on": OPEN_CLASS_SPLITS[split]}})
+
+
+def open_class(dataset: str, config: Config, progress: bool = False,
+               rows: tuple[str, ...] = TABLE1_ROWS) -> dict:
+    """Table 1's rows with the old model on 40 classes and the new one on 80, on the test
+    images of the 20 classes neither saw and on all of them. The transforms' settings are
+    chosen on this pair's own validation split (they depend on the two models), once for
+    both splits. `rows`: default Table 1's. Writes open_class.json."""
+    if dataset != "cifar100":
+        raise RmlibError(f"the open-class study is defined on cifar100, not {dataset!r}")
+    start = time.time()
+    out = study_path(dataset, config, "open-class")
+    check_output(out, "the results file")
+    check_folder(config.paths.runs / dataset, "the run cache")
+    splits, experiments, selection = {}, {}, None
+    for split in OPEN_CLASS_SPLITS:  # the same backbones and transforms, from the cache
+        exp = Experiment(dataset, config, progress, setup=open_class_setup(config, split))
+        exp.selection = selection
+        splits[split] = evaluate_rows(exp, rows)
+        selection = exp.selection
+        experiments[split] = exp
+    exp = experiments["unseen"]
+    prov = provenance(
+        {"rows": list(rows),
+         "protocol": {**OPEN_CLASS, "splits": OPEN_CLASS_SPLITS,
+                      "label": "this project's protocol, not the WACV 2025 paper's"},
+         "backbones": {r: asdict(m.config) for r, m in exp.models.items()},
+         "hyperparameter_selection": selection,
+         "seeds": list(config.profile.transforms.seeds),
+         "transforms": {n: asdict(t.config) for n, t in exp.transforms.items()}},
+        time.time() - start, commit=config.commit, profile=config.name)
+    prov["step_seconds"] = {split: e.timings for split, e in experiments.items()}
+    prov["backbone_train_seconds"] = {r: m.wall_time_s for r, m in exp.models.items()}
+    result = {"splits": splits, "queries": {s: len(e.setup.query) for s, e in
+                                            experiments.items()},
+              "provenance": prov}
+    write_json(out, result)
+    return result
+
+
+# Each study by its command-line name: the function that runs it (and writes its file).
+STUDIES: dict[str, Callable[..., dict]] = {
+    "orders": order_policies, "heterogeneous": heterogeneous, "backbone-seeds": backbone_seeds,
+    "closed-form": closed_form, "open-class": open_class}

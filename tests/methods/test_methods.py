@@ -53,6 +53,20 @@ def test_transforms_learn_and_round_trip(objective, rho, layers, tmp_path):
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("epochs", [1, 2, 5])
+def test_short_fits_of_any_length_train(epochs):
+    """OneCycleLR divides by (warm-up steps - 1): a fit of exactly 10 steps (a tenth warming
+    up) once failed with ZeroDivisionError."""
+    from rmlib.engine.transforms import steps_per_epoch
+
+    labels, old, new = paired_embeddings(n=180)
+    cfg = TransformConfig(objective="rqt", hidden=16, epochs=epochs, classes_per_batch=6,
+                          per_class=8)
+    assert epochs * steps_per_epoch(cfg, labels) == 5 * epochs  # 10 steps at 2 epochs
+    t = fit_transforms(cfg, old, new, labels, progress=False)
+    assert len(t.history) == epochs and np.isfinite(t.history[-1]["loss"])
+
+
 def test_rqt_brings_reverse_queries_into_the_old_space():
     labels, old, new = paired_embeddings(seed=3)
     cfg = TransformConfig(objective="rqt", hidden=64, epochs=30, classes_per_batch=6)

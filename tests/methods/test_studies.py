@@ -1,19 +1,39 @@
-"""The studies beyond the paper, end to end on real CIFAR-100 in the smoke profile."""
+"""The studies beyond the paper, end to end on real CIFAR-100 in the smoke profile.
+
+The studies that read Table 1's backbones share one run cache (`table_config`), as they
+do in a real run: its old and new models are trained once for all of them."""
 
 import json
+
+import pytest
 
 from rmlib.cli import main
 from rmlib.evaluation.orders import ORDER_POLICIES
 from rmlib.methods.studies import HETEROGENEOUS_OLD, heterogeneous, order_policies
 
 
-def test_order_policies_write_every_policy_with_seeds_for_both_merges(smoke_config, capsys,
-                                                                     monkeypatch):
-    monkeypatch.setenv("RMLIB_DATA", str(smoke_config.paths.data))
-    result = order_policies("cifar100", smoke_config)
-    path = smoke_config.paths.results / "cifar100" / "smoke" / "order_policies.json"
+@pytest.fixture(scope="module")
+def table_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("table-cache")
+
+
+@pytest.fixture
+def table_config(table_folder, cifar_root, monkeypatch):
+    """The smoke profile with this module's shared run cache and results (for the command
+    line too, which reads them from the environment)."""
+    from rmlib.config import Config
+
+    for name, folder in (("RMLIB_RUNS", "runs"), ("RMLIB_RESULTS", "results")):
+        monkeypatch.setenv(name, str(table_folder / folder))
+    monkeypatch.setenv("RMLIB_DATA", str(cifar_root))
+    return Config.from_env("smoke")
+
+
+def test_order_policies_write_every_policy_with_seeds_for_both_merges(table_config, capsys):
+    result = order_policies("cifar100", table_config)
+    path = table_config.paths.results / "cifar100" / "smoke" / "order_policies.json"
     assert json.loads(path.read_text())["rows"].keys() == {"RM_naive", "RM"}
-    seeds = list(smoke_config.profile.transforms.seeds)
+    seeds = list(table_config.profile.transforms.seeds)
     for rows in result["rows"].values():
         assert tuple(rows) == tuple(ORDER_POLICIES)
         for policy, row in rows.items():
@@ -35,14 +55,13 @@ def test_heterogeneous_upgrade_trains_an_old_model_of_another_architecture(smoke
     assert "gain_upgraded" in result["rows"]["RM"]
 
 
-def test_backbone_seeds_retrain_both_backbones_and_hold_everything_else(smoke_config, capsys,
-                                                                         monkeypatch):
+def test_backbone_seeds_retrain_both_backbones_and_hold_everything_else(table_config, capsys):
     from rmlib.methods.reproduce import reproduce
     from rmlib.methods.studies import BACKBONE_SEED_ROWS, backbone_seeds
 
-    table = reproduce("cifar100", smoke_config, progress=False)["table1"]["rows"]
-    result = backbone_seeds("cifar100", smoke_config, seeds=(0, 1))
-    runs = smoke_config.paths.runs / "cifar100" / "smoke"
+    table = reproduce("cifar100", table_config, progress=False)["table1"]["rows"]
+    result = backbone_seeds("cifar100", table_config, seeds=(0, 1))
+    runs = table_config.paths.runs / "cifar100" / "smoke"
     assert len(list(runs.glob("old-*"))) == len(list(runs.glob("new-*"))) == 2  # a pair each
     rows = result["rows"]
     assert set(rows) == {"Old", "New", *BACKBONE_SEED_ROWS}
@@ -53,11 +72,79 @@ def test_backbone_seeds_retrain_both_backbones_and_hold_everything_else(smoke_co
     for row in rows.values():
         values = row["auc_mAP_by_backbone_seed"]
         assert len(values) == 2 and row["auc_mAP_backbone_std"] > 0  # other weights, numbers
-    written = json.loads((smoke_config.paths.results / "cifar100" / "smoke" /
+    written = json.loads((table_config.paths.results / "cifar100" / "smoke" /
                           "backbone_seeds.json").read_text())
     assert written["provenance"]["config"]["hyperparameter_selection"] == json.loads(
-        (smoke_config.paths.results / "cifar100" / "smoke" / "table1.json").read_text()
+        (table_config.paths.results / "cifar100" / "smoke" / "table1.json").read_text()
     )["provenance"]["config"]["hyperparameter_selection"]  # Table 1's, not chosen again
-    monkeypatch.setenv("RMLIB_DATA", str(smoke_config.paths.data))
     main(["study", "backbone-seeds", "cifar100", "--profile", "smoke", "--quiet"])
     assert "over backbone seeds [0, 1]" in capsys.readouterr().out  # the smoke profile's
+
+
+def test_closed_form_study_solves_psi_and_reads_the_trained_rows_from_the_cache(
+        table_config, capsys):
+    from rmlib.methods.registry import CLOSED_FORM_ROWS
+    from rmlib.methods.studies import closed_form
+
+    result = closed_form("cifar100", table_config)
+    rows = result["rows"]
+    assert set(rows) == {"Old", "New", *CLOSED_FORM_ROWS}
+    seeds = list(table_config.profile.transforms.seeds)
+    for name in ("psi Procrustes", "psi affine"):
+        assert rows[name]["seeds"] == seeds and 0 < rows[name]["auc_mAP"] < 1
+        # the calibration changes the merge, not the systems (at t = 0, only float32 ties)
+        assert rows[f"{name}+cal"]["mAP"][0] == pytest.approx(rows[name]["mAP"][0], abs=2e-3)
+        assert rows[f"{name}+cal"]["auc_mAP"] != rows[name]["auc_mAP"]
+        assert rows[f"{name}+cal"]["merged_top10"] is None
+    # Table 1's two backbones, and the closed forms cached as transforms of their own
+    runs = table_config.paths.runs / "cifar100" / "smoke"
+    backbones = result["provenance"]["config"]["transforms"]["procrustes"]["sources"]
+    assert [b.split("-")[0] for b in backbones] == ["old", "new"]
+    assert all((runs / b).is_dir() for b in backbones)
+    assert len(list(runs.glob("transform-procrustes-*/t.pt"))) == len(seeds)
+    table = table_config.paths.results / "cifar100" / "smoke" / "table1.json"
+    if table.is_file():  # with the backbone-seeds test before it: the same cached RM
+        rm = json.loads(table.read_text())["rows"]["RM"]
+        assert rows["RM"]["auc_mAP_seeds"] == rm["auc_mAP_seeds"]
+    assert result["training_pairs"]["items"] > 0
+    assert all(len(v) == len(seeds) and max(v) < 10 for v in result["fit_seconds"].values())
+    configs = result["provenance"]["config"]["transforms"]
+    assert {c["objective"] for c in configs.values()} >= {"procrustes", "affine"}
+    assert all(c["epochs"] == 0 for c in configs.values() if c["objective"] == "affine")
+    main(["study", "closed-form", "cifar100", "--profile", "smoke", "--quiet"])
+    out = capsys.readouterr().out
+    assert "psi Procrustes+cal" in out and "training pairs" in out
+
+
+def test_open_class_trains_on_40_and_80_classes_and_evaluates_on_classes_neither_saw(
+        table_config, capsys, monkeypatch):
+    import functools
+
+    from rmlib.methods import studies
+    from rmlib.methods.registry import TABLE1_ROWS
+    from rmlib.methods.studies import open_class, open_class_setup
+
+    unseen = open_class_setup(table_config, "unseen")
+    assert unseen.train.labels.max() == 79 and unseen.old_mask.sum() == \
+        (unseen.train.labels < 40).sum()
+    assert set(unseen.query.labels) == set(range(80, 100))
+    assert len(open_class_setup(table_config, "mixed").query.labels) > len(unseen.query.labels)
+    # the rows that need no third backbone (BCT and BiCT train one more: the command's
+    # default, Table 1's rows, adds them)
+    rows = ("RM_naive", "FCT", "RM", "RM_naive+cal")
+    result = open_class("cifar100", table_config, rows=rows)
+    assert set(result["splits"]) == {"unseen", "mixed"}
+    assert result["queries"]["unseen"] == len(unseen.query.labels)
+    for by_row in result["splits"].values():
+        assert list(by_row) == ["Old", "New", *rows]
+        assert all(0 < row["auc_mAP"] < 1 for row in by_row.values())
+    backbones = result["provenance"]["config"]["backbones"]
+    assert (backbones["old"]["num_classes"], backbones["new"]["num_classes"]) == (40, 80)
+    # one settings search for the pair, shared by both splits
+    assert result["provenance"]["config"]["hyperparameter_selection"]["tau"] > 0
+    assert "this project's protocol" in result["provenance"]["config"]["protocol"]["label"]
+    assert set(TABLE1_ROWS) >= set(rows)
+    monkeypatch.setattr(studies, "open_class", functools.partial(open_class, rows=rows))
+    main(["study", "open-class", "cifar100", "--profile", "smoke", "--quiet"])  # from cache
+    out = capsys.readouterr().out
+    assert "open classes, unseen (" in out and "open classes, mixed (" in out
