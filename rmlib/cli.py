@@ -82,6 +82,10 @@ def _order(args: argparse.Namespace, arrays):
         learners = [name for name, p in ORDER_POLICIES.items() if p.needs_train]
         raise RmlibError(f"--order-train is for --order {' or '.join(learners)} only")
     train = load_backfill_arrays(args.order_train) if args.order_train else None
+    if train is not None and getattr(args, "centre", None) is not None:
+        from rmlib.evaluation.emb_file import centred_on
+
+        train = centred_on(train, args.centre)  # the policy learns on the systems it orders
     return policy_order(args.order, arrays, args.seed, train)
 
 

@@ -239,6 +239,12 @@ def _check_compat_modules(state: dict) -> str | None:
         return f"its config has rho {config.rho!r}, not true or false"
     if not isinstance(config.layers, int) or config.layers < 1:
         return f"its config has layers {config.layers!r}, not a positive integer"
+    closed = config.objective in CLOSED_FORMS
+    if state["format"] == "rmlib-compat-1" and (closed or state["centres"]):
+        return "it says format rmlib-compat-1, which held neither closed forms nor centres"
+    if closed != (config.hidden == 0):
+        return (f"its config's width {config.hidden!r} does not fit {config.objective!r} "
+                "(a closed form has width 0, MCL a positive one)")
     if config.hidden != state["psi_dims"][2]:
         return f"its config's width {config.hidden!r} is not psi's {state['psi_dims'][2]}"
     # a closed form's map is one linear layer, whatever `layers` says
@@ -247,8 +253,10 @@ def _check_compat_modules(state: dict) -> str | None:
     for name, wanted in (("psi", entries), ("rho", entries if config.rho else 0),
                          ("classifier", 0)):
         if len(state[name]) != wanted:
-            return (f"its config says {config.layers} layer(s){' with rho' * config.rho}, "
-                    f"which is {wanted} {name} tensors, but the file holds {len(state[name])}")
+            says = f"{config.objective!r} psi is one linear map" if closed else \
+                f"its config says {config.layers} layer(s){' with rho' * config.rho}"
+            return (f"{says}, which is {wanted} {name} tensors, but the file holds "
+                    f"{len(state[name])}")
     with torch.device("meta"), torch.random.fork_rng():
         meta = build_transforms(config, state["old_dim"], state["new_dim"])
     for name, module in (("psi", meta.psi), ("rho", meta.rho)):
@@ -345,8 +353,16 @@ def fit_command(train: Path, out: Path, rho: bool, tau: float | None, epochs: in
         train, selects=not closed and (tau is None or search_size), contrasts=not closed)
     unit = is_unit(old) and is_unit(new)
     fitted_on = unit_rows("old", old), unit_rows("new", new)
-    centres = {"old": fitted_on[0].mean(0), "new": fitted_on[1].mean(0)} if centre else None
+    centres = {side: a.mean(0, dtype=np.float64) for side, a in
+               zip(("old", "new"), fitted_on, strict=True)} if centre else None
     if centres:  # each system moved by the mean of its unit-length training embeddings
+        for side, a in zip(("old", "new"), fitted_on, strict=True):
+            # unit rows: one within 1e-4 of the mean keeps no direction worth the name
+            at_mean = np.flatnonzero(np.linalg.norm(a - centres[side], axis=1) < 1e-4)
+            if len(at_mean):
+                raise RmlibError(f"centring leaves {len(at_mean)} {side} training row(s) at "
+                                 f"the mean (e.g. row {at_mean[0]}), with no direction: drop "
+                                 "them, or fit without --centre")
         moved = centred(SystemPair(*fitted_on[:1] * 2, *fitted_on[1:] * 2, labels),
                         centres["old"], centres["new"])
         fitted_on = (moved.old_gallery, moved.new_gallery)

@@ -400,6 +400,17 @@ def test_backfill_centres_each_system_on_a_training_file(loo_file, tmp_path, cap
     again = tmp_path / "again.json"
     assert main(["backfill", str(path), "--centre", str(fit_format), "--json", str(again)]) == 0
     assert json.loads(again.read_text())["auc_mAP"] == written["auc_mAP"]
+    # a learned order learns on the systems it orders: --order-train centred the same way
+    from rmlib.evaluation.emb_file import centred_on
+    from rmlib.evaluation.orders import policy_order
+
+    learned = tmp_path / "learned.json"
+    assert main(["backfill", str(path), "--centre", str(train), "--order", "uncertainty",
+                 "--order-train", str(train), "--json", str(learned)]) == 0
+    moved, moved_train = (centred_on(load_backfill_arrays(p), train) for p in (path, train))
+    expected, _ = backfill_arrays(moved, order=policy_order("uncertainty", moved, 0, moved_train))
+    assert json.loads(learned.read_text())["auc_mAP"] == pytest.approx(expected.auc("mAP"),
+                                                                       abs=1e-9)
     broken = write(tmp_path / "broken.npz", old=a["og"], new=a["ng"][:, :0], labels=a["qlab"])
     for bad, message in ((broken, "new has width 0"), (tmp_path / "nothing.npz", "does not exist")):
         assert main(["backfill", str(path), "--centre", str(bad)]) == 2

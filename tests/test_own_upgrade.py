@@ -153,6 +153,10 @@ BAD_COMPAT = {
     "huge seed": (lambda s: _config(s, seed=2 ** 70), "not a non-negative integer"),
     "string rho": (lambda s: _config(s, rho="yes"), "rho 'yes', not true or false"),
     "no centres": (lambda s: s.pop("centres"), "lacks the field 'centres'"),
+    "mcl of width 0": (lambda s: (_config(s, hidden=0), s.update(psi_dims=[16, 12, 0])),
+                       "width 0 does not fit 'mcl'"),
+    "format 1 with centres": (lambda s: s.update(format="rmlib-compat-1", centres={
+        "old": torch.zeros(12), "new": torch.ones(16)}), "neither closed forms nor centres"),
     "one centre": (lambda s: s.update(centres={"old": torch.zeros(12)}),
                    "centres are neither empty nor one for the old and one for the new"),
     "centre shape": (lambda s: s.update(centres={"old": torch.zeros(3), "new": torch.zeros(16)}),
@@ -375,3 +379,16 @@ def test_closed_forms_refuse_the_options_of_a_trained_fit(argv, files, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{argv[0]} are for --method mcl only" in err
     assert not (files / "c.pt").exists()
+
+
+def test_fit_centre_refuses_a_row_at_the_mean_in_one_line(files, capsys):
+    with np.load(files / "train.npz") as f:
+        old, new, labels = f["old"].copy(), f["new"].copy(), f["labels"]
+    old[:] = old[0]  # every old row the same: centring leaves each of them at the mean
+    np.savez(files / "flat.npz", old=old, new=new, labels=labels)
+    out = files / "c.pt"
+    assert main(["fit", str(files / "flat.npz"), "--out", str(out), "--tau", "0.2",
+                 "--epochs", "1", "--centre", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "centring leaves 800 old training row(s) at the mean" in err
+    assert not out.exists()

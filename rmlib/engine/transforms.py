@@ -359,10 +359,11 @@ def fit_transforms(config: TransformConfig, old: np.ndarray, new: np.ndarray,
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=True)
     total = steps_per_epoch(config, labels) * config.epochs
-    # a tenth of the steps warm up; at least two on a short run, for OneCycleLR divides by
-    # (warm-up steps - 1), which is 0 at exactly 10 steps
+    # a tenth of the steps warm up; OneCycleLR divides by (warm-up steps - 1), which is 0
+    # at exactly 10 steps: that one length warms up for two
+    warm_up = 0.2 if 0.1 * total == 1 else 0.1
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=total,
-                                                    pct_start=max(0.1, min(0.5, 2 / total)))
+                                                    pct_start=warm_up)
     opt = Optimisation(optimizer, scheduler,
                        f"{config.name} training diverged; raise tau or lower the learning rate")
     # On a CPU the batches are pk_batches' (the committed results' random streams); on a

@@ -53,16 +53,17 @@ def test_transforms_learn_and_round_trip(objective, rho, layers, tmp_path):
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("epochs", [1, 2, 5])
-def test_short_fits_of_any_length_train(epochs):
+@pytest.mark.parametrize("n,epochs", [(40, 1), (40, 2), (40, 3), (180, 1), (180, 2),
+                                      (180, 5)])
+def test_short_fits_of_any_length_train(n, epochs):
     """OneCycleLR divides by (warm-up steps - 1): a fit of exactly 10 steps (a tenth warming
-    up) once failed with ZeroDivisionError."""
+    up) once failed with ZeroDivisionError. Here 1, 2, 3, 5, 10 and 25 steps."""
     from rmlib.engine.transforms import steps_per_epoch
 
-    labels, old, new = paired_embeddings(n=180)
+    labels, old, new = paired_embeddings(n=n, classes=6 if n == 40 else 12)
     cfg = TransformConfig(objective="rqt", hidden=16, epochs=epochs, classes_per_batch=6,
-                          per_class=8)
-    assert epochs * steps_per_epoch(cfg, labels) == 5 * epochs  # 10 steps at 2 epochs
+                          per_class=64 if n == 40 else 8)  # one batch an epoch, or five
+    assert steps_per_epoch(cfg, labels) == (1 if n == 40 else 5)
     t = fit_transforms(cfg, old, new, labels, progress=False)
     assert len(t.history) == epochs and np.isfinite(t.history[-1]["loss"])
 

@@ -107,7 +107,7 @@ def test_closed_form_study_solves_psi_and_reads_the_trained_rows_from_the_cache(
         rm = json.loads(table.read_text())["rows"]["RM"]
         assert rows["RM"]["auc_mAP_seeds"] == rm["auc_mAP_seeds"]
     assert result["training_pairs"]["items"] > 0
-    assert all(len(v) == len(seeds) and max(v) < 10 for v in result["fit_seconds"].values())
+    assert all(len(v) == len(seeds) for v in result["fit_seconds"].values())
     configs = result["provenance"]["config"]["transforms"]
     assert {c["objective"] for c in configs.values()} >= {"procrustes", "affine"}
     assert all(c["epochs"] == 0 for c in configs.values() if c["objective"] == "affine")
@@ -140,8 +140,11 @@ def test_open_class_trains_on_40_and_80_classes_and_evaluates_on_classes_neither
         assert all(0 < row["auc_mAP"] < 1 for row in by_row.values())
     backbones = result["provenance"]["config"]["backbones"]
     assert (backbones["old"]["num_classes"], backbones["new"]["num_classes"]) == (40, 80)
-    # one settings search for the pair, shared by both splits
+    # one settings search for the pair, made for the first split and shared by the second
     assert result["provenance"]["config"]["hyperparameter_selection"]["tau"] > 0
+    steps = result["provenance"]["step_seconds"]
+    assert "hyperparameter_selection" in steps["unseen"]
+    assert "hyperparameter_selection" not in steps["mixed"]
     assert "this project's protocol" in result["provenance"]["config"]["protocol"]["label"]
     assert set(TABLE1_ROWS) >= set(rows)
     monkeypatch.setattr(studies, "open_class", functools.partial(open_class, rows=rows))
