@@ -105,12 +105,13 @@ def _cmd_live(args: argparse.Namespace) -> int:
 def _cmd_study(args: argparse.Namespace) -> int:
     from rmlib.methods.studies import (
         backbone_seeds,
+        chain,
         closed_form,
         heterogeneous,
         open_class,
         order_policies,
     )
-    from rmlib.report import table1_text
+    from rmlib.report import chain_text, table1_text
 
     if args.study == "orders":
         result = order_policies(args.dataset, args.config, progress=not args.quiet)
@@ -132,6 +133,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
             print(f"open classes, {split} ({result['queries'][split]:,} queries), "
                   f"{args.config.name} profile:")
             print(table1_text(rows))
+    elif args.study == "chain":
+        result = chain(args.dataset, args.config, progress=not args.quiet)
+        print(chain_text(result))
     elif args.study == "heterogeneous":
         result = heterogeneous(args.dataset, args.config, progress=not args.quiet)
         print(f"upgrade across architectures, {args.config.name} profile:")
@@ -356,7 +360,8 @@ def _add_live(sub) -> None:
 def _add_study(sub) -> None:
     p = _command(
         sub, "study", _cmd_study, "run a study beyond the paper (backfill orders, an upgrade "
-        "across architectures, the spread over backbone seeds, closed-form psi, open classes)",
+        "across architectures, the spread over backbone seeds, closed-form psi, open classes, "
+        "an upgrade chain)",
         "orders: RM_naive and RM under the random, uncertainty and oracle backfill orders, "
         "with every seed, into <results>/<dataset>/<profile>/order_policies.json. "
         "heterogeneous: Old, New, RM_naive, RM and New+rho with a CIFAR ResNet-20 old model, "
@@ -367,7 +372,10 @@ def _add_study(sub) -> None:
         "calibration) beside RQT, CL, MCL and RM, into closed_form.json. open-class: "
         "Table 1's rows with the old model on classes 0-39 and the new one on 0-79, "
         "evaluated on the classes neither saw (80-99) and on all of them, into "
-        "open_class.json.")
+        "open_class.json. chain: a third model (the better of a longer- and a wider-trained "
+        "net on held-out training images) arriving when the first backfill is at t1 = "
+        "0.25, 0.5, 0.75; finish first, restart, and three-system naive and RM merges over "
+        "the whole period, into chain.json.")
     from rmlib.methods.studies import STUDIES
 
     p.add_argument("study", choices=list(STUDIES))

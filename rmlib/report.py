@@ -94,3 +94,22 @@ def provenance_line(prov: Mapping) -> str:
     if transforms:
         line += f"; final transform fits {transforms / 60:.1f} min"
     return line + "."
+
+def chain_text(result: Mapping) -> str:
+    """The upgrade-chain study as fixed-width text: for each t1, each strategy's AUC mAP
+    and top-1 over the period (mean ± std over seeds), mean negative flips against M1,
+    re-embeddings per AUC point above M1, and average compatibility."""
+    third = result["third_model"]
+    lines = [f"M3: {third['chosen']} (held-out mAP " + ", ".join(
+        f"{n} {100 * v:.2f}" for n, v in third["held_out_mAP"].items())
+        + f"); test mAP M1 {100 * result['searches']['M1']['mAP']:.2f}, M2 "
+        f"{100 * result['searches']['M2']['mAP']:.2f}, M3 {100 * third['test_mAP']:.2f}"]
+    for t1, rows in result["t1"].items():
+        lines.append(f"M3 arrives at t1 = {t1}:")
+        lines.append(f"  {'':26} {'AUC_mAP':>11} {'AUC_CMC':>11} {'NFR':>6} "
+                     f"{'re-emb./pt':>10} {'AC':>5}")
+        for name, r in rows.items():
+            lines.append(f"  {name:26} {auc_text(r, 'mAP'):>11} {auc_text(r, 'top1'):>11} "
+                         f"{100 * r['auc_nfr']:5.2f}% {r['re_embeddings_per_point']:10.0f} "
+                         f"{r['average_compatibility']['AC']:5.2f}")
+    return "\n".join(lines)

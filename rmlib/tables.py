@@ -299,3 +299,19 @@ def external_frame(entry: Mapping):
     frame = pd.DataFrame({entry["metric"]: [f"{v:.1f}" for v in entry["rows"].values()]},
                          index=list(entry["rows"]))
     return frame.style.set_caption(f"{entry['protocol']} ({entry['quoted']})")
+
+
+def part_distances_frame(rows: Mapping[str, Mapping]):
+    """Each row's geometry (`part_distances`, rmlib.evaluation.geometry): the median distance
+    from a new query to each part's relevant and irrelevant items, and how often an
+    irrelevant item of one part is closer than a relevant item of the other."""
+    frame = pd.DataFrame({
+        name: {"new rel.": d["new relevant"], "new irr.": d["new irrelevant"],
+               "old rel.": d["old relevant"], "old irr.": d["old irrelevant"],
+               "new irr. < old rel.": d["new irrelevant closer than old relevant"],
+               "old irr. < new rel.": d["old irrelevant closer than new relevant"]}
+        for name, row in rows.items() for d in [row["part_distances"]]}).T
+    return frame.style.format("{:.2f}", subset=list(frame.columns[:4])).format(
+        "{:.0%}", subset=list(frame.columns[4:])).set_caption(
+        "median distances from a query to each part's relevant and irrelevant items, and "
+        "how often an irrelevant item of one part is closer than a relevant item of the other")

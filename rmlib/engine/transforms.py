@@ -162,6 +162,11 @@ class Transforms:
         """The backward-compatible query: psi(rho(phi_new)) (or psi(phi_new) without rho)."""
         return self._apply(self._learned("psi"), self.new_side(new))
 
+    def reverse_new_side(self, new_side: np.ndarray) -> np.ndarray:
+        """psi alone, on embeddings already in the new system's space (rho(phi_new)): a later
+        model's query, mapped into this new space by its own psi, goes on to the old space."""
+        return self._apply(self._learned("psi"), new_side)
+
     def forward(self, old: np.ndarray) -> np.ndarray:
         """FCT / BiCT: upgrade old gallery embeddings, h(phi_old)."""
         return self._apply(self._learned("h"), old)

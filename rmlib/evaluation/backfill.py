@@ -183,22 +183,59 @@ def simulate_backfill(
     (default: the distances themselves). `device`: where the work runs (default: a GPU if
     there is one); only the per-query scores come back to the host, once.
     """
-    old_score, new_score = calibration or (_identity, _identity)
     device = torch.device(device) if device is not None else default_device()
-    n = protocol.num_gallery
     old = EuclideanSystem.of(old_query, old_gallery, "the old system's embeddings").to(device)
     new = EuclideanSystem.of(new_query, new_gallery, "the new system's embeddings").to(device)
+    reference = None
+    if reference_query is not None:
+        reference = EuclideanSystem.of(
+            reference_query, old_gallery if reference_gallery is None else reference_gallery,
+            "reference_query").to(device)
+    return simulate_backfill_systems(old, new, protocol, order, seed, reference, ts, chunk,
+                                     calibration, device)
+
+
+@dataclass(frozen=True)
+class PartedSystem:
+    """One gallery that two systems serve, each item by the one its part names: the
+    not-yet-re-embedded side of a backfill whose gallery already holds two models'
+    embeddings (a second upgrade that arrives mid-backfill, `rmlib.methods.chain`). Its
+    distances are the two systems' own, merged as rank merge merges them."""
+
+    first: EuclideanSystem
+    second: EuclideanSystem
+    in_second: torch.Tensor  # (N,) bool: the items the second system serves
+
+    def distances(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return torch.where(self.in_second, self.second.distances(start, stop),
+                           self.first.distances(start, stop))
+
+    def to(self, device: torch.device | str) -> PartedSystem:
+        return PartedSystem(self.first.to(device), self.second.to(device),
+                            self.in_second.to(device))
+
+
+def simulate_backfill_systems(
+    old: EuclideanSystem | PartedSystem, new: EuclideanSystem | PartedSystem,
+    protocol: Protocol, order: np.ndarray | None = None, seed: int = 0,
+    reference: EuclideanSystem | None = None, ts: np.ndarray = T_GRID,
+    chunk: int | None = None, calibration: tuple[Callable, Callable] | None = None,
+    device: torch.device | str | None = None,
+) -> BackfillCurve:
+    """`simulate_backfill` on systems already made: anything with `distances(start, stop)`
+    and `to(device)` serves a side, so a side may itself be a `PartedSystem`. `reference`:
+    the deployed system negative flips are counted against (default: the old side)."""
+    old_score, new_score = calibration or (_identity, _identity)
+    device = torch.device(device) if device is not None else default_device()
+    old, new = old.to(device), new.to(device)
+    n = protocol.num_gallery
     if order is None:
         order = backfill_order(n, seed)
     order = permutation("the backfill order", order, n)
     ts = np.asarray(ts, dtype=np.float64)
     segment = torch.as_tensor(item_segments(np.asarray(order), ts), device=device)
-    ref_correct = None  # per query: is the deployed old system's top-1 relevant?
-    if reference_query is not None:
-        reference = EuclideanSystem.of(
-            reference_query, old_gallery if reference_gallery is None else reference_gallery,
-            "reference_query").to(device)
-        ref_correct = top1_correct(reference, protocol)
+    # per query: is the deployed system's top-1 relevant?
+    ref_correct = None if reference is None else top1_correct(reference.to(device), protocol)
 
     num_t = len(ts)
     per_query = [_chunk_scores(old, new, protocol, start, stop, segment, num_t, ref_correct,
@@ -216,7 +253,8 @@ def simulate_backfill(
     )
 
 
-def _chunk_scores(old: EuclideanSystem, new: EuclideanSystem, protocol: Protocol, start: int,
+def _chunk_scores(old: EuclideanSystem | PartedSystem, new: EuclideanSystem | PartedSystem,
+                  protocol: Protocol, start: int,
                   stop: int, segment: torch.Tensor, num_t: int, ref_correct: torch.Tensor | None,
                   old_score: Callable, new_score: Callable) -> torch.Tensor:
     """(valid queries of start:stop, t, 4): AP, top-1, top-5 and negative flip at every t."""

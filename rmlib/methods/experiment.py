@@ -76,8 +76,8 @@ class Experiment:
                              "bct-old-classes and bict-upgrade-first")
         base = self.setup.objective()
         if role in ROLES:
-            return self._fit(self.setup.backbone_config(role), self.setup.training_set(role),
-                             base)
+            return self.fit_backbone(self.setup.backbone_config(role),
+                                     self.setup.training_set(role), base)
         setup, old = self.setup, self.model("old")
         if role == "bct":
             classifier = synthesised_classifier(old.model.classifier,
@@ -95,10 +95,11 @@ class Experiment:
                                            source=up.config.key(), base=base)
         # the config's role names the kind of backbone; the objective's spec, the variant
         kind = role.split("-")[0]
-        return self._fit(replace(setup.backbone_config("new"), role=kind), setup.train,
-                         objective)
+        return self.fit_backbone(replace(setup.backbone_config("new"), role=kind), setup.train,
+                                 objective)
 
-    def _fit(self, config, images, objective: Objective) -> TrainedModel:
+    def fit_backbone(self, config, images, objective: Objective) -> TrainedModel:
+        """Train (or load from the run cache) a backbone of `config` on `images`."""
         return train_backbone(config, images, objective, runs=self.config.paths.runs,
                               device=self.config.torch_device,
                               precision=self.config.precision, progress=self.progress)
@@ -180,12 +181,13 @@ class Experiment:
                 base, self.embeddings("old", "train"), self.embeddings("new", "train"),
                 self.setup.train.labels, fit, val, taus=recipe.tau_grid,
                 tau_epochs=recipe.tau_epochs, widths=recipe.hidden_grid,
-                epochs=recipe.epochs_grid, fit_fn=self._fit_transform, progress=self.progress)
+                epochs=recipe.epochs_grid, fit_fn=self.fit_transform, progress=self.progress)
             self.timings["hyperparameter_selection"] = time.time() - t0
         return self.selection
 
-    def _fit_transform(self, cfg: TransformConfig, old, new, labels, progress,
-                       target_classifier=None) -> Transforms:
+    def fit_transform(self, cfg: TransformConfig, old, new, labels, progress,
+                      target_classifier=None) -> Transforms:
+        """Train (or load from this profile's cache) transforms of `cfg` on these pairs."""
         folder = self.config.paths.runs / self.dataset / self.profile
         return cached_transforms(cfg, old, new, labels, folder, progress,
                                  self.config.torch_device, target_classifier)
@@ -208,7 +210,7 @@ class Experiment:
             target = self.model(towards).model.classifier if spec.target_classifier else None
             caps = dict(self.config.profile.transforms.fixed_caps)
             fixed = {k: min(v, caps[k]) if k in caps else v for k, v in spec.fixed.items()}
-            self.transforms[key] = self._fit_transform(
+            self.transforms[key] = self.fit_transform(
                 self.transform_config(spec.name, rho, towards, **{**kw, **fixed}),
                 self.embeddings("old", "train"), self.embeddings(towards, "train"),
                 self.setup.train.labels, self.progress, target)

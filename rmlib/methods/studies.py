@@ -14,6 +14,8 @@
 - `closed_form`: psi in closed form (orthogonal Procrustes, least-squares affine), with and
   without the training-free calibration, beside the trained RQT, CL, MCL and RM:
   `closed_form.json`.
+- `chain` (rmlib.methods.chain): a third model that arrives while the first backfill is
+  part-way; five ways to go on, over the whole period: `chain.json`.
 
 Explained in the book: book/beyond, book/beyond_two, book/table1.
 """
@@ -31,6 +33,7 @@ from rmlib import RmlibError
 from rmlib.config import Config
 from rmlib.evaluation.orders import ORDER_POLICIES, order_policy, policy_order
 from rmlib.evaluation.systems import SystemPair
+from rmlib.methods.chain import chain
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.registry import CLOSED_FORM_ROWS, TABLE1_ROWS
 from rmlib.methods.reproduce import evaluate_method, evaluate_rows, final_metrics, gain
@@ -42,7 +45,7 @@ from rmlib.provenance import provenance
 ORDER_METHODS = ("RM_naive", "RM")
 STUDY_FILES = {"orders": "order_policies", "heterogeneous": "heterogeneous",
                "backbone-seeds": "backbone_seeds", "closed-form": "closed_form",
-               "open-class": "open_class"}
+               "open-class": "open_class", "chain": "chain"}
 CLOSED_FORMS = ("procrustes", "affine")
 HETEROGENEOUS_OLD = {"arch": "resnet20", "widths": (16, 32, 64), "dim": 64, "whiten": False}
 HETEROGENEOUS_ROWS = ("RM_naive", "RM", "New+rho")
@@ -271,4 +274,4 @@ def open_class(dataset: str, config: Config, progress: bool = False,
 # Each study by its command-line name: the function that runs it (and writes its file).
 STUDIES: dict[str, Callable[..., dict]] = {
     "orders": order_policies, "heterogeneous": heterogeneous, "backbone-seeds": backbone_seeds,
-    "closed-form": closed_form, "open-class": open_class}
+    "closed-form": closed_form, "open-class": open_class, "chain": chain}
