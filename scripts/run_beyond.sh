@@ -11,3 +11,6 @@ export RMLIB_PROFILE=cpu PYTHONUNBUFFERED=1
 # and the open-class protocol (its own old, new and BCT backbones: most of its time)
 /usr/bin/time -v python -m rmlib study closed-form cifar100 --quiet
 /usr/bin/time -v python -m rmlib study open-class cifar100 --quiet
+# The upgrade chain: a third model (the better of two candidates, chosen on held-out training
+# images) arriving when the first backfill is a quarter, half or three quarters done
+/usr/bin/time -v python -m rmlib study chain cifar100 --quiet

@@ -27,11 +27,12 @@ def scored_items(i: int, qlab, glab, self_excluded: bool = False, qcam=None, gca
 
 
 def reference_curve(oq, og, nq, ng, qlab, glab=None, qcam=None, gcam=None, ref_q=None,
-                    order=None, ts=None, seed=0, self_excluded=False):
+                    order=None, ts=None, seed=0, self_excluded=False, parted=None):
     """Returns dict of lists: mAP, top1, top5, nfr at each t (fractions).
 
     Without glab the gallery is the query set (leave-one-out); with self_excluded, query i
-    is gallery item i and is removed from its own ranking.
+    is gallery item i and is removed from its own ranking. `parted` = (oq2, og2, in_second):
+    the not-yet-backfilled items in `in_second` are scored by oq2 against og2 instead.
     """
     loo = glab is None or self_excluded
     glab = qlab if glab is None else glab
@@ -47,6 +48,8 @@ def reference_curve(oq, og, nq, ng, qlab, glab=None, qcam=None, gcam=None, ref_q
         aps, t1, t5, nf = [], [], [], []
         for i in range(len(qlab)):
             d_old = distance_row(oq[i], og)
+            if parted is not None:
+                d_old = np.where(parted[2], distance_row(parted[0][i], parted[1]), d_old)
             d_new = distance_row(nq[i], ng)
             d = np.where(newmask, d_new, d_old)
             keep, rel = scored_items(i, qlab, glab, loo, qcam, gcam)

@@ -194,11 +194,14 @@ def period_curve(first: BackfillCurve, t1: float, second: BackfillCurve,
         return [(t + shift, curve.mAP[i], curve.top1[i], curve.nfr[i])
                 for i, t in enumerate(curve.t) if keep(t)]
 
+    def every(t: float) -> bool:
+        return True
+
     rows = points(first, lambda t: t <= t1 + 1e-9, 0.0)
     if finish is not None:
-        rows += points(finish, lambda t: t >= t1 - 1e-9, 0.0) + points(second, bool, 1.0)
+        rows += points(finish, lambda t: t >= t1 - 1e-9, 0.0) + points(second, every, 1.0)
     else:
-        rows += points(second, lambda t: True, t1)
+        rows += points(second, every, t1)
     if rows[-1][0] < PERIOD - 1e-9:
         rows.append((PERIOD, *rows[-1][1:]))
     x, m, top1, nfr = (list(c) for c in zip(*rows, strict=True))

@@ -231,3 +231,35 @@ def test_bad_arguments_of_the_evaluator_are_one_line(kwargs, message):
         backfill_arrays(arrays, **kwargs)
     numpy_seed = backfill_arrays(arrays, seed=np.int64(4))[0]  # numpy integers are integers
     assert numpy_seed.auc("mAP") == backfill_arrays(arrays, seed=4)[0].auc("mAP")
+
+
+def test_a_parted_old_side_matches_a_plain_three_system_merge():
+    """A gallery that already holds two models' embeddings (a second upgrade arriving
+    mid-backfill): the items not yet re-embedded are scored by the system of their part."""
+    import torch
+
+    from rmlib.evaluation.backfill import PartedSystem, simulate_backfill_systems
+    from rmlib.evaluation.retrieval import EuclideanSystem
+
+    labels, first, third = two_systems(n=180, seed=2)
+    rng = np.random.default_rng(9)
+    second = (first + 0.6 * rng.normal(size=first.shape)).astype(np.float32)
+    in_second = rng.random(len(labels)) < 0.4
+    order = backfill_order(len(labels), seed=7)
+    old = PartedSystem(EuclideanSystem.of(first, first), EuclideanSystem.of(second, second),
+                       torch.as_tensor(in_second))
+    curve = simulate_backfill_systems(old, EuclideanSystem.of(third, third),
+                                      Protocol.leave_one_out(labels), order,
+                                      reference=EuclideanSystem.of(first, first), chunk=40)
+    ref = reference_curve(first, first, third, third, labels, order=order,
+                          parted=(second, second, in_second))
+    assert_matches(curve, ref)
+    # every item in the second part: the same as the plain two-system evaluator on it
+    all_second = PartedSystem(old.first, old.second, torch.ones(len(labels), dtype=torch.bool))
+    plain = simulate_backfill(second, second, third, third, Protocol.leave_one_out(labels),
+                              order=order, reference_query=first, reference_gallery=first)
+    both = simulate_backfill_systems(all_second, EuclideanSystem.of(third, third),
+                                     Protocol.leave_one_out(labels), order,
+                                     reference=EuclideanSystem.of(first, first))
+    for k in KEYS:
+        np.testing.assert_allclose(getattr(both, k), getattr(plain, k), atol=1e-6)
