@@ -142,6 +142,32 @@ def plot_curves(curves: Mapping[str, BackfillCurve], path: Path | str | None = N
     return _finish(fig, plt, title, path, *axes[0][0].get_legend_handles_labels())
 
 
+def plot_period_curves(rows: Mapping[str, Mapping], t1: float, path: Path | str | None = None,
+                       title: str = "", metrics: tuple[str, ...] = ("mAP", "nfr")):
+    """Curves over a whole upgrade chain (`rmlib.methods.chain`): each strategy's metric
+    against the items re-embedded since the first backfill began, in units of the gallery
+    size N, with its spread over seeds as a band and a dashed line where the third model
+    arrives (t1)."""
+    plt, _ = _pyplot(path is not None)
+    styles = method_styles(rows)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(COLUMN_WIDTH, 2.8),
+                             constrained_layout=True, squeeze=False)
+    for name, row in rows.items():
+        colour, marker = styles[name]
+        for ax, metric in zip(axes[0], metrics, strict=True):
+            values = 100 * np.asarray(row[metric])
+            ax.plot(row["x"], values, color=colour, marker=marker, markevery=4, label=name)
+            band = 100 * np.asarray(row.get(f"{metric}_std", np.zeros_like(values)))
+            if np.any(band):
+                ax.fill_between(row["x"], values - band, values + band, alpha=0.2,
+                                color=colour, linewidth=0)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        ax.axvline(t1, color="0.4", linestyle="--", linewidth=0.9)
+        ax.set(xlabel="re-embedded items (x N) since the first backfill began",
+               ylabel=CURVE_PANELS[metric], xlim=(0, 2), xticks=(0, 0.5, 1, 1.5, 2))
+    return _finish(fig, plt, title, path, *axes[0][0].get_legend_handles_labels())
+
+
 def nearest_distances(query, gallery, protocol, positive: bool, limit: int = 2000):
     """Each query's distance to its nearest relevant (positive=True) or irrelevant gallery item.
 

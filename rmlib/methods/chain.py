@@ -277,7 +277,8 @@ def summarise(per_seed: list[dict], seeds: tuple[int, ...], old_mAP: float, n: i
                 row[f"auc_{metric}"] = float(np.mean(aucs))
                 row[f"auc_{metric}_std"] = float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0
             above = 100 * (row["auc_mAP"] - old_mAP)
-            row["re_embeddings"] = re_embeddings(strategy, t1) * n
+            row["re_embedded_N"] = re_embeddings(strategy, t1)
+            row["re_embeddings"] = row["re_embedded_N"] * n
             row["re_embeddings_per_point"] = row["re_embeddings"] / above if above > 0 \
                 else float("inf")
             row["average_compatibility"] = maps_ac[STRATEGY_MAPS[strategy]]
