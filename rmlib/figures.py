@@ -163,7 +163,7 @@ def plot_period_curves(rows: Mapping[str, Mapping], t1: float, path: Path | str 
                                 color=colour, linewidth=0)
     for ax, metric in zip(axes[0], metrics, strict=True):
         ax.axvline(t1, color="0.4", linestyle="--", linewidth=0.9)
-        ax.set(xlabel="re-embedded items (x N) since the first backfill began",
+        ax.set(xlabel="items re-embedded since the start (× N)",
                ylabel=CURVE_PANELS[metric], xlim=(0, 2), xticks=(0, 0.5, 1, 1.5, 2))
     return _finish(fig, plt, title, path, *axes[0][0].get_legend_handles_labels())
 

@@ -152,7 +152,8 @@ class Chapter:
     def study(self, name: str) -> dict:
         """A study (a name of `rmlib.methods.studies.STUDIES`) of this chapter's profile:
         read from its results file, made on the spot for a cheap profile, else NeedsRun."""
-        from rmlib.methods.studies import STUDIES, study_path
+        from rmlib.methods.reproduce import study_path
+        from rmlib.methods.studies import STUDIES
 
         make = STUDIES[name]
         path = study_path(self.dataset, self.config, name)

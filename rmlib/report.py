@@ -95,6 +95,12 @@ def provenance_line(prov: Mapping) -> str:
         line += f"; final transform fits {transforms / 60:.1f} min"
     return line + "."
 
+def per_point_text(row: Mapping) -> str:
+    """Re-embeddings per AUC point above M1, or "no gain" when the AUC is not above it."""
+    value = row["re_embeddings_per_point"]
+    return f"{value:,.0f}" if math.isfinite(value) else "no gain"
+
+
 def chain_text(result: Mapping) -> str:
     """The upgrade-chain study as fixed-width text: for each t1, each strategy's AUC mAP
     and top-1 over the period (mean ± std over seeds), mean negative flips against M1,
@@ -110,6 +116,6 @@ def chain_text(result: Mapping) -> str:
                      f"{'re-emb./pt':>10} {'AC':>5}")
         for name, r in rows.items():
             lines.append(f"  {name:26} {auc_text(r, 'mAP'):>11} {auc_text(r, 'top1'):>11} "
-                         f"{100 * r['auc_nfr']:5.2f}% {r['re_embeddings_per_point']:10.0f} "
+                         f"{100 * r['auc_nfr']:5.2f}% {per_point_text(r):>10} "
                          f"{r['average_compatibility']['AC']:5.2f}")
     return "\n".join(lines)

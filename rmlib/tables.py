@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from rmlib.evaluation.backfill import NOISE_FACTOR, row_conditions
-from rmlib.report import auc_text, percent_text
+from rmlib.report import auc_text, per_point_text, percent_text
 
 
 def seed_values(row: Mapping, metric: str = "mAP") -> np.ndarray:
@@ -327,7 +327,7 @@ def chain_frame(rows: Mapping[str, Mapping], caption: str = ""):
     shown["AUC top-1"] = [auc_text(r, "top1", " ± ") for r in rows.values()]
     shown["flips"] = [f"{100 * r['auc_nfr']:.1f}%" for r in rows.values()]
     shown["re-embedded"] = [f"{r['re_embedded_N']:.2f} N" for r in rows.values()]
-    shown["per point"] = [f"{r['re_embeddings_per_point']:,.0f}" for r in rows.values()]
+    shown["per point"] = [per_point_text(r) for r in rows.values()]
     shown["AC"] = [f"{r['average_compatibility']['AC']:.2f}" for r in rows.values()]
     auc = pd.Series({name: r["auc_mAP"] for name, r in rows.items()})
     cost = pd.Series({name: r["re_embeddings_per_point"] for name, r in rows.items()})

@@ -50,12 +50,16 @@ from rmlib.evaluation.backfill import (
 )
 from rmlib.evaluation.retrieval import EuclideanSystem, Protocol, evaluate
 from rmlib.methods.experiment import Experiment
+from rmlib.methods.reproduce import study_path
 from rmlib.outputs import check_folder, check_output, write_json
 from rmlib.provenance import provenance
 
 T1_VALUES = (0.25, 0.5, 0.75)  # how far the first backfill is when M3 arrives
 SECOND_ORDER = 1000  # the second backfill's order: backfill_order(N, SECOND_ORDER + seed)
 HOLD_OUT_PER_CLASS = 50  # training images per class held out to choose M3
+# M3's initialisation and batches: a seed no other backbone uses (old 0, new 1, and
+# 2-5 for the backbone-seeds study), so that M3 shares no starting point with M2
+THIRD_SEED = 10
 STRATEGIES = ("finish first", "restart", "3-system naive", "3-system RM",
               "3-system RM, composed psi")
 PERIOD = 2.0  # the period's length in units of N re-embeddings (finish-first's total)
@@ -91,12 +95,14 @@ STRATEGY_MAPS = {"finish first": "composed", "restart": "composed", "3-system na
 
 def third_candidates(new: BackboneConfig) -> dict[str, BackboneConfig]:
     """The two candidates for M3, from M2's config: half as many epochs again (the
-    low-resolution share kept), or 1.25 times the width at M2's epochs."""
+    low-resolution share kept), or 1.25 times the width at M2's epochs; both from
+    THIRD_SEED, not M2's seed (the same start would make M3 a near copy of M2's space)."""
     epochs = math.ceil(1.5 * new.epochs)
+    third = replace(new, role="third", seed=THIRD_SEED)
     return {
-        "longer": replace(new, role="third", epochs=epochs,
+        "longer": replace(third, epochs=epochs,
                           low_res_epochs=round(new.low_res_epochs * epochs / new.epochs)),
-        "wider": replace(new, role="third", widths=tuple(round(1.25 * w) for w in new.widths)),
+        "wider": replace(third, widths=tuple(round(1.25 * w) for w in new.widths)),
     }
 
 
@@ -289,8 +295,6 @@ def summarise(per_seed: list[dict], seeds: tuple[int, ...], old_mAP: float, n: i
 
 def chain(dataset: str, config: Config, progress: bool = False) -> dict:
     """The upgrade chain on CIFAR-100 (see the module's docstring); writes chain.json."""
-    from rmlib.methods.studies import study_path
-
     if dataset != "cifar100":
         raise RmlibError(f"the upgrade-chain study is defined on cifar100, not {dataset!r}")
     start = time.time()

@@ -92,6 +92,18 @@ def _backbones(exp: Experiment, roles: tuple[str, ...], start: float) -> dict:
     return result
 
 
+# Each study beyond the paper (rmlib.methods.studies, rmlib.methods.chain) by its
+# command-line name: the name of its results file, beside Table 1's.
+STUDY_FILES = {"orders": "order_policies", "heterogeneous": "heterogeneous",
+               "backbone-seeds": "backbone_seeds", "closed-form": "closed_form",
+               "open-class": "open_class", "chain": "chain"}
+
+
+def study_path(dataset: str, config: Config, study: str) -> Path:
+    """Where a study's results file lives: beside Table 1's."""
+    return config.results_folder(dataset) / f"{STUDY_FILES[study]}.json"
+
+
 def read_results(path: Path) -> dict | None:
     """A results file's content, None if there is none; a damaged one is one clear line."""
     if not path.exists():

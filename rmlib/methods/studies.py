@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -36,25 +35,23 @@ from rmlib.evaluation.systems import SystemPair
 from rmlib.methods.chain import chain
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.registry import CLOSED_FORM_ROWS, TABLE1_ROWS
-from rmlib.methods.reproduce import evaluate_method, evaluate_rows, final_metrics, gain
+from rmlib.methods.reproduce import (
+    evaluate_method,
+    evaluate_rows,
+    final_metrics,
+    gain,
+    study_path,
+)
 from rmlib.methods.selection import rm_systems
 from rmlib.methods.setups import Setup, dataset_spec
 from rmlib.outputs import check_folder, check_output, write_json
 from rmlib.provenance import provenance
 
 ORDER_METHODS = ("RM_naive", "RM")
-STUDY_FILES = {"orders": "order_policies", "heterogeneous": "heterogeneous",
-               "backbone-seeds": "backbone_seeds", "closed-form": "closed_form",
-               "open-class": "open_class", "chain": "chain"}
 CLOSED_FORMS = ("procrustes", "affine")
 HETEROGENEOUS_OLD = {"arch": "resnet20", "widths": (16, 32, 64), "dim": 64, "whiten": False}
 HETEROGENEOUS_ROWS = ("RM_naive", "RM", "New+rho")
 BACKBONE_SEED_ROWS = ("RM_naive", "RM_naive+cal", "RM", "New+rho")
-
-
-def study_path(dataset: str, config: Config, study: str) -> Path:
-    """Where a study's results file lives: beside Table 1's."""
-    return config.results_folder(dataset) / f"{STUDY_FILES[study]}.json"
 
 
 def training_systems(exp: Experiment, method: str, seed: int) -> SystemPair:

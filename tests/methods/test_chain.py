@@ -39,6 +39,7 @@ def test_the_candidates_are_longer_or_wider_than_the_new_model_and_nothing_else(
     assert (wider.epochs, wider.widths) == (14, (80, 160, 320))
     for candidate in (longer, wider):
         assert candidate.role == "third" and candidate.dim == new.dim
+        assert candidate.seed not in (0, 1, 2, 3, 4, 5)  # no other backbone's start
         assert candidate.num_classes == new.num_classes and candidate.lr == new.lr
 
 

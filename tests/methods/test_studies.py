@@ -151,3 +151,42 @@ def test_open_class_trains_on_40_and_80_classes_and_evaluates_on_classes_neither
     main(["study", "open-class", "cifar100", "--profile", "smoke", "--quiet"])  # from cache
     out = capsys.readouterr().out
     assert "open classes, unseen (" in out and "open classes, mixed (" in out
+
+
+def test_chain_chooses_a_third_model_on_held_out_images_and_follows_five_strategies(
+        table_config, capsys):
+    from rmlib.figures import plot_period_curves
+    from rmlib.methods.chain import PERIOD, SEARCHES, STRATEGIES, T1_VALUES, chain
+    from rmlib.tables import chain_frame
+
+    result = chain("cifar100", table_config)
+    third = result["third_model"]
+    assert set(third["held_out_mAP"]) == {"longer", "wider"}
+    assert third["chosen"] == max(third["held_out_mAP"], key=third["held_out_mAP"].get)
+    assert third["held_out_items"] > 0 and third["fit_items"] > third["held_out_items"]
+    runs = table_config.paths.runs / "cifar100" / "smoke"
+    assert len(list(runs.glob("third-*"))) == 2  # both candidates, cached
+    assert set(result["searches"]) == set(SEARCHES)
+    seeds = list(table_config.profile.transforms.seeds)
+    assert list(result["t1"]) == [str(t) for t in T1_VALUES]
+    m1 = result["searches"]["M1"]["mAP"]
+    for t1, rows in result["t1"].items():
+        assert list(rows) == list(STRATEGIES)
+        for name, row in rows.items():
+            assert row["x"][0] == 0 and row["x"][-1] == PERIOD
+            assert row["seeds"] == seeds and len(row["auc_mAP_seeds"]) == len(seeds)
+            assert 0 < row["auc_mAP"] < 1 and 0 <= row["auc_nfr"] <= 1
+            assert row["re_embedded_N"] == (2.0 if name == "finish first" else 1 + float(t1))
+            assert 0 <= row["average_compatibility"]["AC"] <= 1
+        # every strategy starts from the first backfill's t = 0: M1's own search, for RM
+        # through psi_21 (a different system), for the naive merge M1 itself
+        assert rows["3-system naive"]["mAP"][0] == pytest.approx(m1, abs=1e-6)
+        # finishing first and restarting share the first backfill up to t1
+        k = rows["restart"]["x"].index(float(t1))
+        assert rows["restart"]["mAP"][: k + 1] == rows["finish first"]["mAP"][: k + 1]
+    frame = chain_frame(result["t1"]["0.5"]).data
+    assert list(frame.index) == list(STRATEGIES) and "AC" in frame.columns
+    plot_period_curves(result["t1"]["0.5"], t1=0.5, path=table_config.paths.results / "c.png")
+    main(["study", "chain", "cifar100", "--profile", "smoke", "--quiet"])  # from the cache
+    out = capsys.readouterr().out
+    assert "M3 arrives at t1 = 0.5:" in out and "3-system RM, composed psi" in out
