@@ -161,10 +161,11 @@ def plot_period_curves(rows: Mapping[str, Mapping], t1: float, path: Path | str 
             if np.any(band):
                 ax.fill_between(row["x"], values - band, values + band, alpha=0.2,
                                 color=colour, linewidth=0)
+    end = max(max(row["x"]) for row in rows.values())  # the period's length
     for ax, metric in zip(axes[0], metrics, strict=True):
         ax.axvline(t1, color="0.4", linestyle="--", linewidth=0.9)
         ax.set(xlabel="items re-embedded since the start (× N)",
-               ylabel=CURVE_PANELS[metric], xlim=(0, 2), xticks=(0, 0.5, 1, 1.5, 2))
+               ylabel=CURVE_PANELS[metric], xlim=(0, end), xticks=np.arange(0, end + 0.25, 0.5))
     return _finish(fig, plt, title, path, *axes[0][0].get_legend_handles_labels())
 
 

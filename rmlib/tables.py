@@ -153,7 +153,8 @@ def styled_results(rows: Mapping[str, Mapping], caption: str = "",
         source = frame[column.name] if column.name in ("AUC mAP", "AUC top-1", *gains) else None
         if source is None:
             return [""] * len(column)
-        return ["font-weight: bold" if v == source.max() else "" for v in source]
+        best = source[np.isfinite(source)].max() if np.isfinite(source).any() else None
+        return ["font-weight: bold" if v == best else "" for v in source]
 
     return _styled(shown, caption, bold_best)
 
@@ -320,15 +321,16 @@ def part_distances_frame(rows: Mapping[str, Mapping]):
 def chain_frame(rows: Mapping[str, Mapping], caption: str = ""):
     """The upgrade chain's strategies at one t1 (`rmlib.methods.chain`): AUC mAP and top-1
     over the whole period (mean ± std over seeds), mean negative flips against M1, items
-    re-embedded (x N), re-embeddings per AUC point above M1, and average compatibility;
-    the best AUC and the fewest re-embeddings per point in bold."""
+    re-embedded (x N), re-embeddings per AUC point above M1, and the cross-model searches
+    each serves; the best AUC and the fewest re-embeddings per point in bold."""
     shown = pd.DataFrame(index=list(rows))
     shown["AUC mAP"] = [auc_text(r, "mAP", " ± ") for r in rows.values()]
     shown["AUC top-1"] = [auc_text(r, "top1", " ± ") for r in rows.values()]
     shown["flips"] = [f"{100 * r['auc_nfr']:.1f}%" for r in rows.values()]
     shown["re-embedded"] = [f"{r['re_embedded_N']:.2f} N" for r in rows.values()]
     shown["per point"] = [per_point_text(r) for r in rows.values()]
-    shown["AC"] = [f"{r['average_compatibility']['AC']:.2f}" for r in rows.values()]
+    shown["serves"] = [", ".join(r["served_cross_searches"]) or "none"
+                       for r in rows.values()]
     auc = pd.Series({name: r["auc_mAP"] for name, r in rows.items()})
     cost = pd.Series({name: r["re_embeddings_per_point"] for name, r in rows.items()})
 
@@ -336,6 +338,7 @@ def chain_frame(rows: Mapping[str, Mapping], caption: str = ""):
         source = {"AUC mAP": auc, "per point": -cost}.get(column.name)
         if source is None:
             return [""] * len(column)
-        return ["font-weight: bold" if v == source.max() else "" for v in source]
+        best = source[np.isfinite(source)].max() if np.isfinite(source).any() else None
+        return ["font-weight: bold" if v == best else "" for v in source]
 
     return _styled(shown, caption, bold_best)

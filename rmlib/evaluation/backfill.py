@@ -224,7 +224,9 @@ def simulate_backfill_systems(
 ) -> BackfillCurve:
     """`simulate_backfill` on systems already made: anything with `distances(start, stop)`
     and `to(device)` serves a side, so a side may itself be a `PartedSystem`. `reference`:
-    the deployed system negative flips are counted against (default: the old side)."""
+    the deployed system negative flips are counted against, one `EuclideanSystem`
+    (default: the old side). `calibration` maps each side's distances as a whole: with a
+    parted side, both of its parts get that side's map."""
     old_score, new_score = calibration or (_identity, _identity)
     device = torch.device(device) if device is not None else default_device()
     old, new = old.to(device), new.to(device)

@@ -20,8 +20,9 @@ gallery when M3 arrives. Then, until every item carries an M3 embedding:
 The period runs from the first backfill's start, in units of N re-embeddings, to 2: the
 end of finish-first's second backfill; the other strategies end at 1 + t1 and stay all-M3
 from there. Each strategy gets its curve over the period, its AUC (the mean height over
-[0, 2]), its negative flips against M1 (deployed before either upgrade), its re-embeddings
-per AUC point above M1, and its average compatibility (`average_compatibility`).
+[0, 2]), its negative flips against M1 (deployed before either upgrade) and its
+re-embeddings per AUC point above M1; the chain's average compatibility
+(`average_compatibility`) is given for each set of maps the strategies use.
 
 Explained in the book: book/beyond_two.
 """
@@ -60,6 +61,7 @@ HOLD_OUT_PER_CLASS = 50  # training images per class held out to choose M3
 # M3's initialisation and batches: a seed no other backbone uses (old 0, new 1, and
 # 2-5 for the backbone-seeds study), so that M3 shares no starting point with M2
 THIRD_SEED = 10
+THIRD_ROLE = f"third-less-{HOLD_OUT_PER_CLASS}-per-class"  # trained without the hold-out
 STRATEGIES = ("finish first", "restart", "3-system naive", "3-system RM",
               "3-system RM, composed psi")
 PERIOD = 2.0  # the period's length in units of N re-embeddings (finish-first's total)
@@ -79,8 +81,8 @@ SEARCHES = {
     "M1 by phi_3": "phi_3(q) against phi_1(g) (no map)",
     "M2 by phi_3": "phi_3(q) against phi_2(g) (no map)",
 }
-# For each strategy and pair of models (i, j): model j's query searching model i's
-# gallery as the strategy can, and model i's own search it must beat to be compatible.
+# For each set of maps and pair of models (i, j): model j's query searching model i's
+# gallery through those maps, and model i's own search it must beat to be compatible.
 CROSS_SEARCHES = {
     "naive": {"1-2": ("M1 by phi_2", "M1"), "1-3": ("M1 by phi_3", "M1"),
               "2-3": ("M2 by phi_3", "M2")},
@@ -89,8 +91,17 @@ CROSS_SEARCHES = {
     "direct": {"1-2": ("M1 by psi_21", "M1"), "1-3": ("M1 by psi_31", "M1"),
                "2-3": ("M2 by psi_32", "M2 by rho_2")},
 }
+MAP_SETS = {"naive": "no maps (raw embeddings)",
+            "composed": "psi_21 and psi_32; M1 from M3 through both",
+            "direct": "psi_21, psi_32 and psi_31"}
+# The maps each strategy trains, and the cross-model searches it serves (pair "i-j": model
+# j's query on model i's items): the naive merge serves none, restart only M2's query on
+# M1's items, finishing first never puts M3's query on M1's items.
 STRATEGY_MAPS = {"finish first": "composed", "restart": "composed", "3-system naive": "naive",
                  "3-system RM": "direct", "3-system RM, composed psi": "composed"}
+SERVED_PAIRS = {"finish first": ("1-2", "2-3"), "restart": ("1-2",), "3-system naive": (),
+                "3-system RM": ("1-2", "1-3", "2-3"),
+                "3-system RM, composed psi": ("1-2", "1-3", "2-3")}
 
 
 def third_candidates(new: BackboneConfig) -> dict[str, BackboneConfig]:
@@ -98,7 +109,8 @@ def third_candidates(new: BackboneConfig) -> dict[str, BackboneConfig]:
     low-resolution share kept), or 1.25 times the width at M2's epochs; both from
     THIRD_SEED, not M2's seed (the same start would make M3 a near copy of M2's space)."""
     epochs = math.ceil(1.5 * new.epochs)
-    third = replace(new, role="third", seed=THIRD_SEED)
+    # the role names the training subset, which the config's other fields do not
+    third = replace(new, role=THIRD_ROLE, seed=THIRD_SEED)
     return {
         "longer": replace(third, epochs=epochs,
                           low_res_epochs=round(new.low_res_epochs * epochs / new.epochs)),
@@ -107,8 +119,9 @@ def third_candidates(new: BackboneConfig) -> dict[str, BackboneConfig]:
 
 
 def choose_third(exp: Experiment) -> tuple[TrainedModel, dict]:
-    """Train both candidates on the training images less a stratified hold-out, and keep
-    the one whose leave-one-out mAP on the held-out images is higher (never test images)."""
+    """Train both candidates on the training images less a stratified hold-out (the same
+    50 per class, seed 0, as the transforms' validation split), and keep the one whose
+    leave-one-out mAP on the held-out images is higher (never test images)."""
     setup = exp.setup
     per_class = min(HOLD_OUT_PER_CLASS,
                     max(2, int(np.bincount(setup.train.labels).min()) // 5))
@@ -182,13 +195,16 @@ def chain_searches(exp: Experiment, third: TrainedModel,
 
 
 def average_compatibility(maps: str, scores: dict[str, float]) -> dict:
-    """iamcl2r's average compatibility over the chain: the share of pairs of models i < j
-    whose cross-model search (model j's query into model i's served gallery, through the
-    maps the strategy has) has a higher mAP than model i's own search."""
+    """iamcl2r's average compatibility of the chain with a set of maps (`MAP_SETS`): the
+    share of pairs of models i < j whose cross-model search (model j's query into model
+    i's gallery through those maps) has a higher mAP than model i's own search. A
+    property of the models and maps, not of a strategy: a strategy serves some of these
+    searches (`SERVED_PAIRS`)."""
     pairs = {pair: {"cross_mAP": scores[cross], "own_mAP": scores[own],
                     "compatible": bool(scores[cross] > scores[own])}
              for pair, (cross, own) in CROSS_SEARCHES[maps].items()}
-    return {"AC": sum(p["compatible"] for p in pairs.values()) / len(pairs), "pairs": pairs}
+    return {"AC": sum(p["compatible"] for p in pairs.values()) / len(pairs),
+            "maps": MAP_SETS[maps], "pairs": pairs}
 
 
 def period_curve(first: BackfillCurve, t1: float, second: BackfillCurve,
@@ -199,6 +215,9 @@ def period_curve(first: BackfillCurve, t1: float, second: BackfillCurve,
     def points(curve: BackfillCurve, keep, shift: float) -> list[tuple]:
         return [(t + shift, curve.mAP[i], curve.top1[i], curve.nfr[i])
                 for i, t in enumerate(curve.t) if keep(t)]
+
+    if not any(abs(t - t1) < 1e-9 for t in first.t):
+        raise ValueError(f"t1 = {t1} is not a point of the curves' grid")
 
     def every(t: float) -> bool:
         return True
@@ -264,8 +283,8 @@ def re_embeddings(strategy: str, t1: float) -> float:
     return PERIOD if strategy == "finish first" else 1.0 + t1
 
 
-def summarise(per_seed: list[dict], seeds: tuple[int, ...], old_mAP: float, n: int,
-              maps_ac: dict) -> dict:
+def summarise(per_seed: list[dict], seeds: tuple[int, ...], old_mAP: float, n: int
+              ) -> dict:
     """Mean and spread over seeds of each strategy's period curve and AUCs, for each t1."""
     out = {}
     for t1 in T1_VALUES:
@@ -287,7 +306,8 @@ def summarise(per_seed: list[dict], seeds: tuple[int, ...], old_mAP: float, n: i
             row["re_embeddings"] = row["re_embedded_N"] * n
             row["re_embeddings_per_point"] = row["re_embeddings"] / above if above > 0 \
                 else float("inf")
-            row["average_compatibility"] = maps_ac[STRATEGY_MAPS[strategy]]
+            row["maps"] = STRATEGY_MAPS[strategy]
+            row["served_cross_searches"] = list(SERVED_PAIRS[strategy])
             rows[strategy] = row
         out[str(t1)] = rows
     return out
@@ -318,7 +338,8 @@ def chain(dataset: str, config: Config, progress: bool = False) -> dict:
     scores = {name: float(np.mean(v)) for name, v in searches_mAP.items()}
     maps_ac = {maps: average_compatibility(maps, scores) for maps in CROSS_SEARCHES}
     result = {
-        "t1": summarise(per_seed, seeds, scores["M1"], protocol.num_gallery, maps_ac),
+        "t1": summarise(per_seed, seeds, scores["M1"], protocol.num_gallery),
+        "average_compatibility": maps_ac,
         "searches": {name: {"mAP": scores[name], "mAP_seeds": searches_mAP[name],
                             "what": SEARCHES[name]} for name in SEARCHES},
         "third_model": {**selection, "test_mAP": scores["M3"]},

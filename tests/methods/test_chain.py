@@ -11,6 +11,7 @@ from rmlib.methods.chain import (
     CROSS_SEARCHES,
     PERIOD,
     SEARCHES,
+    SERVED_PAIRS,
     STRATEGIES,
     STRATEGY_MAPS,
     average_compatibility,
@@ -36,6 +37,7 @@ def test_the_candidates_are_longer_or_wider_than_the_new_model_and_nothing_else(
     new = BackboneConfig(widths=(64, 128, 256), epochs=14, low_res_epochs=11, seed=1)
     longer, wider = third_candidates(new).values()
     assert (longer.epochs, longer.low_res_epochs, longer.widths) == (21, 16, (64, 128, 256))
+    assert longer.run_dir("r").name.startswith("third-less-50-per-class-")  # its subset named
     assert (wider.epochs, wider.widths) == (14, (80, 160, 320))
     for candidate in (longer, wider):
         assert candidate.role == "third" and candidate.dim == new.dim
@@ -80,6 +82,16 @@ def test_average_compatibility_is_the_share_of_pairs_whose_cross_search_beats_th
     composed = average_compatibility("composed", scores)
     assert composed["AC"] == pytest.approx(2 / 3) and not composed["pairs"]["1-3"]["compatible"]
     assert average_compatibility("naive", scores)["AC"] == 0.0
-    assert set(STRATEGY_MAPS) == set(STRATEGIES)
     assert {s for pairs in CROSS_SEARCHES.values() for p in pairs.values() for s in p} \
         <= set(SEARCHES)
+    # the maps each strategy trains; the searches it serves are among them
+    assert STRATEGY_MAPS == {"finish first": "composed", "restart": "composed",
+                             "3-system naive": "naive", "3-system RM": "direct",
+                             "3-system RM, composed psi": "composed"}
+    assert SERVED_PAIRS["3-system naive"] == () and SERVED_PAIRS["restart"] == ("1-2",)
+    assert set(SERVED_PAIRS) == set(STRATEGIES)
+
+
+def test_t1_must_be_a_point_of_the_grid():
+    with pytest.raises(ValueError, match="not a point"):
+        period_curve(flat(0.2), 0.33, flat(0.3))

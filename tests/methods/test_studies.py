@@ -166,27 +166,43 @@ def test_chain_chooses_a_third_model_on_held_out_images_and_follows_five_strateg
     assert third["held_out_items"] > 0 and third["fit_items"] > third["held_out_items"]
     runs = table_config.paths.runs / "cifar100" / "smoke"
     assert len(list(runs.glob("third-*"))) == 2  # both candidates, cached
-    assert set(result["searches"]) == set(SEARCHES)
+    searches = {name: s["mAP"] for name, s in result["searches"].items()}
+    assert set(searches) == set(SEARCHES)
     seeds = list(table_config.profile.transforms.seeds)
     assert list(result["t1"]) == [str(t) for t in T1_VALUES]
-    m1 = result["searches"]["M1"]["mAP"]
+    assert set(result["average_compatibility"]) == {"naive", "composed", "direct"}
+
+    def close(a, b):  # the evaluator's end points are the single systems (float32 ties)
+        assert a == pytest.approx(b, abs=1e-5)
+
     for t1, rows in result["t1"].items():
         assert list(rows) == list(STRATEGIES)
         for name, row in rows.items():
             assert row["x"][0] == 0 and row["x"][-1] == PERIOD
             assert row["seeds"] == seeds and len(row["auc_mAP_seeds"]) == len(seeds)
-            assert 0 < row["auc_mAP"] < 1 and 0 <= row["auc_nfr"] <= 1
             assert row["re_embedded_N"] == (2.0 if name == "finish first" else 1 + float(t1))
-            assert 0 <= row["average_compatibility"]["AC"] <= 1
-        # every strategy starts from the first backfill's t = 0: M1's own search, for RM
-        # through psi_21 (a different system), for the naive merge M1 itself
-        assert rows["3-system naive"]["mAP"][0] == pytest.approx(m1, abs=1e-6)
-        # finishing first and restarting share the first backfill up to t1
+            # the first backfill starts at M1's items searched by the first system's query
+            close(row["mAP"][0], searches["M1" if name == "3-system naive" else "M1 by psi_21"])
+            # and every strategy ends with every item re-embedded by M3
+            close(row["mAP"][-1], searches["M3" if name == "3-system naive" else "M3 by rho_3"])
+        # M3 arrives at t1 = x[k] == x[k + 1]: restart and the naive merge go on from the
+        # same gallery and queries; the 3-system RM switches every part to M3's query
         k = rows["restart"]["x"].index(float(t1))
-        assert rows["restart"]["mAP"][: k + 1] == rows["finish first"]["mAP"][: k + 1]
+        assert rows["restart"]["x"][k + 1] == float(t1)
+        for name in ("restart", "3-system naive"):
+            close(rows[name]["mAP"][k + 1], rows[name]["mAP"][k])
+        assert rows["3-system RM"]["mAP"][k + 1] != rows["restart"]["mAP"][k + 1]
+        assert rows["3-system RM"]["mAP"][k + 1] != rows["3-system RM, composed psi"]["mAP"][k + 1]
+        # finishing first: all M2 (rho_2) at x = 1, then M3's query through psi_32 on it
+        finish = rows["finish first"]
+        j = finish["x"].index(1.0)
+        close(finish["mAP"][j], searches["M2 by rho_2"])
+        close(finish["mAP"][j + 1], searches["M2 by psi_32"])
+        assert finish["served_cross_searches"] == ["1-2", "2-3"]
     frame = chain_frame(result["t1"]["0.5"]).data
-    assert list(frame.index) == list(STRATEGIES) and "AC" in frame.columns
+    assert list(frame.index) == list(STRATEGIES) and frame.loc["restart", "serves"] == "1-2"
     plot_period_curves(result["t1"]["0.5"], t1=0.5, path=table_config.paths.results / "c.png")
     main(["study", "chain", "cifar100", "--profile", "smoke", "--quiet"])  # from the cache
     out = capsys.readouterr().out
     assert "M3 arrives at t1 = 0.5:" in out and "3-system RM, composed psi" in out
+    assert "average compatibility" in out
