@@ -14,6 +14,7 @@ from rmlib.methods.chain import (
     SERVED_PAIRS,
     STRATEGIES,
     STRATEGY_MAPS,
+    THIRD_ROLE,
     average_compatibility,
     period_auc,
     period_curve,
@@ -40,7 +41,7 @@ def test_the_candidates_are_longer_or_wider_than_the_new_model_and_nothing_else(
     assert longer.run_dir("r").name.startswith("third-less-50-per-class-")  # its subset named
     assert (wider.epochs, wider.widths) == (14, (80, 160, 320))
     for candidate in (longer, wider):
-        assert candidate.role == "third" and candidate.dim == new.dim
+        assert candidate.role == THIRD_ROLE and candidate.dim == new.dim
         assert candidate.seed not in (0, 1, 2, 3, 4, 5)  # no other backbone's start
         assert candidate.num_classes == new.num_classes and candidate.lr == new.lr
 
