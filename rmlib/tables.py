@@ -282,15 +282,16 @@ def run_frame(provenance: Mapping, backbones: Mapping | None = None) -> pd.DataF
 
 def comparisons_frame(rows: Mapping[str, Mapping],
                       questions: list[tuple[str, str, str]]) -> pd.DataFrame:
-    """Each (question, a, b): AUC mAP of a minus b in points, its std over seeds (paired by
-    seed) and whether the difference exceeds its noise: a claim the table can back."""
+    """Each (question, a, b), read "does a beat b?": AUC mAP of a minus b in points, its std
+    over seeds (paired by seed), and the answer the table can back: "yes" or "no" when the
+    difference exceeds its noise (by its sign), "within noise" when it does not."""
     records = []
     for question, a, b in questions:
         mean, std = difference(rows[a], rows[b])
+        answer = "within noise" if _is_noise(mean, std) else ("yes" if mean > 0 else "no")
         records.append({"question": question, "difference": f"{a} − {b}",
                         "Δ AUC mAP (points)": f"{100 * mean:+.2f} ± {100 * std:.2f}",
-                        "established": "no (within noise)" if _is_noise(mean, std) else
-                        "yes"})
+                        "answer": answer})
     return pd.DataFrame.from_records(records).set_index("question")
 
 

@@ -187,3 +187,14 @@ def test_the_caption_says_what_the_seeds_vary_and_what_they_do_not():
     assert "seeds 0, 1, 2" in caption and "old seed 0, new seed 1" in caption
     assert "backbone variance is not covered" in caption
     assert seeds_caption({"Old": row([0.2])}, prov).startswith("one run")
+
+
+def test_comparisons_answer_by_the_sign_of_an_established_difference():
+    from rmlib.tables import comparisons_frame
+
+    rows = {"A": row([0.30, 0.40, 0.50]), "B": row([0.31, 0.41, 0.51]),
+            "C": row([0.33, 0.38, 0.51])}
+    frame = comparisons_frame(rows, [("does B beat A?", "B", "A"), ("does A beat B?", "A", "B"),
+                                     ("does C beat A?", "C", "A")])
+    assert frame["answer"].tolist() == ["yes", "no", "within noise"]
+    assert frame.loc["does A beat B?", "Δ AUC mAP (points)"].startswith("-1.00")
