@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rmlib.evaluation.backfill import BackfillCurve
+from rmlib.evaluation.curves import BackfillCurve
 from rmlib.outputs import save_figure
 
 CURVE_PANELS = {"mAP": "mAP (%)", "top1": "top-1 (%)", "nfr": "negative flips (%)"}
@@ -115,6 +115,19 @@ def _finish(fig, plt, title: str, path: Path | str | None, *legend):
     return fig
 
 
+def _line_with_band(ax, x, values, std, style: tuple[str, str], label: str,
+                    markevery: int) -> None:
+    """One system's curve in percent, in its colour and marker, with a band of one std
+    over seeds when it has a spread."""
+    colour, marker = style
+    values = 100 * np.asarray(values)
+    ax.plot(x, values, color=colour, marker=marker, markevery=markevery, label=label)
+    if std is not None and np.any(std):
+        band = 100 * np.asarray(std)
+        ax.fill_between(x, values - band, values + band, alpha=0.2, color=colour,
+                        linewidth=0)
+
+
 def plot_curves(curves: Mapping[str, BackfillCurve], path: Path | str | None = None,
                 title: str = "", metrics: tuple[str, ...] = ("mAP", "top1", "nfr")):
     """One panel per metric against the backfilled fraction t, one line per system; saved
@@ -127,15 +140,9 @@ def plot_curves(curves: Mapping[str, BackfillCurve], path: Path | str | None = N
     fig, axes = plt.subplots(1, len(metrics), figsize=(COLUMN_WIDTH, 2.6),
                              constrained_layout=True, squeeze=False)
     for name, curve in curves.items():
-        colour, marker = styles[name]
         for ax, metric in zip(axes[0], metrics, strict=True):
-            values = 100 * np.asarray(getattr(curve, metric))
-            ax.plot(curve.t, values, color=colour, marker=marker, markevery=2, label=name)
-            std = curve.extras.get(f"{metric}_std")
-            if std is not None and np.any(std):
-                band = 100 * np.asarray(std)
-                ax.fill_between(curve.t, values - band, values + band, alpha=0.2,
-                                color=colour, linewidth=0)
+            _line_with_band(ax, curve.t, getattr(curve, metric),
+                            curve.extras.get(f"{metric}_std"), styles[name], name, 2)
     for ax, metric in zip(axes[0], metrics, strict=True):
         ax.set(xlabel="backfilled fraction t", ylabel=CURVE_PANELS[metric], xlim=(0, 1),
                xticks=(0, 0.5, 1))
@@ -153,14 +160,9 @@ def plot_period_curves(rows: Mapping[str, Mapping], t1: float, path: Path | str 
     fig, axes = plt.subplots(1, len(metrics), figsize=(COLUMN_WIDTH, 2.8),
                              constrained_layout=True, squeeze=False)
     for name, row in rows.items():
-        colour, marker = styles[name]
         for ax, metric in zip(axes[0], metrics, strict=True):
-            values = 100 * np.asarray(row[metric])
-            ax.plot(row["x"], values, color=colour, marker=marker, markevery=4, label=name)
-            band = 100 * np.asarray(row.get(f"{metric}_std", np.zeros_like(values)))
-            if np.any(band):
-                ax.fill_between(row["x"], values - band, values + band, alpha=0.2,
-                                color=colour, linewidth=0)
+            _line_with_band(ax, row["x"], row[metric], row.get(f"{metric}_std"),
+                            styles[name], name, 4)
     end = max(max(row["x"]) for row in rows.values())  # the period's length
     for ax, metric in zip(axes[0], metrics, strict=True):
         ax.axvline(t1, color="0.4", linestyle="--", linewidth=0.9)

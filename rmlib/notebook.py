@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from rmlib import RmlibError
 from rmlib.config import Config
 from rmlib.engine.transforms import TransformConfig, transform_path
-from rmlib.evaluation.backfill import BackfillCurve
+from rmlib.evaluation.curves import BackfillCurve
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.reproduce import (
     RESULT_TABLES,

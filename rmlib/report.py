@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from rmlib.evaluation.backfill import BackfillCurve, row_conditions
+from rmlib.evaluation.curves import BackfillCurve, row_conditions
 
 
 def curve_table(curve: BackfillCurve, every: int = 2) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from rmlib.evaluation.backfill import NOISE_FACTOR, row_conditions
+from rmlib.evaluation.curves import NOISE_FACTOR, row_conditions
 from rmlib.report import auc_text, per_point_text, percent_text
 
 

@@ -43,16 +43,16 @@ from rmlib.engine.backbones import BackboneConfig, TrainedModel
 from rmlib.engine.embed import cached_embeddings
 from rmlib.engine.transforms import Transforms
 from rmlib.evaluation.backfill import (
-    BackfillCurve,
     PartedSystem,
     backfill_order,
     backfilled_mask,
     simulate_backfill_systems,
 )
+from rmlib.evaluation.curves import BackfillCurve
 from rmlib.evaluation.retrieval import EuclideanSystem, Protocol, evaluate
 from rmlib.methods.experiment import Experiment
-from rmlib.methods.reproduce import study_path
-from rmlib.outputs import check_folder, check_output, write_json
+from rmlib.methods.reproduce import checked_study_path
+from rmlib.outputs import write_json
 from rmlib.provenance import provenance
 
 T1_VALUES = (0.25, 0.5, 0.75)  # how far the first backfill is when M3 arrives
@@ -318,9 +318,7 @@ def chain(dataset: str, config: Config, progress: bool = False) -> dict:
     if dataset != "cifar100":
         raise RmlibError(f"the upgrade-chain study is defined on cifar100, not {dataset!r}")
     start = time.time()
-    out = study_path(dataset, config, "chain")
-    check_output(out, "the results file")
-    check_folder(config.paths.runs / dataset, "the run cache")
+    out = checked_study_path(dataset, config, "chain")
     exp = Experiment(dataset, config, progress)
     third, selection = choose_third(exp)
     protocol, device = exp.setup.protocol, config.torch_device

@@ -20,12 +20,8 @@ import numpy as np
 from rmlib import RmlibError
 from rmlib.config import Config
 from rmlib.engine.backbones import count_parameters
-from rmlib.evaluation.backfill import (
-    BackfillCurve,
-    average_curves,
-    backfill_arrays,
-    check_conditions,
-)
+from rmlib.evaluation.backfill import backfill_arrays
+from rmlib.evaluation.curves import BackfillCurve, average_curves, check_conditions
 from rmlib.evaluation.geometry import merged_shares, part_distances, sample_queries, spread
 from rmlib.evaluation.retrieval import evaluate
 from rmlib.evaluation.systems import SystemPair
@@ -102,6 +98,15 @@ STUDY_FILES = {"orders": "order_policies", "heterogeneous": "heterogeneous",
 def study_path(dataset: str, config: Config, study: str) -> Path:
     """Where a study's results file lives: beside Table 1's."""
     return config.results_folder(dataset) / f"{STUDY_FILES[study]}.json"
+
+
+def checked_study_path(dataset: str, config: Config, study: str) -> Path:
+    """`study_path`, once that file and the run cache are known to be writable: checked
+    before a study trains anything, not after."""
+    out = study_path(dataset, config, study)
+    check_output(out, "the results file")
+    check_folder(config.paths.runs / dataset, "the run cache")
+    return out
 
 
 def read_results(path: Path) -> dict | None:

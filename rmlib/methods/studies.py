@@ -36,15 +36,15 @@ from rmlib.methods.chain import chain
 from rmlib.methods.experiment import Experiment
 from rmlib.methods.registry import CLOSED_FORM_ROWS, TABLE1_ROWS
 from rmlib.methods.reproduce import (
+    checked_study_path,
     evaluate_method,
     evaluate_rows,
     final_metrics,
     gain,
-    study_path,
 )
 from rmlib.methods.selection import rm_systems
 from rmlib.methods.setups import Setup, dataset_spec
-from rmlib.outputs import check_folder, check_output, write_json
+from rmlib.outputs import write_json
 from rmlib.provenance import provenance
 
 ORDER_METHODS = ("RM_naive", "RM")
@@ -85,9 +85,7 @@ def order_policies(dataset: str, config: Config, policies: tuple[str, ...] | Non
     order_policies.json."""
     policies = tuple(ORDER_POLICIES) if policies is None else policies
     start = time.time()
-    out = study_path(dataset, config, "orders")
-    check_output(out, "the results file")
-    check_folder(config.paths.runs / dataset, "the run cache")
+    out = checked_study_path(dataset, config, "orders")
     exp = Experiment(dataset, config, progress)
     base = evaluate_rows(exp, ())
     old, new = final_metrics(base["Old"]), final_metrics(base["New"])
@@ -114,9 +112,7 @@ def heterogeneous(dataset: str, config: Config, progress: bool = False) -> dict:
     """Old, New, RM_naive, RM and New+rho with a ResNet-20 old model; writes
     heterogeneous.json. The settings search reruns: it depends on the two models."""
     start = time.time()
-    out = study_path(dataset, config, "heterogeneous")
-    check_output(out, "the results file")
-    check_folder(config.paths.runs / dataset, "the run cache")
+    out = checked_study_path(dataset, config, "heterogeneous")
     setup = replace(dataset_spec(dataset).setup(config), old_backbone=HETEROGENEOUS_OLD)
     exp = Experiment(dataset, config, progress, setup=setup)
     rows = evaluate_rows(exp, HETEROGENEOUS_ROWS)
@@ -144,9 +140,7 @@ def backbone_seeds(dataset: str, config: Config, seeds: tuple[int, ...] | None =
     profile's `backbone_seeds` (0 is Table 1's own backbones)."""
     seeds = seeds or config.profile.backbone_seeds
     start = time.time()
-    out = study_path(dataset, config, "backbone-seeds")
-    check_output(out, "the results file")
-    check_folder(config.paths.runs / dataset, "the run cache")
+    out = checked_study_path(dataset, config, "backbone-seeds")
     table = Experiment(dataset, config, progress)
     selection = table.settings()  # chosen once, on Table 1's backbones
     by_seed, timings = {}, {}
@@ -184,9 +178,7 @@ def closed_form(dataset: str, config: Config, progress: bool = False) -> dict:
     on Table 1's backbones and cache; writes closed_form.json with each closed form's
     fitting time on the training pairs."""
     start = time.time()
-    out = study_path(dataset, config, "closed-form")
-    check_output(out, "the results file")
-    check_folder(config.paths.runs / dataset, "the run cache")
+    out = checked_study_path(dataset, config, "closed-form")
     exp = Experiment(dataset, config, progress)
     rows = evaluate_rows(exp, CLOSED_FORM_ROWS)
     fits = {name: [exp.transform(name, seed).history[0]["seconds"]
@@ -239,9 +231,7 @@ def open_class(dataset: str, config: Config, progress: bool = False,
     if dataset != "cifar100":
         raise RmlibError(f"the open-class study is defined on cifar100, not {dataset!r}")
     start = time.time()
-    out = study_path(dataset, config, "open-class")
-    check_output(out, "the results file")
-    check_folder(config.paths.runs / dataset, "the run cache")
+    out = checked_study_path(dataset, config, "open-class")
     splits, experiments, selection = {}, {}, None
     for split in OPEN_CLASS_SPLITS:  # the same backbones and transforms, from the cache
         exp = Experiment(dataset, config, progress, setup=open_class_setup(config, split))

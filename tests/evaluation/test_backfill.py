@@ -6,10 +6,10 @@ from rmlib.evaluation.backfill import (
     T_GRID,
     backfill_order,
     backfilled_count,
-    check_conditions,
     item_segments,
     simulate_backfill,
 )
+from rmlib.evaluation.curves import check_conditions
 from rmlib.evaluation.retrieval import Protocol, evaluate
 from tests.conftest import clustered
 from tests.reference import reference_curve
@@ -124,7 +124,7 @@ def test_auc_is_the_trapezoid_rule_and_conditions():
 
 
 def test_average_curves_are_the_mean_and_spread_over_seeds():
-    from rmlib.evaluation.backfill import average_curves
+    from rmlib.evaluation.curves import average_curves
 
     labels, old, new = two_systems()
     protocol = Protocol.leave_one_out(labels)
@@ -196,7 +196,7 @@ def test_negative_flips_count_against_the_deployed_old_system_whatever_the_old_p
 
 
 def test_largest_drawdown_is_the_fall_from_the_best_earlier_value_not_a_step():
-    from rmlib.evaluation.backfill import largest_drawdown
+    from rmlib.evaluation.curves import largest_drawdown
 
     assert largest_drawdown([0.3, 0.28, 0.26, 0.24, 0.3]) == (pytest.approx(0.06), 0, 3)
     assert largest_drawdown([0.1, 0.2, 0.3]) == (0.0, 0, 0)
@@ -204,7 +204,7 @@ def test_largest_drawdown_is_the_fall_from_the_best_earlier_value_not_a_step():
 
 
 def test_condition_8_judges_every_fall_against_its_own_noise():
-    from rmlib.evaluation.backfill import falls_beyond_noise
+    from rmlib.evaluation.curves import falls_beyond_noise
 
     # a large fall within its large spread, then a small fall where the seeds agree
     values, std = [0.30, 0.29, 0.31, 0.305, 0.32], [0.01, 0.01, 0.0005, 0.0005, 0.0005]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rmlib.engine.backbones import BackboneConfig
-from rmlib.evaluation.backfill import BackfillCurve
+from rmlib.evaluation.curves import BackfillCurve
 from rmlib.methods.chain import (
     CROSS_SEARCHES,
     PERIOD,
